@@ -1,0 +1,142 @@
+"""Argument checks shared by every backend (SPEC §4).
+
+Everything here reads only shapes, dtypes and devices — no tensor operation runs — so the
+check costs a few microseconds and never touches the data. Every message names the argument,
+what it got, and what it needed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class RolloutArgs(NamedTuple):
+    x0: Tensor  # always (delay, B, O)
+    steps: int
+    batch: int
+    exo_features: int  # Du
+    out_features: int  # O
+    hidden_features: int  # H
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_tensor(name: str, t, optional: bool) -> None:
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"fbfast.rollout: {name} must be a Tensor, got None")
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fbfast.rollout: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"fbfast.rollout: {name} has dtype {t.dtype}; a floating dtype is needed "
+            "(float32, float64, float16 or bfloat16)"
+        )
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    # bool is an int subclass; True as a delay is a bug, not a 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"fbfast.rollout: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"fbfast.rollout: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_rollout_args(x0, w1, b1, w2, b2, steps, u, delay, truncate) -> RolloutArgs:
+    """Validate the arguments of ``fbfast.rollout`` and normalise ``x0`` to ``(delay, B, O)``."""
+    _check_int("delay", delay, 1)
+    if truncate is not None:
+        _check_int("truncate", truncate, 1)
+    if steps is not None:
+        _check_int("steps", steps, 0)
+
+    named = (("x0", x0, False), ("w1", w1, False), ("b1", b1, True), ("w2", w2, False),
+             ("b2", b2, True), ("u", u, True))
+    for name, t, optional in named:
+        _check_tensor(name, t, optional)
+    dtype, device = x0.dtype, x0.device
+    for name, t, _ in named[1:]:
+        if t is None:
+            continue
+        if t.dtype != dtype:
+            raise TypeError(
+                f"fbfast.rollout: {name} has dtype {t.dtype} but x0 has {dtype}; all tensors "
+                "must share one dtype (convert with .to(dtype))"
+            )
+        if t.device != device:
+            raise ValueError(
+                f"fbfast.rollout: {name} is on {t.device} but x0 is on {device}; all tensors "
+                "must be on one device"
+            )
+
+    if w2.dim() != 2:
+        raise ValueError(f"fbfast.rollout: w2 must be 2-D (O, H), got shape {_shape(w2)}")
+    O, H = w2.shape
+    if w1.dim() != 2 or w1.shape[0] != H:
+        raise ValueError(
+            f"fbfast.rollout: w1 must be 2-D (H, Du + O) with H = {H} rows (w2 is {_shape(w2)}), "
+            f"got shape {_shape(w1)}"
+        )
+    if b1 is not None and tuple(b1.shape) != (H,):
+        raise ValueError(f"fbfast.rollout: b1 must have shape ({H},), got {_shape(b1)}")
+    if b2 is not None and tuple(b2.shape) != (O,):
+        raise ValueError(f"fbfast.rollout: b2 must have shape ({O},), got {_shape(b2)}")
+
+    if x0.dim() == 2 and delay == 1:
+        x0 = x0.unsqueeze(0)
+    elif x0.dim() != 3 or x0.shape[0] != delay:
+        need = "(B, O) or (1, B, O)" if delay == 1 else f"({delay}, B, O): the leading axis holds the first delay={delay} inputs"
+        raise ValueError(f"fbfast.rollout: x0 must have shape {need}, got {_shape(x0)}")
+    B = x0.shape[1]
+    if x0.shape[2] != O:
+        raise ValueError(
+            f"fbfast.rollout: x0 has {x0.shape[2]} features in its last axis (shape {_shape(x0)}) "
+            f"but the network outputs O = {O} (w2 is {_shape(w2)}); fed-back inputs must match outputs"
+        )
+
+    if u is None:
+        Du = 0
+        if steps is None:
+            raise ValueError("fbfast.rollout: steps is required when u is None (it cannot be inferred)")
+        if w1.shape[1] != O:
+            extra = w1.shape[1] - O
+            hint = (f"; pass the other {extra} input features as u of shape (T, B, {extra})"
+                    if extra > 0 else "")
+            raise ValueError(
+                f"fbfast.rollout: w1 has {w1.shape[1]} input columns but the feedback has "
+                f"O = {O} features and u is None (Du + O = {O} needed){hint}"
+            )
+    else:
+        if u.dim() != 3:
+            raise ValueError(f"fbfast.rollout: u must be 3-D (T, B, Du), got shape {_shape(u)}")
+        T_u, B_u, Du = u.shape
+        if steps is None:
+            steps = T_u
+        elif steps != T_u:
+            raise ValueError(
+                f"fbfast.rollout: steps={steps} disagrees with u, whose leading axis has T = {T_u} "
+                f"(u is {_shape(u)})"
+            )
+        if B_u != B:
+            raise ValueError(
+                f"fbfast.rollout: u has batch size {B_u} (shape {_shape(u)}) but x0 has B = {B}"
+            )
+        if w1.shape[1] != Du + O:
+            raise ValueError(
+                f"fbfast.rollout: w1 has {w1.shape[1]} input columns but u has Du = {Du} features "
+                f"and the feedback has O = {O} (Du + O = {Du + O} needed; w1 is {_shape(w1)})"
+            )
+    return RolloutArgs(x0, steps, B, Du, O, H)
+
+
+def is_differentiable_request(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
