@@ -1,0 +1,214 @@
+"""The fused C++ CPU kernel ("cpp") against the reference: every mode, both paths, both ISAs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fbfast
+from testing import CPP, MODE_GRID, assert_close, grads, make_problem
+
+pytestmark = pytest.mark.skipif(not CPP, reason="the C++ kernel is not built")
+
+# The CPU kernel has two paths (per-tile SIMD loop, per-step BLAS) and two instruction-set
+# variants of the tile path; FBFAST_CPU_PATH / FBFAST_CPU_ISA pin them for a test.
+VARIANTS = [("auto", "auto"), ("tile", "base"), ("blas", "auto")]
+
+
+@pytest.fixture
+def variant(request, monkeypatch):
+    path, isa = request.param
+    if path != "auto":
+        monkeypatch.setenv("FBFAST_CPU_PATH", path)
+    if isa != "auto":
+        monkeypatch.setenv("FBFAST_CPU_ISA", isa)
+    return request.param
+
+
+def _compare(p, dtype, label):
+    y = p.run("cpp")
+    y_ref = p.reference()
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_close(y, y_ref, dtype, "out", f"{label} Y")
+    gy = torch.randn_like(y_ref)
+    ins = p.inputs()
+    for name, a, b in zip("x0 u w1 b1 w2 b2".split(), grads(y, ins, gy), grads(y_ref, ins, gy)):
+        assert_close(a, b, dtype, "grad", f"{label} d{name}")
+
+
+def _case_id(c):
+    return "B{B}-Du{Du}-T{T}-k{delay}-K{truncate}-{b}".format(b="bias" if c["bias"] else "nobias", **c)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True, ids=lambda v: f"{v[0]}-{v[1]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", MODE_GRID, ids=_case_id)
+def test_mode_grid_matches_reference(case, dtype, variant):
+    c = dict(case)
+    p = make_problem(c.pop("B"), c.pop("Du"), O=3, H=5, T=c.pop("T"), dtype=dtype, **c)
+    _compare(p, dtype, _case_id(case))
+
+
+# Widths that are not multiples of the vector width (8 floats / 4 doubles) or the 4-row micro
+# tile, batches that are not multiples of the 16-row backward tile, and both sides of the
+# tile/BLAS crossover (H * (Du + 2 O) <= 32768 takes the tile path).
+@pytest.mark.parametrize("variant", VARIANTS, indirect=True, ids=lambda v: f"{v[0]}-{v[1]}")
+@pytest.mark.parametrize("B,Du,O,H,T,delay,truncate", [
+    (33, 3, 17, 37, 7, 2, None),
+    (17, 0, 9, 31, 6, 1, 2),
+    (5, 11, 1, 1, 4, 3, None),
+    (70, 5, 8, 24, 5, 1, 4),
+    (3, 0, 64, 256, 3, 1, None),   # exactly at the crossover: tile
+    (3, 0, 64, 257, 3, 2, None),   # just above: BLAS
+])
+def test_odd_widths(B, Du, O, H, T, delay, truncate, variant):
+    for dtype in (torch.float64, torch.float32):
+        p = make_problem(B, Du, O, H, T, delay=delay, truncate=truncate, dtype=dtype)
+        _compare(p, dtype, f"{B},{Du},{O},{H},{T} {dtype}")
+
+
+@pytest.mark.parametrize("delay,truncate", [(1, None), (1, 1), (2, None), (3, 2)])
+@pytest.mark.parametrize("Du,bias", [(0, True), (2, False)])
+@pytest.mark.parametrize("path", ["tile", "blas"])
+def test_gradcheck_and_gradgradcheck(delay, truncate, Du, bias, path, monkeypatch):
+    monkeypatch.setenv("FBFAST_CPU_PATH", path)
+    p = make_problem(3, Du, 2, 4, 5, delay=delay, truncate=truncate, bias=bias)
+    names = [n for n, t in zip("x0 u w1 b1 w2 b2".split(), (p.x0, p.u, p.w1, p.b1, p.w2, p.b2)) if t is not None]
+
+    def fn(*ins):
+        kw = dict(zip(names, ins))
+        return fbfast.rollout(kw["x0"], kw["w1"], kw.get("b1"), kw["w2"], kw.get("b2"), steps=p.steps,
+                              u=kw.get("u"), delay=delay, truncate=truncate, backend="cpp")
+
+    if truncate is None:
+        assert torch.autograd.gradcheck(fn, p.inputs())
+        assert torch.autograd.gradgradcheck(fn, p.inputs())
+        return
+    # A truncated gradient is by definition not the derivative of the forward values (the cut
+    # edges still carry values), so numerical checks do not apply; the first and second
+    # derivatives must equal autograd of the reference, which detaches the same edges.
+    gy = torch.randn(p.steps, 3, 2, dtype=torch.float64)
+    first = torch.autograd.grad(p.run("cpp"), p.inputs(), gy, create_graph=True)
+    first_ref = torch.autograd.grad(p.reference(), p.inputs(), gy, create_graph=True)
+    for a, b in zip(first, first_ref):
+        assert_close(a, b, torch.float64, "grad")
+    second = grads(sum((g * g).sum() for g in first), p.inputs(), torch.tensor(1.0, dtype=torch.float64))
+    second_ref = grads(sum((g * g).sum() for g in first_ref), p.inputs(), torch.tensor(1.0, dtype=torch.float64))
+    for a, b in zip(second, second_ref):
+        assert_close(a, b, torch.float64, "grad")
+
+
+def _opcheck_samples():
+    out = []
+    for requires_grad in (False, True):
+        for Du, bias in ((0, True), (3, False)):
+            for delay, truncate in ((1, 0), (3, 2)):
+                p = make_problem(5, Du, 3, 6, 4, delay=delay, bias=bias, dtype=torch.float32,
+                                 requires_grad=requires_grad)
+                out.append((p.x0, p.u, p.w1, p.b1, p.w2, p.b2, p.steps, delay, truncate))
+    return out
+
+
+@pytest.mark.parametrize("args", _opcheck_samples())
+def test_opcheck_forward(args):
+    torch.library.opcheck(torch.ops.fbfast.rollout_forward.default, args)
+
+
+@pytest.mark.parametrize("args", _opcheck_samples())
+def test_opcheck_backward(args):
+    x0, u, w1, b1, w2, b2, steps, delay, truncate = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    y = torch.ops.fbfast.rollout_forward.default(x0, u, w1, b1, w2, b2, steps, delay, truncate)
+    mask = [True, u is not None, True, b1 is not None, True, b2 is not None]
+    torch.library.opcheck(torch.ops.fbfast.rollout_backward.default,
+                          (torch.randn_like(y), y, x0, u, w1, b1, w2, delay, truncate, mask))
+
+
+def test_backward_masks_return_empty_for_unwanted():
+    p = make_problem(4, 2, 3, 5, 6, delay=2, requires_grad=False)
+    y = p.run("cpp")
+    out = torch.ops.fbfast.rollout_backward.default(
+        torch.ones_like(y), y, p.x0, p.u, p.w1, p.b1, p.w2, 2, 0, [False, True, False, False, True, False])
+    assert [tuple(t.shape) for t in out] == [(0,), tuple(p.u.shape), (0,), (0,), tuple(p.w2.shape), (0,)]
+
+
+class _Rollout(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = fbfast.FeedbackMLP(5, 16, 3)
+
+    def forward(self, x0, u):
+        return self.net.rollout(x0, u=u, delay=2, truncate=3).square().mean()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = _Rollout()
+    x0, u = torch.randn(2, 4, 3), torch.randn(9, 4, 2)
+    loss = model(x0, u)
+    (g,) = torch.autograd.grad(loss, [model.net.fc1.weight])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(x0, u)
+    (g_c,) = torch.autograd.grad(loss_c, [model.net.fc1.weight])
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(g_c, g)
+
+
+def test_deterministic_bitwise():
+    for path in ("tile", "blas"):
+        p = make_problem(37, 3, 8, 24, 20, delay=2, truncate=5, dtype=torch.float32)
+        gy = torch.randn(20, 37, 8)
+        import os
+        os.environ["FBFAST_CPU_PATH"] = path
+        try:
+            runs = []
+            for _ in range(3):
+                y = p.run("cpp")
+                runs.append([y] + grads(y, p.inputs(), gy))
+        finally:
+            del os.environ["FBFAST_CPU_PATH"]
+        for other in runs[1:]:
+            for a, b in zip(runs[0], other):
+                assert torch.equal(a, b), path
+
+
+def test_thread_count_does_not_change_tile_results():
+    p = make_problem(70, 3, 8, 24, 12, delay=2, dtype=torch.float32)
+    gy = torch.randn(12, 70, 8)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, before):
+            torch.set_num_threads(n)
+            y = p.run("cpp")
+            results.append([y] + grads(y, p.inputs(), gy))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_non_contiguous_inputs():
+    p = make_problem(6, 2, 3, 5, 4, delay=2, dtype=torch.float64)
+    big = torch.randn(2, 12, 6, dtype=torch.float64)
+    x0 = big[:, ::2, ::2]  # (2, 6, 3), strided
+    w1 = p.w1.detach().t().contiguous().t()
+    u = p.u.detach().transpose(0, 1).contiguous().transpose(0, 1)
+    assert not (x0.is_contiguous() or w1.is_contiguous() or u.is_contiguous())
+    y = fbfast.rollout(x0, w1, p.b1, p.w2, p.b2, u=u, delay=2, backend="cpp")
+    y_ref = fbfast.rollout_reference(x0, w1, p.b1, p.w2, p.b2, 4, u, 2)
+    assert_close(y, y_ref, torch.float64)
+
+
+def test_non_contiguous_grad_output():
+    p = make_problem(4, 0, 3, 5, 6, dtype=torch.float64)
+    y, y_ref = p.run("cpp"), p.reference()
+    gy = torch.randn(6, 3, 4, dtype=torch.float64).transpose(1, 2)
+    for a, b in zip(grads(y, p.inputs(), gy), grads(y_ref, p.inputs(), gy)):
+        assert_close(a, b, torch.float64, "grad")
+
+
+def test_auto_picks_cpp_for_cpu_float():
+    p = make_problem(2, 0, 3, 4, 3, dtype=torch.float32)
+    y = fbfast.rollout(p.x0, p.w1, p.b1, p.w2, p.b2, steps=3)
+    assert "rollout_forward" in type(y.grad_fn).__name__.lower() or "backward" in type(y.grad_fn).__name__.lower()
+    assert y.grad_fn.name() != "StackBackward0"
