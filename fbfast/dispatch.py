@@ -86,8 +86,9 @@ def backends() -> Dict[str, BackendStatus]:
 
 def resolve(backend: str, x0: torch.Tensor) -> str:
     """The backend that will run for tensors like ``x0`` (validated already)."""
-    if backend == "auto":
-        backend = os.environ.get("FBFAST_BACKEND") or "auto"
+    source = "backend"
+    if backend == "auto" and os.environ.get("FBFAST_BACKEND"):
+        backend, source = os.environ["FBFAST_BACKEND"], "the FBFAST_BACKEND environment variable"
     if backend == "auto":
         device = x0.device.type
         if device == "cpu":
@@ -100,7 +101,7 @@ def resolve(backend: str, x0: torch.Tensor) -> str:
     if backend in ("eager", "compile"):
         return backend
     if backend not in _KERNEL_DEVICE:
-        raise ValueError(f"fbfast.rollout: backend must be one of 'auto', {', '.join(map(repr, NAMES))}; got {backend!r}")
+        raise ValueError(f"fbfast.rollout: {source} must be one of 'auto', {', '.join(map(repr, NAMES))}; got {backend!r}")
     status = _STATUS[backend]
     if not status.available:
         raise RuntimeError(f"fbfast.rollout: backend {backend!r} is not available: {status.reason}")

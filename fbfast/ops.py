@@ -3,9 +3,11 @@
 The C++ side (`csrc/fbfast.cpp`) defines the schemas; each backend registers its kernels for
 its dispatch key. This module adds what every backend shares, in Python:
 
-* `register_fake` for both operators, so they trace under `torch.compile(fullgraph=True)`;
-* `register_autograd` for `rollout_forward`, whose backward is `rollout_backward` — one fused
-  call for the whole reverse-time sweep.
+* `register_fake` for both operators, so they trace under `torch.compile(fullgraph=True)`.
+
+Autograd is registered in C++ (`csrc/autograd.cpp`): the backward of `rollout_forward` is one
+`rollout_backward` call, and the Python autograd.Function it replaces cost more than the whole
+rollout at small shapes.
 
 If the extension is missing or fails to load, `LOAD_ERROR` says why and nothing is registered:
 `import fbfast` still works on the pure-PyTorch backends.
@@ -18,7 +20,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import rollout_reference
 
 import glob
 import os
@@ -60,39 +61,6 @@ if LOADED:
             return t.new_empty(t.shape) if output_mask[i] and t is not None else grad_y.new_empty((0,))
         db2 = grad_y.new_empty((w2.shape[0],)) if output_mask[5] else grad_y.new_empty((0,))
         return like(0, x0), like(1, u), like(2, w1), like(3, b1), like(4, w2), db2
-
-    def _setup_context(ctx, inputs, output):
-        x0, u, w1, b1, w2, b2, steps, delay, truncate = inputs
-        ctx.steps, ctx.delay, ctx.truncate = steps, delay, truncate
-        ctx.save_for_backward(x0, u, w1, b1, w2, b2, output)
-
-    def _backward(ctx, grad_y):
-        x0, u, w1, b1, w2, b2, y = ctx.saved_tensors
-        mask = ctx.needs_input_grad[:6]
-        if torch.is_grad_enabled() and (
-                grad_y.requires_grad or any(t is not None and t.requires_grad
-                                            for t in (x0, u, w1, b1, w2, b2))):
-            # create_graph=True: the backward itself is being differentiated. The fused backward
-            # has no derivative of its own, so take the exact (slower) path through autograd of
-            # the reference rather than return a silently wrong zero.
-            grads = _differentiable_backward(ctx, grad_y, (x0, u, w1, b1, w2, b2), mask)
-        else:
-            grads = _backward_op(grad_y, y, x0, u, w1, b1, w2, ctx.delay, ctx.truncate, list(mask))
-        return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None, None)
-
-    def _differentiable_backward(ctx, grad_y, inputs, mask):
-        x0, u, w1, b1, w2, b2 = inputs
-        wanted = [t for t, m in zip(inputs, mask) if m]
-        y = rollout_reference(x0, w1, b1, w2, b2, ctx.steps, u, ctx.delay, ctx.truncate or None)
-        got = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True, allow_unused=True))
-        out = []
-        for t, m in zip(inputs, mask):
-            g = next(got) if m else None
-            out.append(torch.zeros_like(t) if m and g is None else g)
-        return out
-
-    torch.library.register_autograd(
-        "fbfast::rollout_forward", _backward, setup_context=_setup_context)
 
 
 def rollout_forward(x0: Tensor, u: Optional[Tensor], w1: Tensor, b1: Optional[Tensor], w2: Tensor,

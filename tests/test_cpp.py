@@ -210,5 +210,4 @@ def test_non_contiguous_grad_output():
 def test_auto_picks_cpp_for_cpu_float():
     p = make_problem(2, 0, 3, 4, 3, dtype=torch.float32)
     y = fbfast.rollout(p.x0, p.w1, p.b1, p.w2, p.b2, steps=3)
-    assert "rollout_forward" in type(y.grad_fn).__name__.lower() or "backward" in type(y.grad_fn).__name__.lower()
-    assert y.grad_fn.name() != "StackBackward0"
+    assert "RolloutFunction" in y.grad_fn.name()

@@ -1,0 +1,150 @@
+// Autograd of fbfast::rollout_forward, for every device: the backward is one call of
+// fbfast::rollout_backward (the fused reverse-time sweep of the device's kernel).
+//
+// It lives in C++ rather than in torch.library.register_autograd because at small shapes the
+// Python autograd.Function costs several times the rollout itself (measured: ~35 us per
+// forward, see the README's performance notes). Double backward (create_graph=True) takes an
+// exact, slower path: autograd of an ATen transcription of the reference, so a second
+// derivative is never a silent zero.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+namespace fbfast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// SPEC §1 with ATen ops, differentiable; the same steps as fbfast/reference.py.
+at::Tensor reference_rollout(const at::Tensor& x0, const std::optional<at::Tensor>& u,
+                             const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                             const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                             int64_t steps, int64_t delay, int64_t truncate) {
+  if (steps == 0) return x0.narrow(0, 0, 0);
+  std::vector<at::Tensor> ys;
+  ys.reserve(steps);
+  for (int64_t t = 0; t < steps; ++t) {
+    at::Tensor x = t < delay ? x0.select(0, t) : ys[t - delay];
+    if (t >= delay && truncate && t % truncate == 0) x = x.detach();
+    const at::Tensor xin = u.has_value() ? at::cat({u->select(0, t), x}, -1) : x;
+    ys.push_back(at::linear(at::relu(at::linear(xin, w1, b1)), w2, b2));
+  }
+  return at::stack(ys);
+}
+
+at::Tensor call_forward(const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w1,
+                        const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                        const std::optional<at::Tensor>& b2, int64_t steps, int64_t delay, int64_t truncate) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fbfast::rollout_forward", "")
+                       .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&, int64_t, int64_t, int64_t)>();
+  return op.call(x0, u, w1, b1, w2, b2, steps, delay, truncate);
+}
+
+using Grads6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Grads6 call_backward(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
+                     const std::optional<at::Tensor>& u, const at::Tensor& w1,
+                     const std::optional<at::Tensor>& b1, const at::Tensor& w2, int64_t delay,
+                     int64_t truncate, std::array<bool, 6> mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fbfast::rollout_backward", "")
+                       .typed<Grads6(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, const at::Tensor&, int64_t,
+                                     int64_t, std::array<bool, 6>)>();
+  return op.call(grad_y, y, x0, u, w1, b1, w2, delay, truncate, mask);
+}
+
+std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x0,
+                            const std::optional<at::Tensor>& u, const at::Tensor& w1,
+                            const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                            const std::optional<at::Tensor>& b2, int64_t steps, int64_t delay,
+                            int64_t truncate) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = call_forward(x0, u, w1, b1, w2, b2, steps, delay, truncate);
+    }
+    const at::Tensor none;
+    ctx->save_for_backward({x0, u.value_or(none), w1, b1.value_or(none), w2, b2.value_or(none), y});
+    ctx->saved_data["steps"] = steps;
+    ctx->saved_data["delay"] = delay;
+    ctx->saved_data["truncate"] = truncate;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x0 = saved[0], &u = saved[1], &w1 = saved[2], &b1 = saved[3], &w2 = saved[4],
+                     &b2 = saved[5], &y = saved[6];
+    const int64_t steps = ctx->saved_data["steps"].toInt();
+    const int64_t delay = ctx->saved_data["delay"].toInt();
+    const int64_t truncate = ctx->saved_data["truncate"].toInt();
+    at::Tensor grad_y = grad_outputs[0];
+    if (!grad_y.defined()) grad_y = at::zeros_like(y);
+
+    // needs_input_grad counts only the tensor inputs that were given (a None has no edge).
+    const at::Tensor* inputs[6] = {&x0, &u, &w1, &b1, &w2, &b2};
+    std::array<bool, 6> mask{};
+    size_t edge = 0;
+    for (int i = 0; i < 6; ++i)
+      if (inputs[i]->defined()) mask[i] = ctx->needs_input_grad(edge++);
+
+    variable_list out(9);
+    const bool differentiate_backward =
+        at::GradMode::is_enabled() &&
+        (grad_y.requires_grad() || x0.requires_grad() || (u.defined() && u.requires_grad()) ||
+         w1.requires_grad() || (b1.defined() && b1.requires_grad()) || w2.requires_grad() ||
+         (b2.defined() && b2.requires_grad()));
+    if (differentiate_backward) {
+      // create_graph=True: the fused backward has no derivative of its own.
+      variable_list wanted;
+      for (int i = 0; i < 6; ++i)
+        if (mask[i]) wanted.push_back(*inputs[i]);
+      const at::Tensor y_ref = reference_rollout(x0, opt(u), w1, opt(b1), w2, opt(b2), steps, delay, truncate);
+      const variable_list g = torch::autograd::grad({y_ref}, wanted, {grad_y}, /*retain_graph=*/true,
+                                                    /*create_graph=*/true, /*allow_unused=*/true);
+      size_t j = 0;
+      for (int i = 0; i < 6; ++i) {
+        if (!mask[i]) continue;
+        out[i] = g[j].defined() ? g[j] : at::zeros_like(*inputs[i]);
+        ++j;
+      }
+      return out;
+    }
+    auto grads = call_backward(grad_y, y, x0, opt(u), w1, opt(b1), w2, delay, truncate, mask);
+    const at::Tensor g6[6] = {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads),
+                              std::get<3>(grads), std::get<4>(grads), std::get<5>(grads)};
+    for (int i = 0; i < 6; ++i)
+      if (mask[i]) out[i] = g6[i];
+    return out;
+  }
+};
+
+at::Tensor rollout_forward_autograd(const at::Tensor& x0, const std::optional<at::Tensor>& u,
+                                    const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                    const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                                    int64_t steps, int64_t delay, int64_t truncate) {
+  return RolloutFunction::apply(x0, u, w1, b1, w2, b2, steps, delay, truncate);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fbfast, Autograd, m) {
+  m.impl("rollout_forward", &rollout_forward_autograd);
+}
+
+}  // namespace fbfast

@@ -1,0 +1,328 @@
+"""Bad input (SPEC §4): every misuse raises the documented type, naming the argument and what it
+got; non-contiguous and zero-size inputs are valid and match the reference on every backend."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import fbfast
+
+B, O, H, DU, T = 4, 2, 5, 3, 6
+F32, F64 = torch.float32, torch.float64
+NAMES = ("x0", "u", "w1", "b1", "w2", "b2")
+
+
+def _backend_params():
+    out = [pytest.param("eager")]
+    cpp = fbfast.backends()["cpp"]
+    out.append(pytest.param("cpp", marks=pytest.mark.skipif(not cpp.available, reason=cpp.reason)))
+    return out
+
+
+BACKENDS = _backend_params()
+
+
+def good(dtype=F64, **over):
+    """A valid call with u: x0 (B, O), u (T, B, Du), w1 (H, Du + O), ..., steps inferred."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=F64).to(dtype)
+
+    kw = dict(x0=rnd(B, O), w1=rnd(H, DU + O), b1=rnd(H), w2=rnd(O, H), b2=rnd(O), u=rnd(T, B, DU),
+              steps=None, delay=1, truncate=None)
+    kw.update(over)
+    return kw
+
+
+def call(kw, backend):
+    kw = dict(kw)
+    return fbfast.rollout(kw.pop("x0"), kw.pop("w1"), kw.pop("b1"), kw.pop("w2"), kw.pop("b2"),
+                          backend=backend, **kw)
+
+
+def _seed_case():
+    # The seed's loop 2 as printed: Linear(10, 5) -> ReLU -> Linear(5, 2), a 2-feature output fed
+    # back with no u: 8 input features are missing.
+    return good(x0=torch.randn(B, 2, dtype=F64), w1=torch.randn(5, 10, dtype=F64),
+                b1=torch.randn(5, dtype=F64), w2=torch.randn(2, 5, dtype=F64),
+                b2=torch.randn(2, dtype=F64), u=None, steps=5)
+
+
+# id -> (kwargs, exception type, patterns that must all be found in the message).
+# The first pattern names the argument, the others what it got (and, where useful, what it needed).
+BAD = {
+    "w1_columns_vs_u": (
+        lambda: good(w1=torch.randn(H, 7, dtype=F64)),
+        ValueError, [r"\bw1\b", r"7 input columns", r"Du = 3", r"Du \+ O = 5", r"\(5, 7\)"]),
+    "w1_columns_no_u_seed_case": (
+        _seed_case, ValueError, [r"\bw1\b", r"10 input columns", r"\bu\b", r"\b8\b", r"\(T, B, 8\)"]),
+    "w1_columns_too_few_no_u": (
+        lambda: good(w1=torch.randn(H, 1, dtype=F64), u=None, steps=3),
+        ValueError, [r"\bw1\b", r"1 input columns", r"O = 2"]),
+    "w1_rows_vs_H": (
+        lambda: good(w1=torch.randn(H + 1, DU + O, dtype=F64)),
+        ValueError, [r"\bw1\b", r"H = 5", r"\(6, 5\)"]),
+    "w1_not_2d": (
+        lambda: good(w1=torch.randn(H, DU + O, 1, dtype=F64)),
+        ValueError, [r"\bw1\b", r"2-D", r"\(5, 5, 1\)"]),
+    "w2_not_2d": (
+        lambda: good(w2=torch.randn(O * H, dtype=F64)),
+        ValueError, [r"\bw2\b", r"2-D", r"\(10,?\)"]),
+    "b1_wrong_length": (
+        lambda: good(b1=torch.randn(H - 1, dtype=F64)),
+        ValueError, [r"\bb1\b", r"\(5,\)", r"got \(4,?\)"]),
+    "b2_wrong_length": (
+        lambda: good(b2=torch.randn(O + 1, dtype=F64)),
+        ValueError, [r"\bb2\b", r"\(2,\)", r"got \(3,?\)"]),
+    "b1_2d": (
+        lambda: good(b1=torch.randn(1, H, dtype=F64)),
+        ValueError, [r"\bb1\b", r"\(1, 5\)"]),
+    "x0_missing_delay_axis": (
+        lambda: good(delay=3),
+        ValueError, [r"\bx0\b", r"\(4, 2\)", r"delay=3"]),
+    "x0_wrong_delay_axis": (
+        lambda: good(x0=torch.randn(2, B, O, dtype=F64), delay=3),
+        ValueError, [r"\bx0\b", r"\(2, 4, 2\)", r"\(3, B, O\)"]),
+    "x0_3d_with_delay1_wrong_leading": (
+        lambda: good(x0=torch.randn(2, B, O, dtype=F64)),
+        ValueError, [r"\bx0\b", r"\(2, 4, 2\)"]),
+    "x0_1d": (
+        lambda: good(x0=torch.randn(O, dtype=F64)),
+        ValueError, [r"\bx0\b", r"got \(2,?\)"]),
+    "x0_wrong_features": (
+        lambda: good(x0=torch.randn(B, O + 1, dtype=F64)),
+        ValueError, [r"\bx0\b", r"\(4, 3\)", r"O = 2"]),
+    "x0_wrong_features_3d": (
+        lambda: good(x0=torch.randn(2, B, O + 1, dtype=F64), delay=2),
+        ValueError, [r"\bx0\b", r"\(2, 4, 3\)", r"O = 2"]),
+    "u_wrong_T_vs_steps": (
+        lambda: good(steps=T + 1),
+        ValueError, [r"\bu\b", r"steps=7", r"T = 6", r"\(6, 4, 3\)"]),
+    "u_wrong_B": (
+        lambda: good(u=torch.randn(T, B + 1, DU, dtype=F64)),
+        ValueError, [r"\bu\b", r"batch size 5", r"B = 4", r"\(6, 5, 3\)"]),
+    "u_not_3d": (
+        lambda: good(u=torch.randn(T * B, DU, dtype=F64)),
+        ValueError, [r"\bu\b", r"3-D", r"\(24, 3\)"]),
+    "steps_negative": (
+        lambda: good(u=None, w1=torch.randn(H, O, dtype=F64), steps=-1),
+        ValueError, [r"\bsteps\b", r"-1", r">= 0"]),
+    "steps_negative_with_u": (
+        lambda: good(steps=-2),
+        ValueError, [r"\bsteps\b", r"-2"]),
+    "steps_missing_without_u": (
+        lambda: good(u=None, w1=torch.randn(H, O, dtype=F64)),
+        ValueError, [r"\bsteps\b", r"\bu is None\b"]),
+    "steps_float": (
+        lambda: good(steps=6.0),
+        TypeError, [r"\bsteps\b", r"float", r"6\.0"]),
+    "delay_zero": (
+        lambda: good(delay=0),
+        ValueError, [r"\bdelay\b", r">= 1", r"got 0"]),
+    "delay_negative": (
+        lambda: good(delay=-1),
+        ValueError, [r"\bdelay\b", r"got -1"]),
+    "delay_bool": (
+        lambda: good(delay=True),
+        TypeError, [r"\bdelay\b", r"\bbool\b", r"True"]),
+    "delay_float": (
+        lambda: good(delay=1.5),
+        TypeError, [r"\bdelay\b", r"\bfloat\b", r"1\.5"]),
+    "truncate_zero": (
+        lambda: good(truncate=0),
+        ValueError, [r"\btruncate\b", r">= 1", r"got 0"]),
+    "truncate_negative": (
+        lambda: good(truncate=-3),
+        ValueError, [r"\btruncate\b", r"got -3"]),
+    "truncate_float": (
+        lambda: good(truncate=2.0),
+        TypeError, [r"\btruncate\b", r"\bfloat\b"]),
+    "x0_integer_dtype": (
+        lambda: good(x0=torch.ones(B, O, dtype=torch.int64)),
+        TypeError, [r"\bx0\b", r"torch\.int64", r"floating"]),
+    "w1_integer_dtype": (
+        lambda: good(w1=torch.ones(H, DU + O, dtype=torch.int32)),
+        TypeError, [r"\bw1\b", r"torch\.int32"]),
+    "x0_bool_dtype": (
+        lambda: good(x0=torch.ones(B, O, dtype=torch.bool)),
+        TypeError, [r"\bx0\b", r"torch\.bool"]),
+    "mixed_w1_float64_x0_float32": (
+        lambda: good(x0=torch.randn(B, O, dtype=F32)),
+        TypeError, [r"\bw1\b", r"torch\.float64", r"torch\.float32", r"\bx0\b"]),
+    "mixed_u_float32": (
+        lambda: good(u=torch.randn(T, B, DU, dtype=F32)),
+        TypeError, [r"\bu\b", r"torch\.float32", r"torch\.float64"]),
+    "mixed_b2_float32": (
+        lambda: good(b2=torch.randn(O, dtype=F32)),
+        TypeError, [r"\bb2\b", r"torch\.float32"]),
+    "x0_none": (
+        lambda: good(x0=None),
+        TypeError, [r"\bx0\b", r"None"]),
+    "w2_not_a_tensor": (
+        lambda: good(w2=[[1.0] * H] * O),
+        TypeError, [r"\bw2\b", r"\blist\b"]),
+    "w1_on_other_device": (
+        lambda: good(w1=torch.empty(H, DU + O, dtype=F64, device="meta")),
+        ValueError, [r"\bw1\b", r"\bmeta\b", r"\bcpu\b"]),
+}
+
+
+# Rows whose message is wrong today (see the reasons); strict, so they flip when fixed.
+XFAIL: dict = {}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=XFAIL[c])) if c in XFAIL else c
+    for c in BAD], ids=list(BAD))
+def test_bad_input(case, backend):
+    make, exc, patterns = BAD[case]
+    kw = make()
+    with pytest.raises(exc, match=patterns[0]) as err:
+        call(kw, backend)
+    message = str(err.value)
+    assert message.startswith("fbfast.rollout:"), message
+    for pattern in patterns[1:]:
+        assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
+
+
+def test_one_d_shapes_are_printed_as_tuples():
+    with pytest.raises(ValueError, match=r"b1 must have shape \(5,\), got \(4,\)"):
+        call(good(b1=torch.randn(H - 1, dtype=F64)), "eager")
+
+
+def test_good_baseline_runs():
+    """The table's starting point is valid, so each row fails for the reason it names."""
+    for backend in ("eager", "cpp") if fbfast.backends()["cpp"].available else ("eager",):
+        assert call(good(), backend).shape == (T, B, O)
+        assert call(good(delay=3, x0=torch.randn(3, B, O, dtype=F64), truncate=2), backend).shape == (T, B, O)
+
+
+def test_steps_agreeing_with_u_is_fine():
+    y = call(good(steps=T), "eager")
+    assert y.shape == (T, B, O)
+
+
+# --- valid but unusual inputs: non-contiguous and zero-size --------------------------------------
+
+
+def _as_inputs(kw):
+    return {n: kw[n] for n in NAMES}
+
+
+def _reference(kw):
+    x0 = kw["x0"] if kw["x0"].dim() == 3 else kw["x0"].unsqueeze(0)
+    steps = kw["steps"] if kw["steps"] is not None else kw["u"].shape[0]
+    return fbfast.rollout_reference(x0, kw["w1"], kw["b1"], kw["w2"], kw["b2"], steps, kw["u"],
+                                    kw["delay"], kw["truncate"])
+
+
+def _grads(y, kw, grad_y):
+    inputs = {n: t for n, t in _as_inputs(kw).items() if t is not None and t.requires_grad}
+    if not y.requires_grad:
+        got = [None] * len(inputs)
+    else:
+        got = torch.autograd.grad(y, list(inputs.values()), grad_y, allow_unused=True)
+    # None and zeros are the same answer: no path from that input to Y.
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(inputs.items(), got)}
+
+
+def _check_against_reference(kw, backend):
+    y = call(kw, backend)
+    want = _reference(kw)
+    assert y.shape == want.shape and y.dtype == want.dtype
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+    grad_y = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(1))
+    got, ref = _grads(y, kw, grad_y), _grads(want, kw, grad_y)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].shape == kw[name].shape, name
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-11,
+                                   msg=lambda m: f"d{name}: {m}")
+    return y, got
+
+
+def _leaf(t):
+    return t.detach().requires_grad_(True)
+
+
+def _noncontiguous(delay, with_u, bias):
+    g = torch.Generator().manual_seed(delay)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=F64)
+
+    Du = DU if with_u else 0
+    # Weights stored transposed, x0 a strided slice, u with (B, T) memory order.
+    w1 = rnd(Du + O, H).t()
+    w2 = rnd(H, O).t() * 0.8
+    x0_big = rnd(delay, B * 2, O + 3)
+    x0 = x0_big[:, ::2, 1:1 + O]
+    u = rnd(B, T, Du).transpose(0, 1) if with_u else None
+    b1 = rnd(2 * H)[::2] if bias else None
+    b2 = rnd(2 * O)[::2] if bias else None
+    tensors = [w1, w2, x0] + ([u] if with_u else []) + ([b1, b2] if bias else [])
+    assert not any(t.is_contiguous() for t in tensors)
+    kw = dict(x0=_leaf(x0), w1=_leaf(w1), b1=None if b1 is None else _leaf(b1), w2=_leaf(w2),
+              b2=None if b2 is None else _leaf(b2), u=None if u is None else _leaf(u),
+              steps=None if with_u else T, delay=delay, truncate=None)
+    # _leaf keeps the strides: the call really sees non-contiguous tensors.
+    assert not kw["x0"].is_contiguous() and not kw["w1"].is_contiguous()
+    return kw
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("with_u", [True, False], ids=["u", "no_u"])
+@pytest.mark.parametrize("delay", [1, 3])
+def test_noncontiguous_inputs(backend, delay, with_u, bias):
+    kw = _noncontiguous(delay, with_u, bias)
+    # delay 1 with a 3-D x0 slice: also pass the (B, O) form.
+    if delay == 1:
+        kw["x0"] = _leaf(kw["x0"][0])
+        assert not kw["x0"].is_contiguous()
+    _check_against_reference(kw, backend)
+    # And the answer equals the one on contiguous copies.
+    contiguous = {n: (None if v is None else _leaf(v.contiguous())) if n in NAMES else v
+                  for n, v in kw.items()}
+    torch.testing.assert_close(call(kw, backend), call(contiguous, backend), rtol=1e-12, atol=1e-12)
+
+
+ZERO_SIZE = {
+    # id: (batch, steps, hidden, with_u, delay)
+    "B0": (0, T, H, True, 1),
+    "B0_delay2_no_u": (0, T, H, False, 2),
+    "steps0_u": (B, 0, H, True, 1),
+    "steps0_no_u_delay3": (B, 0, H, False, 3),
+    "steps_less_than_delay": (B, 2, H, True, 3),
+    "H0": (B, T, 0, True, 1),
+    "H0_no_u": (B, T, 0, False, 2),
+    "all_zero": (0, 0, 0, True, 1),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(ZERO_SIZE), ids=list(ZERO_SIZE))
+def test_zero_size_inputs(case, backend):
+    batch, steps, hidden, with_u, delay = ZERO_SIZE[case]
+    g = torch.Generator().manual_seed(2)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=F64).requires_grad_(True)
+
+    Du = DU if with_u else 0
+    kw = dict(x0=rnd(delay, batch, O), w1=rnd(hidden, Du + O), b1=rnd(hidden), w2=rnd(O, hidden),
+              b2=rnd(O), u=rnd(steps, batch, Du) if with_u else None,
+              steps=None if with_u else steps, delay=delay, truncate=None)
+    y, got = _check_against_reference(kw, backend)
+    assert y.shape == (steps, batch, O)
+    if hidden == 0 and steps > 0 and batch > 0:
+        # No hidden units: every step outputs b2, and only b2 gets gradient.
+        torch.testing.assert_close(y, kw["b2"].detach().expand(steps, batch, O))
+    if steps < delay:
+        # Rows of x0 that no step reads get zero gradient.
+        assert got["x0"][steps:].abs().sum() == 0
