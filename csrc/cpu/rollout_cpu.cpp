@@ -27,7 +27,8 @@
 namespace fbfast::cpu {
 namespace {
 
-constexpr int64_t kVecBytes = 32;
+// Packed weights and workspaces are padded to this many bytes: the widest vector of any variant.
+constexpr int64_t kPadBytes = 64;
 // Backward tiles have a fixed size (and so a fixed summation order of weight gradients).
 constexpr int64_t kBackwardTileRows = 16;
 constexpr int64_t kMaxGroups = 8;
@@ -40,22 +41,27 @@ constexpr int64_t kChunkRows = 4096;
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-bool has_avx2() {
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa detect_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return yes;
-#else
-  return false;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
+  return Isa::kBase;
 }
 
-// FBFAST_CPU_ISA=base forces the portable kernels (tests run both variants on one machine).
-bool use_avx2() {
-  const char* isa = std::getenv("FBFAST_CPU_ISA");
-  return has_avx2() && !(isa && std::strcmp(isa, "base") == 0);
+// The widest variant this CPU runs; FBFAST_CPU_ISA=avx2|base pins a narrower one (the tests
+// run every variant on one machine). Read per call so that tests can switch it.
+Isa active_isa() {
+  static const Isa best = detect_isa();
+  const char* env = std::getenv("FBFAST_CPU_ISA");
+  if (env && std::strcmp(env, "base") == 0) return Isa::kBase;
+  if (env && std::strcmp(env, "avx2") == 0 && best != Isa::kBase) return Isa::kAvx2;
+  return best;
 }
 
 enum class Path { kTile, kBlas };
@@ -156,7 +162,7 @@ struct PackedWeights {
 template <typename T>
 TileParams<T> make_params(const at::Tensor& x0, const at::Tensor& u, int64_t steps, int64_t H,
                           int64_t delay, int64_t truncate) {
-  constexpr int64_t W = kVecBytes / sizeof(T);
+  constexpr int64_t W = kPadBytes / sizeof(T);
   TileParams<T> p{};
   p.steps = steps;
   p.batch = x0.size(1);
@@ -174,17 +180,19 @@ TileParams<T> make_params(const at::Tensor& x0, const at::Tensor& u, int64_t ste
 }
 
 template <typename T>
-bool run_forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
+bool run_forward_tile(Isa isa, const TileParams<T>& p, int64_t r0, int64_t r1) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (use_avx2()) return avx2::forward_tile<T>(p, r0, r1);
+  if (isa == Isa::kAvx512) return avx512::forward_tile<T>(p, r0, r1);
+  if (isa == Isa::kAvx2) return avx2::forward_tile<T>(p, r0, r1);
 #endif
   return base::forward_tile<T>(p, r0, r1);
 }
 
 template <typename T>
-bool run_backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGrads<T>& g) {
+bool run_backward_tile(Isa isa, const TileParams<T>& p, int64_t r0, int64_t r1, const TileGrads<T>& g) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (use_avx2()) return avx2::backward_tile<T>(p, r0, r1, g);
+  if (isa == Isa::kAvx512) return avx512::backward_tile<T>(p, r0, r1, g);
+  if (isa == Isa::kAvx2) return avx2::backward_tile<T>(p, r0, r1, g);
 #endif
   return base::backward_tile<T>(p, r0, r1, g);
 }
@@ -214,10 +222,11 @@ void forward_tile_path(const at::Tensor& x0, const at::Tensor& u, const at::Tens
   const int64_t B = p.batch;
   const int64_t rows = std::min<int64_t>(64, std::max<int64_t>(4, round_up((B + at::get_num_threads() - 1) / at::get_num_threads(), 4)));
   const int64_t ntiles = (B + rows - 1) / rows;
+  const Isa isa = active_isa();
   std::atomic<bool> ok{true};
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t i = t0; i < t1; ++i)
-      if (!run_forward_tile<T>(p, i * rows, std::min(B, (i + 1) * rows))) ok = false;
+      if (!run_forward_tile<T>(isa, p, i * rows, std::min(B, (i + 1) * rows))) ok = false;
   });
   TORCH_CHECK(ok, "fbfast::rollout_forward: out of memory for the tile workspace");
 }
@@ -320,6 +329,7 @@ void backward_tile_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
   const int64_t n_w2 = out.w2.defined() ? O * hp : 0, n_b2 = out.b2.defined() ? op : 0;
   const int64_t per_group = n_w1 + n_b1 + n_w2 + n_b2;
   std::vector<T> acc(static_cast<size_t>(groups * per_group), T(0));
+  const Isa isa = active_isa();
   std::atomic<bool> ok{true};
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
@@ -328,7 +338,7 @@ void backward_tile_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
                       n_w2 ? base + n_w1 + n_b1 : nullptr, n_b2 ? base + n_w1 + n_b1 + n_w2 : nullptr};
       // Tiles [g*ntiles/groups, (g+1)*ntiles/groups) in order: a fixed summation order.
       for (int64_t i = g * ntiles / groups; i < (g + 1) * ntiles / groups; ++i)
-        if (!run_backward_tile<T>(p, i * kBackwardTileRows, std::min(B, (i + 1) * kBackwardTileRows), tg))
+        if (!run_backward_tile<T>(isa, p, i * kBackwardTileRows, std::min(B, (i + 1) * kBackwardTileRows), tg))
           ok = false;
     }
   });

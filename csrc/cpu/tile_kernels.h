@@ -26,16 +26,25 @@
 #ifndef FBFAST_ISA
 #error "define FBFAST_ISA (the namespace of this instruction-set variant) before including"
 #endif
+// Vector width in bytes and rows per register block of this variant: 32 / 4 fill the 16
+// AVX2 registers with 8 accumulators; 64 / 8 use 16 of the 32 AVX-512 registers; the portable
+// build uses 16-byte vectors (SSE2 / NEON).
+#ifndef FBFAST_VEC_BYTES
+#define FBFAST_VEC_BYTES 32
+#endif
+#ifndef FBFAST_MR
+#define FBFAST_MR 4
+#endif
 
 namespace fbfast {
 namespace cpu {
 namespace FBFAST_ISA {
 
-// 32-byte vectors: one AVX2 register, two SSE/NEON registers in the baseline build.
+// FBFAST_VEC_BYTES-byte vectors: one SSE/NEON (16), AVX2 (32) or AVX-512 (64) register.
 template <typename T>
 struct Vec {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int kWidth = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(FBFAST_VEC_BYTES)));
+  static constexpr int kWidth = FBFAST_VEC_BYTES / sizeof(T);
 };
 
 template <typename T>
@@ -58,7 +67,7 @@ enum class Epilogue { kNone, kRelu, kMaskByH };
 // torch's threshold_backward, so a NaN activation passes its gradient like the reference).
 // The second operand pair (k2 may be 0) lets [u_t ; x_t] enter without being concatenated.
 // Only the first n columns of C are written; B, B2, bias and mask must be readable up to the
-// next multiple of the vector width.
+// next multiple of the vector width (the host pads to kPadBytes >= every variant's width).
 struct GemmArgs {
   int64_t m, n, k, k2;
   int64_t as0, as1, ldb, a2s0, ldb2, ldm, ldc;
@@ -131,7 +140,7 @@ inline void gemm_rows(const GemmArgs& g, const T* a, const T* b, const T* a2, co
 template <typename T, Epilogue E>
 void gemm(const GemmArgs& g, const T* a, const T* b, const T* a2, const T* b2, const T* bias,
           const T* mask, T* c) {
-  constexpr int kMR = 4;  // 4 rows x 2 vectors = 8 accumulators: fits 16 AVX2 registers
+  constexpr int kMR = FBFAST_MR;
   int64_t i = 0;
   for (; i + kMR <= g.m; i += kMR)
     gemm_rows<T, kMR, E>(g, a + i * g.as0, b, a2 + i * g.a2s0, b2, bias, mask ? mask + i * g.ldm : nullptr, c + i * g.ldc);

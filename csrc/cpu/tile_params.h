@@ -51,6 +51,7 @@ struct TileGrads {
 FBFAST_DECLARE_TILE_KERNELS(base)
 #if defined(__x86_64__) || defined(_M_X64)
 FBFAST_DECLARE_TILE_KERNELS(avx2)
+FBFAST_DECLARE_TILE_KERNELS(avx512)
 #endif
 #undef FBFAST_DECLARE_TILE_KERNELS
 
