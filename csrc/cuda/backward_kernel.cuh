@@ -74,16 +74,16 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
     for (int64_t t = T - 1; t >= 0; --t) {
       if (t == T - 1 || s == L.chunk - 1) {
         // Steps [t - s, t] of u, x and dL/dY, the chunk this reverse sweep enters now.
-        const int64_t first = t - s;
+        const int64_t chunk_start = t - s;
         const int count = s + 1;
         if (d.du > 0)
-          stage_rows<scalar_t>(u_stage, [&](int64_t tt) { return u + tt * step_u; }, first, count,
-                               row0, R, B, d.du, L.du_pad);
+          stage_rows<scalar_t>(u_stage, [&](int64_t tt) { return u + tt * step_u; }, chunk_start,
+                               count, row0, R, B, d.du, L.du_pad);
         stage_rows<scalar_t>(
             x_stage, [&](int64_t tt) { return tt < k ? x0 + tt * step_x : y + (tt - k) * step_x; },
-            first, count, row0, R, B, d.o, L.o_pad);
-        stage_rows<scalar_t>(gy_stage, [&](int64_t tt) { return grad_y + tt * step_x; }, first,
-                             count, row0, R, B, d.o, L.o_pad);
+            chunk_start, count, row0, R, B, d.o, L.o_pad);
+        stage_rows<scalar_t>(gy_stage, [&](int64_t tt) { return grad_y + tt * step_x; },
+                             chunk_start, count, row0, R, B, d.o, L.o_pad);
         __syncthreads();
       }
       const float* u_t = u_stage + s * u_step;
@@ -91,15 +91,15 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
       const float* gy_t = gy_stage + s * x_step;
       float* adj = ring + slot * ring_slot;
 
-      const TileGemm first{{u_t, x_t}, {L.du_pad, L.o_pad}, {L.du_pad, L.o_pad}, w1, L.ld1, b1, R, d.h};
-      tile_gemm<kRB, WeightLayout::kRowPerOutput>(first, [&](int r, int n, float z) {
+      const TileGemm layer1{{u_t, x_t}, {L.du_pad, L.o_pad}, {L.du_pad, L.o_pad}, w1, L.ld1, b1, R, d.h};
+      tile_gemm<kRB, WeightLayout::kRowPerOutput>(layer1, [&](int r, int n, float z) {
         h[r * L.h_pad + n] = z <= 0.f ? 0.f : z;
       });
       for (int i = threadIdx.x; i < ring_slot; i += blockDim.x) g[i] = gy_t[i] + adj[i];
       __syncthreads();
 
-      const TileGemm back2{{g, nullptr}, {L.o_pad, 0}, {L.o_pad, 0}, w2, L.ld2, nullptr, R, d.h};
-      tile_gemm<kRB, WeightLayout::kRowPerInput>(back2, [&](int r, int n, float v) {
+      const TileGemm through_w2{{g, nullptr}, {L.o_pad, 0}, {L.o_pad, 0}, w2, L.ld2, nullptr, R, d.h};
+      tile_gemm<kRB, WeightLayout::kRowPerInput>(through_w2, [&](int r, int n, float v) {
         dz[r * L.h_pad + n] = h[r * L.h_pad + n] <= 0.f ? 0.f : v;
       });
       if (want_w2 && d.h > 0) {
@@ -126,8 +126,9 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
         for (int i = threadIdx.x; i < ring_slot; i += blockDim.x) adj[i] = 0.f;
       } else if (to_ring || grad_x0) {
         scalar_t* gx0_t = to_ring ? nullptr : grad_x0 + t * step_x + row0 * d.o;
-        const TileGemm back1x{{dz, nullptr}, {L.h_pad, 0}, {L.h_pad, 0}, w1 + L.du_pad, L.ld1, nullptr, R, d.o};
-        tile_gemm<kRB, WeightLayout::kRowPerInput>(back1x, [&](int r, int n, float v) {
+        const TileGemm through_w1x{
+            {dz, nullptr}, {L.h_pad, 0}, {L.h_pad, 0}, w1 + L.du_pad, L.ld1, nullptr, R, d.o};
+        tile_gemm<kRB, WeightLayout::kRowPerInput>(through_w1x, [&](int r, int n, float v) {
           if (to_ring)
             adj[r * L.o_pad + n] = v;
           else if (r < rows_valid)
@@ -136,8 +137,9 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
       }
       if (grad_u && d.du > 0) {
         scalar_t* gu_t = grad_u + t * step_u + row0 * d.du;
-        const TileGemm back1u{{dz, nullptr}, {L.h_pad, 0}, {L.h_pad, 0}, w1, L.ld1, nullptr, R, d.du};
-        tile_gemm<kRB, WeightLayout::kRowPerInput>(back1u, [&](int r, int n, float v) {
+        const TileGemm through_w1u{
+            {dz, nullptr}, {L.h_pad, 0}, {L.h_pad, 0}, w1, L.ld1, nullptr, R, d.du};
+        tile_gemm<kRB, WeightLayout::kRowPerInput>(through_w1u, [&](int r, int n, float v) {
           if (r < rows_valid) gu_t[r * d.du + n] = static_cast<scalar_t>(v);
         });
       }

@@ -69,17 +69,17 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Forw
       }
       float* x_t = ring + slot * ring_slot;
 
-      const TileGemm first{{u_stage + s * u_step, x_t}, {L.du_pad, L.o_pad}, {L.du_pad, L.o_pad},
+      const TileGemm layer1{{u_stage + s * u_step, x_t}, {L.du_pad, L.o_pad}, {L.du_pad, L.o_pad},
                            w1, L.ld1, b1, R, d.h};
-      tile_gemm<kRB, WeightLayout::kRowPerOutput>(first, [&](int r, int n, float z) {
+      tile_gemm<kRB, WeightLayout::kRowPerOutput>(layer1, [&](int r, int n, float z) {
         h[r * L.h_pad + n] = z <= 0.f ? 0.f : z;  // keeps NaN, as torch.relu
       });
       __syncthreads();
 
       // x_t was consumed above (barrier), so its slot takes y_t: the input of step t + k.
-      const TileGemm second{{h, nullptr}, {L.h_pad, 0}, {L.h_pad, 0}, w2, L.ld2, b2, R, d.o};
+      const TileGemm layer2{{h, nullptr}, {L.h_pad, 0}, {L.h_pad, 0}, w2, L.ld2, b2, R, d.o};
       scalar_t* y_t = y + t * step_x + row0 * d.o;
-      tile_gemm<kRB, WeightLayout::kRowPerOutput>(second, [&](int r, int n, float v) {
+      tile_gemm<kRB, WeightLayout::kRowPerOutput>(layer2, [&](int r, int n, float v) {
         const scalar_t out = static_cast<scalar_t>(v);
         x_t[r * L.o_pad + n] = static_cast<float>(out);
         if (r < rows_valid) y_t[r * d.o + n] = out;

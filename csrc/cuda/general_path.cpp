@@ -33,7 +33,7 @@ void linear_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& w_t, con
     at::mm_out(out, a, w_t);
 }
 
-// acc += a b, with acc in fp32 and a, b possibly in a 16-bit dtype (the GEMM still accumulates
+// acc += a b, where acc may be fp32 while a, b are 16-bit (the GEMM still accumulates
 // in fp32 inside; its result is rounded once before the fp32 sum).
 void add_product(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   if (acc.scalar_type() == a.scalar_type())
@@ -75,10 +75,12 @@ void backward_general(const at::Tensor& grad_y, const at::Tensor& y, const at::T
   const int64_t slots = std::min(delay, steps);
   at::Tensor ring = at::zeros({slots, B, O}, opts);  // adjoint into y_{t-k}, slot t % k
 
-  const bool fp32 = y.scalar_type() == at::kFloat;
+  // 16-bit gradients accumulate in fp32 buffers; others accumulate in place.
+  const at::ScalarType acc_type = c10::isReducedFloatingType(y.scalar_type()) ? at::kFloat : y.scalar_type();
+  const bool in_place = acc_type == y.scalar_type();
   auto accumulator = [&](at::Tensor& grad) {
     if (!grad.defined()) return at::Tensor();
-    return fp32 ? grad.zero_() : at::zeros(grad.sizes(), opts.dtype(at::kFloat));
+    return in_place ? grad.zero_() : at::zeros(grad.sizes(), opts.dtype(acc_type));
   };
   at::Tensor acc_w1 = accumulator(out.w1), acc_b1 = accumulator(out.b1);
   at::Tensor acc_w2 = accumulator(out.w2), acc_b2 = accumulator(out.b2);
@@ -121,18 +123,18 @@ void backward_general(const at::Tensor& grad_y, const at::Tensor& y, const at::T
       }
     }
     if (acc_w2.defined()) add_product(acc_w2, gc.t(), hc);
-    if (acc_b2.defined()) acc_b2.add_(gc.sum(0, false, at::kFloat));
+    if (acc_b2.defined()) acc_b2.add_(gc.sum(0, false, acc_type));
     if (acc_w1.defined()) {
       add_product(dw1x, dzc.t(), xc);
       if (du) add_product(dw1u, dzc.t(), uc);
     }
-    if (acc_b1.defined()) acc_b1.add_(dzc.sum(0, false, at::kFloat));
+    if (acc_b1.defined()) acc_b1.add_(dzc.sum(0, false, acc_type));
     if (out.u.defined() && du) {
       at::Tensor duc = out.u.narrow(0, t0, n).view({rows, du});
       at::mm_out(duc, dzc, w1u);
     }
   }
-  if (!fp32) {
+  if (!in_place) {
     auto finish = [](at::Tensor& grad, const at::Tensor& acc) {
       if (grad.defined()) grad.copy_(acc);
     };

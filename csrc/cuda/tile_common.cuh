@@ -75,8 +75,10 @@ __device__ __forceinline__ void tile_gemm(const TileGemm& g, Epilogue&& epilogue
     float acc[kRB][4];
 #pragma unroll
     for (int i = 0; i < kRB; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    if (g.k[0]) accumulate_segment<kRB, kLayout>(acc, g.a[0] + r0 * g.lda[0], g.lda[0], g.k[0], g.w, g.ldw, n, 0);
-    if (g.k[1]) accumulate_segment<kRB, kLayout>(acc, g.a[1] + r0 * g.lda[1], g.lda[1], g.k[1], g.w, g.ldw, n, g.k[0]);
+    if (g.k[0])
+      accumulate_segment<kRB, kLayout>(acc, g.a[0] + r0 * g.lda[0], g.lda[0], g.k[0], g.w, g.ldw, n, 0);
+    if (g.k[1])
+      accumulate_segment<kRB, kLayout>(acc, g.a[1] + r0 * g.lda[1], g.lda[1], g.k[1], g.w, g.ldw, n, g.k[0]);
     const float bias = g.bias ? g.bias[n] : 0.f;
 #pragma unroll
     for (int i = 0; i < kRB; ++i)
