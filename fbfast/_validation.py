@@ -7,12 +7,15 @@ what it got, and what it needed.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import os
+from typing import Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# steps, delay and truncate travel as int64 in the operator schemas (csrc/fbfast.cpp).
+_INT64_MAX = 2**63 - 1
 
 
 class RolloutArgs(NamedTuple):
@@ -35,6 +38,11 @@ def _check_tensor(name: str, t, optional: bool) -> None:
         raise TypeError(f"fbfast.rollout: {name} must be a Tensor, got None")
     if not isinstance(t, Tensor):
         raise TypeError(f"fbfast.rollout: {name} must be a Tensor, got {type(t).__name__}")
+    if t.layout is not torch.strided or t.is_nested:
+        # Sparse and nested tensors would otherwise fail deep inside ATen or the custom op.
+        layout, fix = ("nested", "stack the batch into one tensor") if t.is_nested else (t.layout, "use .to_dense()")
+        raise TypeError(f"fbfast.rollout: {name} has layout {layout}; dense (torch.strided) tensors "
+                        f"are needed ({fix})")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"fbfast.rollout: {name} has dtype {t.dtype}; a floating dtype is needed "
@@ -48,7 +56,55 @@ def _check_int(name: str, value, minimum: int) -> int:
         raise TypeError(f"fbfast.rollout: {name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"fbfast.rollout: {name} must be >= {minimum}, got {value}")
+    if value > _INT64_MAX:
+        raise ValueError(f"fbfast.rollout: {name} must be < 2**63 (an int64), got {value}")
     return value
+
+
+def _host_memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX, or the value is unknown
+        return None
+
+
+_HOST_MEMORY_BYTES = _host_memory_bytes()
+_CUDA_MEMORY_BYTES: Dict[int, int] = {}
+
+
+def _memory_bytes(device: torch.device) -> Optional[int]:
+    """Total memory a result on ``device`` can occupy (None: unknown, so no bound)."""
+    if device.type in ("cpu", "meta"):
+        # meta allocates nothing, but "eager" would still run every step before failing.
+        return _HOST_MEMORY_BYTES
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _CUDA_MEMORY_BYTES:
+            _CUDA_MEMORY_BYTES[index] = torch.cuda.get_device_properties(index).total_memory
+        return _CUDA_MEMORY_BYTES[index]
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _check_result_fits(x0: Tensor, steps: int, batch: int, out_features: int) -> None:
+    # Y alone must fit in the device's memory: otherwise the compiled kernels fail in the
+    # allocator with a message that names no argument, and "eager" runs step after step for
+    # hours before it does. Only sizes are read, so the check is free. Under torch.compile the
+    # check is left to the eager calls (shapes may be symbolic there).
+    if torch.compiler.is_compiling():
+        return
+    nbytes = steps * batch * out_features * x0.element_size()
+    limit = _memory_bytes(x0.device)
+    if nbytes > _INT64_MAX or (limit is not None and nbytes > limit):
+        where = f"the {_gib(limit)} of {x0.device} memory" if limit is not None else "an int64 byte count"
+        raise RuntimeError(
+            f"fbfast.rollout: steps={steps} is too large: the result Y of shape ({steps}, {batch}, "
+            f"{out_features}) in {x0.dtype} needs {_gib(nbytes)}, more than {where}; use fewer "
+            "steps, or run the rollout in chunks (pass Y[-delay:].detach() as the next call's x0)"
+        )
 
 
 def check_rollout_args(x0, w1, b1, w2, b2, steps, u, delay, truncate) -> RolloutArgs:
@@ -136,6 +192,7 @@ def check_rollout_args(x0, w1, b1, w2, b2, steps, u, delay, truncate) -> Rollout
                 f"fbfast.rollout: w1 has {w1.shape[1]} input columns but u has Du = {Du} features "
                 f"and the feedback has O = {O} (Du + O = {Du + O} needed; w1 is {_shape(w1)})"
             )
+    _check_result_fits(x0, steps, B, O)
     return RolloutArgs(x0, steps, B, Du, O, H)
 
 

@@ -115,10 +115,10 @@ def resolve(backend: str, x0: torch.Tensor) -> str:
 
 
 def _warn_fallback(kernel: str) -> None:
-    # Only a kernel that should be there but failed to load is worth a warning; a build that
-    # skipped it on purpose is reported by fbfast.backends().
+    # Once per process, and only when the extension is absent or failed to load (issue 6): a
+    # loaded build that merely lacks a dtype (float16 on CPU) falls back silently.
     global _warned_fallback
-    if _warned_fallback or ops.LOADED or not ops.BUILT:
+    if _warned_fallback or ops.LOADED:
         return
     _warned_fallback = True
     warnings.warn(f"fbfast: the compiled {kernel!r} backend is unavailable ({_STATUS[kernel].reason}); "

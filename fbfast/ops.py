@@ -48,8 +48,19 @@ if LOADED:
     _forward_op = torch.ops.fbfast.rollout_forward.default
     _backward_op = torch.ops.fbfast.rollout_backward.default
 
+    def _check_one_device(**tensors) -> None:
+        # The dispatcher sends a call that mixes meta and CPU tensors here (Meta outranks CPU),
+        # where a shape-only kernel would answer with a meta result instead of an error.
+        device = tensors["x0"].device
+        for name, t in tensors.items():
+            if t is not None:
+                torch._check(t.device == device,
+                             lambda: f"fbfast: {name} is on {t.device} but x0 is on {device}; "
+                                     "all tensors must be on one device")
+
     @torch.library.register_fake("fbfast::rollout_forward")
     def _rollout_forward_fake(x0, u, w1, b1, w2, b2, steps, delay, truncate):
+        _check_one_device(x0=x0, u=u, w1=w1, b1=b1, w2=w2, b2=b2)
         torch._check(steps >= 0, lambda: f"steps must be >= 0, got {steps}")
         torch._check(x0.dim() == 3 and x0.shape[0] == delay,
                      lambda: f"x0 must be (delay={delay}, B, O), got {tuple(x0.shape)}")
@@ -57,6 +68,7 @@ if LOADED:
 
     @torch.library.register_fake("fbfast::rollout_backward")
     def _rollout_backward_fake(grad_y, y, x0, u, w1, b1, w2, delay, truncate, output_mask):
+        _check_one_device(x0=x0, grad_y=grad_y, y=y, u=u, w1=w1, b1=b1, w2=w2)
         def like(i, t):
             return t.new_empty(t.shape) if output_mask[i] and t is not None else grad_y.new_empty((0,))
         db2 = grad_y.new_empty((w2.shape[0],)) if output_mask[5] else grad_y.new_empty((0,))

@@ -86,12 +86,12 @@ void check_inputs(const at::Tensor& x0, const std::optional<at::Tensor>& u, cons
   TORCH_CHECK(w2.dim() == 2, "fbfast::rollout: w2 must be (O, H), got ", w2.sizes());
   const int64_t O = w2.size(0), H = w2.size(1), B = x0.size(1);
   TORCH_CHECK(x0.size(2) == O, "fbfast::rollout: x0 has ", x0.size(2), " features, w2 outputs O = ", O);
-  const int64_t du = u.has_value() ? u->size(-1) : 0;
-  TORCH_CHECK(w1.dim() == 2 && w1.size(0) == H && w1.size(1) == du + O,
-              "fbfast::rollout: w1 must be (H, Du + O) = (", H, ", ", du + O, "), got ", w1.sizes());
   if (u.has_value())
     TORCH_CHECK(u->dim() == 3 && u->size(0) == steps && u->size(1) == B,
                 "fbfast::rollout: u must be (steps=", steps, ", B=", B, ", Du), got ", u->sizes());
+  const int64_t du = u.has_value() ? u->size(2) : 0;
+  TORCH_CHECK(w1.dim() == 2 && w1.size(0) == H && w1.size(1) == du + O,
+              "fbfast::rollout: w1 must be (H, Du + O) = (", H, ", ", du + O, "), got ", w1.sizes());
   TORCH_CHECK(!b1.has_value() || (b1->dim() == 1 && b1->size(0) == H),
               "fbfast::rollout: b1 must be (", H, ",), got ", b1->sizes());
   TORCH_CHECK(!b2.has_value() || (b2->dim() == 1 && b2->size(0) == O),
@@ -99,9 +99,11 @@ void check_inputs(const at::Tensor& x0, const std::optional<at::Tensor>& u, cons
   const auto dtype = x0.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "fbfast::rollout (CPU kernel): dtype must be float32 or float64, got ", dtype);
-  for (const at::Tensor* t : {&w1, &w2}) TORCH_CHECK(t->scalar_type() == dtype, "fbfast::rollout: mixed dtypes");
-  for (const auto* t : {&u, &b1, &b2})
-    TORCH_CHECK(!t->has_value() || (*t)->scalar_type() == dtype, "fbfast::rollout: mixed dtypes");
+  const std::pair<const char*, const at::Tensor*> named[] = {
+      {"w1", &w1}, {"w2", &w2}, {"u", u ? &*u : nullptr}, {"b1", b1 ? &*b1 : nullptr}, {"b2", b2 ? &*b2 : nullptr}};
+  for (const auto& [name, t] : named)
+    TORCH_CHECK(!t || t->scalar_type() == dtype, "fbfast::rollout: ", name, " has dtype ", t->scalar_type(),
+                " but x0 has ", dtype, "; all tensors must share one dtype");
 }
 
 // dst (rows, dst_ld) <- src^T or src, zero-padded; src is a row-major (src_rows, src_cols)
@@ -429,6 +431,7 @@ rollout_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const 
                      const std::optional<at::Tensor>& u_in, const at::Tensor& w1_in,
                      const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in,
                      int64_t delay, int64_t truncate, std::array<bool, 6> output_mask) {
+  TORCH_CHECK(y_in.dim() == 3, "fbfast::rollout_backward: y must be (T, B, O), got ", y_in.sizes());
   const int64_t steps = y_in.size(0);
   check_inputs(x0_in, u_in, w1_in, b1_in, w2_in, std::nullopt, steps, delay, truncate);
   TORCH_CHECK(grad_y_in.sizes() == y_in.sizes() && y_in.dim() == 3 && y_in.size(1) == x0_in.size(1) &&
@@ -436,7 +439,8 @@ rollout_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const 
               "fbfast::rollout_backward: grad_y ", grad_y_in.sizes(), " and y ", y_in.sizes(),
               " must both be (T, B, O)");
   TORCH_CHECK(grad_y_in.scalar_type() == x0_in.scalar_type() && y_in.scalar_type() == x0_in.scalar_type(),
-              "fbfast::rollout_backward: mixed dtypes");
+              "fbfast::rollout_backward: grad_y (", grad_y_in.scalar_type(), ") and y (", y_in.scalar_type(),
+              ") must have x0's dtype ", x0_in.scalar_type());
   const at::Tensor x0 = x0_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
   const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in);

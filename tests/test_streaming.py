@@ -1,0 +1,120 @@
+"""Streaming across optimizer steps (examples/streaming.py): the last `delay` outputs of one
+training step, detached, are the next step's x0 (SPEC §1, streaming)."""
+
+import contextlib
+import copy
+import importlib.util
+import io
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fbfast
+
+from testing import make_problem
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+CPP = fbfast.backends()["cpp"]
+BACKENDS = ["eager", pytest.param("cpp", marks=pytest.mark.skipif(not CPP.available, reason=CPP.reason))]
+
+# Subprocesses get one OpenMP thread too (see one_thread).
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Correctness only, no timing: one intra-op thread keeps these tests quick on a machine
+    # shared with other jobs, where two spinning OpenMP threads per process slow down 5-10x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("examples_streaming", EXAMPLES / "streaming.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("delay", [1, 2, 3])
+@pytest.mark.parametrize("Du", [0, 3])
+def test_chunked_rollouts_continue_one_long_rollout(backend, delay, Du):
+    p = make_problem(B=4, Du=Du, O=3, H=7, T=23, delay=delay, requires_grad=False)
+    long = p.run(backend)
+    pieces, x0 = [], p.x0
+    for start, stop in ((0, 5), (5, 6), (6, 15), (15, 23)):  # chunks shorter and longer than delay
+        u = None if p.u is None else p.u[start:stop]
+        y = fbfast.rollout(x0, p.w1, p.b1, p.w2, p.b2, steps=stop - start, u=u, delay=delay, backend=backend)
+        pieces.append(y)
+        x0 = y[-delay:] if stop - start >= delay else torch.cat([x0, y])[-delay:]
+    torch.testing.assert_close(torch.cat(pieces), long, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("delay", [1, 2])
+def test_example_streaming_training_matches_hand_loop(example, backend, delay):
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = example.main(["--chunks", "5", "--delay", str(delay), "--backend", backend])
+    assert result["chunk_gap"] <= 1e-12
+    assert len(result["hand"]) == len(result["fbfast"]) == 5
+    torch.testing.assert_close(torch.tensor(result["fbfast"]), torch.tensor(result["hand"]),
+                               rtol=1e-9, atol=1e-12)
+    assert result["param_err"] <= 1e-9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_carried_state_is_detached_and_cuts_the_gradient(example, backend):
+    """Step n's gradient comes from chunk n alone: the same as starting from a constant x0."""
+    torch.manual_seed(0)
+    net = example.RecurrentNetwork().double()
+    fused = fbfast.from_module(net)
+    x0, stream = example.make_stream(2, delay=2)
+    (u1, _), (u2, target2) = stream
+    y1 = fused.rollout(x0, u=u1, delay=2, backend=backend)
+    carried = y1[-2:].detach()
+    assert not carried.requires_grad and carried.shape == (2, example.BATCH, 2)
+
+    F.mse_loss(fused.rollout(carried, u=u2, delay=2, backend=backend), target2).backward()
+    streamed = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    fresh = carried.clone()  # a plain tensor with no history at all
+    F.mse_loss(fused.rollout(fresh, u=u2, delay=2, backend=backend), target2).backward()
+    for a, b in zip(streamed, (p.grad for p in net.parameters())):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_restarting_each_step_from_x0_differs_from_streaming(example):
+    """The comparison can fail: restarting every optimizer step from the initial x0 instead of
+    the carried outputs gives other losses from the second step on."""
+    torch.manual_seed(0)
+    net = example.RecurrentNetwork().double()
+    twin = copy.deepcopy(net)
+    x0, stream = example.make_stream(3, delay=2)
+    streamed = example.train_with_fbfast(net, x0, stream, 2, 0.05, "eager")
+    fused = fbfast.from_module(twin)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.05)
+    restarted = []
+    for u, target in stream:
+        loss = F.mse_loss(fused.rollout(x0, u=u, delay=2, backend="eager"), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        restarted.append(loss.item())
+    assert restarted[0] == pytest.approx(streamed[0], rel=1e-12)
+    assert abs(restarted[1] - streamed[1]) > 1e-6 * abs(streamed[1])
+
+
+def test_script_runs():
+    done = subprocess.run([sys.executable, str(EXAMPLES / "streaming.py"), "--chunks", "3"],
+                          capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV)
+    assert done.returncode == 0, done.stderr
+    assert "the two loss histories agree" in done.stdout
