@@ -1,0 +1,72 @@
+"""Where the CPU kernel should switch from the tile path to the BLAS path.
+
+    python -m benchmarks.crossover [--batch 256] [--steps 50]
+
+Times a training step (forward + backward of sum(Y^2)) and a forward of the "cpp" backend with
+FBFAST_CPU_PATH pinned to "tile" and to "blas", over widths around the switch rule
+H * (Du + 2 O) <= 32768 (csrc/cpu/rollout_cpu.cpp, kTileMaxWork), and prints which path wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+import fbfast
+
+
+def _median_time(fn, min_seconds=0.2, repeats=5):
+    fn()
+    n = 1
+    while True:
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if time.perf_counter() - t > min_seconds / repeats:
+            break
+        n *= 2
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t) / n)
+    return sorted(times)[repeats // 2]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=50)
+    args = ap.parse_args(argv)
+    B, T = args.batch, args.steps
+    widths = [(16, 32), (32, 64), (32, 128), (64, 128), (64, 256), (128, 256), (64, 512), (128, 512), (256, 512)]
+    print(f"B={B} T={T} threads={torch.get_num_threads()}  (times in ms; work = H*(Du+2O))")
+    print(f"{'O':>5} {'H':>5} {'work':>7} | {'fwd tile':>9} {'fwd blas':>9} | {'train tile':>10} {'train blas':>10} | winner")
+    for O, H in widths:
+        net = fbfast.FeedbackMLP(O, H, O)
+        x0 = torch.randn(B, O)
+        row = {}
+        for path in ("tile", "blas"):
+            os.environ["FBFAST_CPU_PATH"] = path
+
+            def fwd():
+                with torch.no_grad():
+                    net.rollout(x0, steps=T, backend="cpp")
+
+            def train():
+                net.zero_grad(set_to_none=True)
+                net.rollout(x0, steps=T, backend="cpp").square().sum().backward()
+
+            row[path] = (_median_time(fwd) * 1e3, _median_time(train) * 1e3)
+        os.environ.pop("FBFAST_CPU_PATH")
+        winner = "tile" if row["tile"][1] <= row["blas"][1] else "blas"
+        print(f"{O:5d} {H:5d} {H * 2 * O:7d} | {row['tile'][0]:9.2f} {row['blas'][0]:9.2f} | "
+              f"{row['tile'][1]:10.2f} {row['blas'][1]:10.2f} | {winner}")
+
+
+if __name__ == "__main__":
+    main()
