@@ -23,7 +23,13 @@ test: build
 test-long: build
 	$(PYTHON) -m pytest tests -m slow $(PYTEST_ARGS)
 
+# The main job: train a FeedbackMLP on a simulated pendulum with the seed-style loop and with
+# fbfast side by side (losses, time per epoch, speedup, out/pendulum.png), then the drop-in,
+# streaming and seed examples, and a quick benchmark table.
 demo: build
+	$(PYTHON) examples/train_pendulum.py --out out
+	$(PYTHON) examples/drop_in.py
+	$(PYTHON) examples/streaming.py
 	$(PYTHON) examples/seed_two_networks.py
 	$(PYTHON) examples/seed_in_step.py
 	$(PYTHON) examples/seed_delayed.py
@@ -31,6 +37,7 @@ demo: build
 
 bench: build
 	$(PYTHON) -m benchmarks.report --json benchmarks/results/cpu_report.json
+	$(PYTHON) -m benchmarks.sweep --out benchmarks/results
 
 clean:
 	rm -rf build *.egg-info fbfast/_C*.so .pytest_cache .benchmarks
