@@ -50,17 +50,17 @@ def test_mode_grid_matches_reference(case, dtype, variant):
     _compare(p, dtype, _case_id(case))
 
 
-# Widths that are not multiples of the vector width (8 floats / 4 doubles) or the 4-row micro
-# tile, batches that are not multiples of the 16-row backward tile, and both sides of the
-# tile/BLAS crossover (H * (Du + 2 O) <= 32768 takes the tile path).
+# Widths that are not multiples of the vector width (4 to 16 floats) or the 4/8-row micro
+# tile, batches that are not multiples of the 16- or 64-row backward tile, and both sides of
+# work H * (Du + 2 O) = 32768 (above it: wide backward tiles, and BLAS for the portable build).
 @pytest.mark.parametrize("variant", VARIANTS, indirect=True, ids=lambda v: f"{v[0]}-{v[1]}")
 @pytest.mark.parametrize("B,Du,O,H,T,delay,truncate", [
     (33, 3, 17, 37, 7, 2, None),
     (17, 0, 9, 31, 6, 1, 2),
     (5, 11, 1, 1, 4, 3, None),
     (70, 5, 8, 24, 5, 1, 4),
-    (3, 0, 64, 256, 3, 1, None),   # exactly at the crossover: tile
-    (3, 0, 64, 257, 3, 2, None),   # just above: BLAS
+    (3, 0, 64, 256, 3, 1, None),   # exactly at the switch
+    (67, 0, 64, 257, 3, 2, None),  # just above: 64-row backward tiles, two of them
 ])
 def test_odd_widths(B, Du, O, H, T, delay, truncate, variant):
     for dtype in (torch.float64, torch.float32):

@@ -29,11 +29,16 @@ namespace {
 
 // Packed weights and workspaces are padded to this many bytes: the widest vector of any variant.
 constexpr int64_t kPadBytes = 64;
-// Backward tiles have a fixed size (and so a fixed summation order of weight gradients).
+// Backward tiles have a size fixed by the shape alone (so a fixed summation order of weight
+// gradients for any thread count): 16 rows, or 64 for wide layers, where each step's rank-k
+// update of the (O x H) and ((Du + O) x H) gradient accumulators must amortise reading them.
 constexpr int64_t kBackwardTileRows = 16;
+constexpr int64_t kWideBackwardTileRows = 64;
 constexpr int64_t kMaxGroups = 8;
-// The tile path wins while one step's multiply-adds per batch row, H * (Du + 2 O), stay
-// below this; above it per-step BLAS GEMMs do (benchmarks/crossover.py measured the switch).
+// "Work" is one step's multiply-adds per batch row, H * (Du + 2 O). With AVX2 or AVX-512 the
+// tile path beat per-step MKL GEMMs at every width measured, up to (O, H) = (256, 512)
+// (benchmarks/crossover.py; MKL does not use AVX-512 on this project's AMD CPUs). The portable
+// build loses to BLAS above this work, and wide layers switch to wide backward tiles above it.
 constexpr int64_t kTileMaxWork = 32768;
 // Rows per backward chunk of the BLAS path: large enough for efficient GEMMs, small enough that
 // the chunk buffers (rows x (2H + O)) stay a few MB and are reused across chunks.
@@ -71,6 +76,7 @@ Path choose_path(int64_t du, int64_t o, int64_t h) {
   const char* env = std::getenv("FBFAST_CPU_PATH");
   if (env && std::strcmp(env, "tile") == 0) return Path::kTile;
   if (env && std::strcmp(env, "blas") == 0) return Path::kBlas;
+  if (active_isa() != Isa::kBase) return Path::kTile;
   return h * (du + 2 * o) <= kTileMaxWork ? Path::kTile : Path::kBlas;
 }
 
@@ -325,7 +331,8 @@ void backward_tile_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
   p.grad_u = out.u.defined() ? out.u.data_ptr<T>() : nullptr;
 
   const int64_t B = p.batch, du = p.du, O = p.o, H = p.h, hp = p.h_pad, op = p.o_pad;
-  const int64_t ntiles = (B + kBackwardTileRows - 1) / kBackwardTileRows;
+  const int64_t tile_rows = H * (du + 2 * O) > kTileMaxWork ? kWideBackwardTileRows : kBackwardTileRows;
+  const int64_t ntiles = (B + tile_rows - 1) / tile_rows;
   const int64_t groups = std::min(ntiles, kMaxGroups);
   const int64_t n_w1 = out.w1.defined() ? (du + O) * hp : 0, n_b1 = out.b1.defined() ? hp : 0;
   const int64_t n_w2 = out.w2.defined() ? O * hp : 0, n_b2 = out.b2.defined() ? op : 0;
@@ -340,7 +347,7 @@ void backward_tile_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
                       n_w2 ? base + n_w1 + n_b1 : nullptr, n_b2 ? base + n_w1 + n_b1 + n_w2 : nullptr};
       // Tiles [g*ntiles/groups, (g+1)*ntiles/groups) in order: a fixed summation order.
       for (int64_t i = g * ntiles / groups; i < (g + 1) * ntiles / groups; ++i)
-        if (!run_backward_tile<T>(isa, p, i * kBackwardTileRows, std::min(B, (i + 1) * kBackwardTileRows), tg))
+        if (!run_backward_tile<T>(isa, p, i * tile_rows, std::min(B, (i + 1) * tile_rows), tg))
           ok = false;
     }
   });
