@@ -147,16 +147,16 @@ def check_rollout_args(x0, w1, b1, w2, b2, steps, u, delay, truncate) -> Rollout
     if b2 is not None and tuple(b2.shape) != (O,):
         raise ValueError(f"fbfast.rollout: b2 must have shape ({O},), got {_shape(b2)}")
 
-    x0_shape = _shape(x0)  # as the caller passed it, before normalisation
+    x0_given = x0  # messages show the shape the caller passed, before normalisation
     if x0.dim() == 2 and delay == 1:
         x0 = x0.unsqueeze(0)
     elif x0.dim() != 3 or x0.shape[0] != delay:
         need = "(B, O) or (1, B, O)" if delay == 1 else f"({delay}, B, O): the leading axis holds the first delay={delay} inputs"
-        raise ValueError(f"fbfast.rollout: x0 must have shape {need}, got {x0_shape}")
+        raise ValueError(f"fbfast.rollout: x0 must have shape {need}, got {_shape(x0_given)}")
     B = x0.shape[1]
     if x0.shape[2] != O:
         raise ValueError(
-            f"fbfast.rollout: x0 has {x0.shape[2]} features in its last axis (shape {x0_shape}) "
+            f"fbfast.rollout: x0 has {x0.shape[2]} features in its last axis (shape {_shape(x0_given)}) "
             f"but the network outputs O = {O} (w2 is {_shape(w2)}); fed-back inputs must match outputs"
         )
 
