@@ -7,7 +7,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, ops
 from ._validation import check_rollout_args
 from .reference import rollout_reference
 
@@ -47,8 +47,7 @@ def rollout(
     args = check_rollout_args(x0, w1, b1, w2, b2, steps, u, delay, truncate)
     name = dispatch.resolve(backend, args.x0)
     if name == "cpp" or name == "cuda":
-        return torch.ops.fbfast.rollout_forward.default(
-            args.x0, u, w1, b1, w2, b2, args.steps, delay, truncate or 0)
+        return ops.forward_op(args.x0, u, w1, b1, w2, b2, args.steps, delay, truncate or 0)
     if name == "compile":
         return _compiled(args.steps, delay, truncate)(args.x0, w1, b1, w2, b2, u)
     return rollout_reference(args.x0, w1, b1, w2, b2, args.steps, u, delay, truncate)
