@@ -1,6 +1,5 @@
 """`python -m fbfast`: versions, the backends table, the self-check and its exit status."""
 
-import os
 import subprocess
 import sys
 
@@ -9,19 +8,9 @@ import torch
 
 import fbfast
 import fbfast.__main__ as cli
+from testing import SUBPROCESS_ENV
 
-# Subprocesses get one OpenMP thread too (see one_thread).
-SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Correctness only, no timing: one intra-op thread keeps these tests quick on a machine
-    # shared with other jobs, where two spinning OpenMP threads per process slow down 5-10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args):

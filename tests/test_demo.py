@@ -1,9 +1,7 @@
 """examples/train_pendulum.py (the `make demo` training run) on a tiny configuration."""
 
 import contextlib
-import importlib.util
 import io
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,35 +11,20 @@ import torch
 import torch.nn.functional as F
 
 import fbfast
+from testing import EXAMPLES, SUBPROCESS_ENV, load_example
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 CPP = fbfast.backends()["cpp"]
 BACKENDS = ["eager", pytest.param("cpp", marks=pytest.mark.skipif(not CPP.available, reason=CPP.reason))]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# Subprocesses get one OpenMP thread too (see one_thread).
-SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Correctness only, no timing: one intra-op thread keeps these tests quick on a machine
-    # shared with other jobs, where two spinning OpenMP threads per process slow down 5-10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def demo():
-    # By path: examples/ is a folder of scripts, not a package.
-    spec = importlib.util.spec_from_file_location("examples_train_pendulum", EXAMPLES / "train_pendulum.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_example("train_pendulum")
     yield module
-    sys.modules.pop(spec.name, None)
+    sys.modules.pop(module.__name__, None)
 
 
 def run_quick(demo, *argv):

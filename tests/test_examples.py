@@ -1,10 +1,8 @@
 """The seed's training loops in examples/: hand-written and fbfast loss histories agree."""
 
 import contextlib
-import importlib.util
 import io
 import math
-import pathlib
 import subprocess
 import sys
 
@@ -12,8 +10,8 @@ import pytest
 import torch
 
 import fbfast
+from testing import EXAMPLES, load_example
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = ("seed_two_networks", "seed_in_step", "seed_delayed")
 # The examples train in float64, where the two histories differ by ~1e-15. A real disagreement
 # is far larger: full BPTT in place of truncate=1 moves the in-step losses by ~1e-4 in 4 epochs.
@@ -26,17 +24,9 @@ BACKENDS = [
 ]
 
 
-def load(name):
-    # By path: examples/ is a folder of scripts, not a package.
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_main(name, *argv):
     with contextlib.redirect_stdout(io.StringIO()):
-        return load(name).main(list(argv))
+        return load_example(name).main(list(argv))
 
 
 def assert_same_history(hand, fused):
@@ -52,7 +42,7 @@ def test_in_step(backend):
 
 
 def test_in_step_shows_the_error_of_the_loop_as_printed(capsys):
-    load("seed_in_step").show_failure_as_printed()
+    load_example("seed_in_step").show_failure_as_printed()
     out = capsys.readouterr().out
     assert "ValueError: fbfast.rollout: w1 has 10 input columns" in out
     assert "u of shape (T, B, 8)" in out

@@ -3,10 +3,7 @@ training step, detached, are the next step's x0 (SPEC §1, streaming)."""
 
 import contextlib
 import copy
-import importlib.util
 import io
-import os
-import pathlib
 import subprocess
 import sys
 
@@ -16,32 +13,17 @@ import torch.nn.functional as F
 
 import fbfast
 
-from testing import make_problem
+from testing import EXAMPLES, SUBPROCESS_ENV, load_example, make_problem
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 CPP = fbfast.backends()["cpp"]
 BACKENDS = ["eager", pytest.param("cpp", marks=pytest.mark.skipif(not CPP.available, reason=CPP.reason))]
 
-# Subprocesses get one OpenMP thread too (see one_thread).
-SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Correctness only, no timing: one intra-op thread keeps these tests quick on a machine
-    # shared with other jobs, where two spinning OpenMP threads per process slow down 5-10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("examples_streaming", EXAMPLES / "streaming.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("streaming")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,7 +12,11 @@ scaling inputs so activations stay O(1)):
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import os
+import pathlib
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,3 +93,17 @@ MODE_GRID = [
     for Du, k, K, bias, B, T in itertools.product(
         (0, 3), (1, 2, 3), (None, 1, 3), (True, False), (1, 7), (0, 1, 5))
 ]
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+# Subprocesses of the example tests get one OpenMP thread too (see the one_thread fixture).
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def load_example(name: str):
+    """Import examples/<name>.py by path: examples/ is a folder of scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
