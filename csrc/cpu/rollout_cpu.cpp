@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "../rollout_checks.h"
 #include "tile_params.h"
 
 namespace fbfast::cpu {
@@ -84,32 +85,10 @@ void check_inputs(const at::Tensor& x0, const std::optional<at::Tensor>& u, cons
                   const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                   const std::optional<at::Tensor>& b2, int64_t steps, int64_t delay,
                   int64_t truncate) {
-  TORCH_CHECK(delay >= 1, "fbfast::rollout: delay must be >= 1, got ", delay);
-  TORCH_CHECK(truncate >= 0, "fbfast::rollout: truncate must be >= 0 (0 = full BPTT), got ", truncate);
-  TORCH_CHECK(steps >= 0, "fbfast::rollout: steps must be >= 0, got ", steps);
-  TORCH_CHECK(x0.dim() == 3 && x0.size(0) == delay, "fbfast::rollout: x0 must be (delay=", delay,
-              ", B, O), got ", x0.sizes());
-  TORCH_CHECK(w2.dim() == 2, "fbfast::rollout: w2 must be (O, H), got ", w2.sizes());
-  const int64_t O = w2.size(0), H = w2.size(1), B = x0.size(1);
-  TORCH_CHECK(x0.size(2) == O, "fbfast::rollout: x0 has ", x0.size(2), " features, w2 outputs O = ", O);
-  if (u.has_value())
-    TORCH_CHECK(u->dim() == 3 && u->size(0) == steps && u->size(1) == B,
-                "fbfast::rollout: u must be (steps=", steps, ", B=", B, ", Du), got ", u->sizes());
-  const int64_t du = u.has_value() ? u->size(2) : 0;
-  TORCH_CHECK(w1.dim() == 2 && w1.size(0) == H && w1.size(1) == du + O,
-              "fbfast::rollout: w1 must be (H, Du + O) = (", H, ", ", du + O, "), got ", w1.sizes());
-  TORCH_CHECK(!b1.has_value() || (b1->dim() == 1 && b1->size(0) == H),
-              "fbfast::rollout: b1 must be (", H, ",), got ", b1->sizes());
-  TORCH_CHECK(!b2.has_value() || (b2->dim() == 1 && b2->size(0) == O),
-              "fbfast::rollout: b2 must be (", O, ",), got ", b2->sizes());
+  check_rollout_args(x0, u, w1, b1, w2, b2, steps, delay, truncate);
   const auto dtype = x0.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
               "fbfast::rollout (CPU kernel): dtype must be float32 or float64, got ", dtype);
-  const std::pair<const char*, const at::Tensor*> named[] = {
-      {"w1", &w1}, {"w2", &w2}, {"u", u ? &*u : nullptr}, {"b1", b1 ? &*b1 : nullptr}, {"b2", b2 ? &*b2 : nullptr}};
-  for (const auto& [name, t] : named)
-    TORCH_CHECK(!t || t->scalar_type() == dtype, "fbfast::rollout: ", name, " has dtype ", t->scalar_type(),
-                " but x0 has ", dtype, "; all tensors must share one dtype");
 }
 
 // dst (rows, dst_ld) <- src^T or src, zero-padded; src is a row-major (src_rows, src_cols)

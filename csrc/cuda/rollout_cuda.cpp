@@ -26,6 +26,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../rollout_checks.h"
 #include "general_path.h"
 #include "rollout_launch.h"
 #include "rollout_params.h"
@@ -38,41 +39,11 @@ void check_inputs(const at::Tensor& x0, const std::optional<at::Tensor>& u, cons
                   const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                   const std::optional<at::Tensor>& b2, int64_t steps, int64_t delay,
                   int64_t truncate) {
-  TORCH_CHECK(delay >= 1, "fbfast::rollout: delay must be >= 1, got ", delay);
-  TORCH_CHECK(truncate >= 0, "fbfast::rollout: truncate must be >= 0 (0 = full BPTT), got ", truncate);
-  TORCH_CHECK(steps >= 0, "fbfast::rollout: steps must be >= 0, got ", steps);
-  TORCH_CHECK(x0.dim() == 3 && x0.size(0) == delay, "fbfast::rollout: x0 must be (delay=", delay,
-              ", B, O), got ", x0.sizes());
-  TORCH_CHECK(w2.dim() == 2, "fbfast::rollout: w2 must be (O, H), got ", w2.sizes());
-  const int64_t O = w2.size(0), H = w2.size(1), B = x0.size(1);
-  TORCH_CHECK(x0.size(2) == O, "fbfast::rollout: x0 has ", x0.size(2), " features, w2 outputs O = ", O);
-  TORCH_CHECK(!u.has_value() || u->dim() == 3, "fbfast::rollout: u must be (steps, B, Du), got ",
-              u.has_value() ? u->sizes() : at::IntArrayRef());
-  const int64_t du = u.has_value() ? u->size(2) : 0;
-  TORCH_CHECK(w1.dim() == 2 && w1.size(0) == H && w1.size(1) == du + O,
-              "fbfast::rollout: w1 must be (H, Du + O) = (", H, ", ", du + O, "), got ", w1.sizes());
-  if (u.has_value())
-    TORCH_CHECK(u->size(0) == steps && u->size(1) == B, "fbfast::rollout: u must be (steps=", steps,
-                ", B=", B, ", Du), got ", u->sizes());
-  TORCH_CHECK(!b1.has_value() || (b1->dim() == 1 && b1->size(0) == H),
-              "fbfast::rollout: b1 must be (", H, ",), got ", b1.has_value() ? b1->sizes() : at::IntArrayRef());
-  TORCH_CHECK(!b2.has_value() || (b2->dim() == 1 && b2->size(0) == O),
-              "fbfast::rollout: b2 must be (", O, ",), got ", b2.has_value() ? b2->sizes() : at::IntArrayRef());
+  check_rollout_args(x0, u, w1, b1, w2, b2, steps, delay, truncate);
   const auto dtype = x0.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "fbfast::rollout (CUDA kernel): dtype must be float32, float16 or bfloat16, got ", dtype);
-  const auto device = x0.device();
-  TORCH_CHECK(device.is_cuda(), "fbfast::rollout (CUDA kernel): x0 must be a CUDA tensor, got ", device);
-  auto check_same = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.scalar_type() == dtype, "fbfast::rollout: ", name, " has dtype ", t.scalar_type(),
-                " but x0 has ", dtype, " (mixed dtypes)");
-    TORCH_CHECK(t.device() == device, "fbfast::rollout: ", name, " is on ", t.device(), " but x0 is on ", device);
-  };
-  check_same(w1, "w1");
-  check_same(w2, "w2");
-  if (u.has_value()) check_same(*u, "u");
-  if (b1.has_value()) check_same(*b1, "b1");
-  if (b2.has_value()) check_same(*b2, "b2");
+  TORCH_CHECK(x0.device().is_cuda(), "fbfast::rollout (CUDA kernel): x0 must be a CUDA tensor, got ", x0.device());
 }
 
 at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) {
