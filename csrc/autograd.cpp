@@ -10,6 +10,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -24,7 +25,13 @@ at::Tensor reference_rollout(const at::Tensor& x0, const std::optional<at::Tenso
                              const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                              const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                              int64_t steps, int64_t delay, int64_t truncate) {
-  if (steps == 0) return x0.narrow(0, 0, 0);
+  if (steps == 0 || x0.size(1) == 0 || x0.size(2) == 0) {
+    // Nothing to feed back: one step over an expanded input gives the (steps, B, O) result,
+    // attached to every input, without looping `steps` times over empty tensors.
+    const at::Tensor x = x0.narrow(0, 0, std::min<int64_t>(1, x0.size(0))).expand({steps, x0.size(1), x0.size(2)});
+    const at::Tensor xin = u.has_value() ? at::cat({*u, x}, -1) : x;
+    return at::linear(at::relu(at::linear(xin, w1, b1)), w2, b2);
+  }
   std::vector<at::Tensor> ys;
   ys.reserve(steps);
   for (int64_t t = 0; t < steps; ++t) {
@@ -110,11 +117,19 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
          w1.requires_grad() || (b1.defined() && b1.requires_grad()) || w2.requires_grad() ||
          (b2.defined() && b2.requires_grad()));
     if (differentiate_backward) {
-      // create_graph=True: the fused backward has no derivative of its own.
+      // create_graph=True: the fused backward has no derivative of its own. Differentiate the
+      // reference with respect to fresh aliases of the inputs: torch::autograd::grad with the
+      // inputs themselves would return total derivatives, adding every path through the inputs'
+      // own history (x0 computed from w1, or one tensor passed as w1 and w2), which the engine
+      // then propagates again from this node.
+      at::Tensor alias[6];
+      for (int i = 0; i < 6; ++i)
+        if (inputs[i]->defined()) alias[i] = inputs[i]->view_as(*inputs[i]);
       variable_list wanted;
       for (int i = 0; i < 6; ++i)
-        if (mask[i]) wanted.push_back(*inputs[i]);
-      const at::Tensor y_ref = reference_rollout(x0, opt(u), w1, opt(b1), w2, opt(b2), steps, delay, truncate);
+        if (mask[i]) wanted.push_back(alias[i]);
+      const at::Tensor y_ref = reference_rollout(alias[0], opt(alias[1]), alias[2], opt(alias[3]), alias[4],
+                                                 opt(alias[5]), steps, delay, truncate);
       const variable_list g = torch::autograd::grad({y_ref}, wanted, {grad_y}, /*retain_graph=*/true,
                                                     /*create_graph=*/true, /*allow_unused=*/true);
       size_t j = 0;

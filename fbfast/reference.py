@@ -46,11 +46,12 @@ def rollout_reference(
     """
     k = delay
     B, O = x0.shape[1], x0.shape[2]
-    if steps == 0:
-        # One step over zero rows keeps the empty Y attached to every input's graph, so that
-        # backward through an empty rollout works (and gives zero gradients) whatever requires grad.
-        x = x0[:0]
-        xin = x if u is None else torch.cat([u[:0], x], dim=-1)
+    if steps == 0 or B == 0 or O == 0:
+        # An empty Y (no steps, rows or features): one step over an expanded input gives its
+        # (steps, B, O) shape attached to every input's graph, so backward works (zero gradients)
+        # whatever requires grad, and a huge `steps` with nothing to compute does not loop.
+        x = x0[:1].expand(steps, B, O)
+        xin = x if u is None else torch.cat([u, x], dim=-1)
         return F.linear(F.relu(F.linear(xin, w1, b1)), w2, b2)
     ys: list[Tensor] = []
     for t in range(steps):

@@ -214,3 +214,44 @@ def test_auto_picks_cpp_for_cpu_float():
     p = make_problem(2, 0, 3, 4, 3, dtype=torch.float32)
     y = fbfast.rollout(p.x0, p.w1, p.b1, p.w2, p.b2, steps=3)
     assert "RolloutFunction" in y.grad_fn.name()
+
+
+@pytest.mark.parametrize("case", ["x0_from_w1", "w1_is_w2", "chained_rollouts"])
+def test_double_backward_counts_each_path_once(case):
+    # create_graph=True through the fused op must equal the same derivatives of the reference
+    # when the inputs have history of their own (x0 made from w1, one tensor used twice, or a
+    # second rollout continued from the first without detaching).
+    g = torch.Generator().manual_seed(0)
+    w1 = (torch.randn(4, 2, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    w2 = (torch.randn(2, 4, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+
+    def run(backend):
+        if case == "x0_from_w1":
+            return fbfast.rollout(w1.sum() * torch.ones(3, 2, dtype=torch.float64), w1, None, w2, None,
+                                  steps=4, backend=backend)
+        if case == "w1_is_w2":
+            w = w1[:2, :2] * 1.0
+            return fbfast.rollout(torch.ones(3, 2, dtype=torch.float64), w, None, w, None, steps=4, backend=backend)
+        y1 = fbfast.rollout(torch.ones(2, 3, 2, dtype=torch.float64), w1, None, w2, None, steps=4, delay=2,
+                            backend=backend)
+        return fbfast.rollout(y1[-2:], w1, None, w2, None, steps=4, delay=2, backend=backend)
+
+    first, = torch.autograd.grad(run("cpp").square().sum(), w1, create_graph=True)
+    first_ref, = torch.autograd.grad(run("eager").square().sum(), w1, create_graph=True)
+    assert_close(first, first_ref, torch.float64, "grad")
+    other = w1 if case == "w1_is_w2" else w2  # w2 takes no part in the w1_is_w2 case
+    second, = torch.autograd.grad(first.square().sum(), other)
+    second_ref, = torch.autograd.grad(first_ref.square().sum(), other)
+    assert_close(second, second_ref, torch.float64, "grad")
+
+
+def test_empty_result_with_huge_steps_does_not_loop():
+    # B = 0: nothing to compute, whatever steps says; double backward included.
+    w1 = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    for backend in ("eager", "cpp"):
+        y = fbfast.rollout(torch.randn(0, 2, dtype=torch.float64), w1, None, w2, None, steps=10**12,
+                           backend=backend)
+        assert y.shape == (10**12, 0, 2)
+        g, = torch.autograd.grad(y.sum(), w1, create_graph=True)
+        assert torch.equal(g, torch.zeros_like(w1))

@@ -392,7 +392,8 @@ void backward_blas_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
   const auto opts = y.options();
   at::Tensor h_buf = at::empty({chunk, B, H}, opts), dz_buf = at::empty({chunk, B, H}, opts);
   at::Tensor g_buf = at::empty({chunk, B, O}, opts);
-  at::Tensor ring = at::zeros({delay, B, O}, opts);  // adjoint into y_{t-k}, slot t % k
+  // Adjoint into y_{t-k}, slot t % k; t % k < min(k, steps), so no more slots are needed.
+  at::Tensor ring = at::zeros({std::min(delay, steps), B, O}, opts);
   if (out.w1.defined()) out.w1.zero_();
   if (out.b1.defined()) out.b1.zero_();
   if (out.w2.defined()) out.w2.zero_();

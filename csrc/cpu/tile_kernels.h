@@ -183,9 +183,11 @@ template <typename T>
 bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGrads<T>& acc) {
   const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, H = p.h, k = p.delay;
   const int64_t hp = p.h_pad, op = p.o_pad;
-  // h, dz: (rows, H_pad); g: (rows, O_pad); ring: `delay` slots of (rows, O_pad) holding the
-  // adjoint flowing into y_{t-k} from step t until step t-k consumes it.
-  Scratch<T> ws(rows * (2 * hp + op) + k * rows * op);
+  // h, dz: (rows, H_pad); g: (rows, O_pad); ring: slots of (rows, O_pad) holding the adjoint
+  // flowing into y_{t-k} from step t until step t-k consumes it. Slot t % k < min(k, steps), so
+  // a delay longer than the rollout costs no memory.
+  const int64_t slots = k < p.steps ? k : p.steps;
+  Scratch<T> ws(rows * (2 * hp + op) + slots * rows * op);
   if (!ws.data) return false;
   T* h = ws.data;
   T* dz = h + rows * hp;
