@@ -3,14 +3,13 @@
     python -m benchmarks.crossover [--batch 256] [--steps 50]
 
 Times a training step (forward + backward of sum(Y^2)) and a forward of the "cpp" backend with
-FBFAST_CPU_PATH pinned to "tile" and to "blas", over widths around the switch rule
+cpu_path pinned to "tile" and to "blas" (fbfast.set_kernel_options), over widths around the switch rule
 H * (Du + 2 O) <= 32768 (csrc/cpu/rollout_cpu.cpp, kTileMaxWork), and prints which path wins.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -51,7 +50,7 @@ def main(argv=None):
         x0 = torch.randn(B, O)
         row = {}
         for path in ("tile", "blas"):
-            os.environ["FBFAST_CPU_PATH"] = path
+            fbfast.set_kernel_options(cpu_path=path)
 
             def fwd():
                 with torch.no_grad():
@@ -62,7 +61,7 @@ def main(argv=None):
                 net.rollout(x0, steps=T, backend="cpp").square().sum().backward()
 
             row[path] = (_median_time(fwd) * 1e3, _median_time(train) * 1e3)
-        os.environ.pop("FBFAST_CPU_PATH")
+        fbfast.set_kernel_options(cpu_path="auto")
         winner = "tile" if row["tile"][1] <= row["blas"][1] else "blas"
         print(f"{O:5d} {H:5d} {H * 2 * O:7d} | {row['tile'][0]:9.2f} {row['blas'][0]:9.2f} | "
               f"{row['tile'][1]:10.2f} {row['blas'][1]:10.2f} | {winner}")

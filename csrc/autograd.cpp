@@ -3,7 +3,7 @@
 //
 // It lives in C++ rather than in torch.library.register_autograd because at small shapes the
 // Python autograd.Function costs several times the rollout itself (measured: ~35 us per
-// forward, see the README's performance notes). Double backward (create_graph=True) takes an
+// forward; benchmarks/README.md). Double backward (create_graph=True) takes an
 // exact, slower path: autograd of an ATen transcription of the reference, so a second
 // derivative is never a silent zero.
 #include <ATen/ATen.h>
@@ -14,13 +14,16 @@
 #include <optional>
 #include <vector>
 
+#include "rollout_checks.h"
+
 namespace fbfast {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// SPEC §1 with ATen ops, differentiable; the same steps as fbfast/reference.py.
+// The recurrence of docs/spec.md with ATen ops, differentiable; the same steps as
+// fbfast/reference.py.
 at::Tensor reference_rollout(const at::Tensor& x0, const std::optional<at::Tensor>& u,
                              const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                              const at::Tensor& w2, const std::optional<at::Tensor>& b2,
@@ -45,12 +48,13 @@ at::Tensor reference_rollout(const at::Tensor& x0, const std::optional<at::Tenso
 
 at::Tensor call_forward(const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w1,
                         const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                        const std::optional<at::Tensor>& b2, int64_t steps, int64_t delay, int64_t truncate) {
+                        const std::optional<at::Tensor>& b2, const c10::SymInt& steps, int64_t delay,
+                        int64_t truncate) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fbfast::rollout_forward", "")
                        .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                                          const std::optional<at::Tensor>&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&, int64_t, int64_t, int64_t)>();
+                                         const std::optional<at::Tensor>&, c10::SymInt, int64_t, int64_t)>();
   return op.call(x0, u, w1, b1, w2, b2, steps, delay, truncate);
 }
 
@@ -78,7 +82,7 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x0,
                             const std::optional<at::Tensor>& u, const at::Tensor& w1,
                             const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                            const std::optional<at::Tensor>& b2, int64_t steps, int64_t delay,
+                            const std::optional<at::Tensor>& b2, const c10::SymInt& steps, int64_t delay,
                             int64_t truncate) {
     at::Tensor y;
     {
@@ -97,7 +101,7 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x0 = saved[0], &u = saved[1], &w1 = saved[2], &b1 = saved[3], &w2 = saved[4],
                      &b2 = saved[5], &y = saved[6];
-    const int64_t steps = ctx->saved_data["steps"].toInt();
+    const c10::SymInt steps = ctx->saved_data["steps"].toSymInt();
     const int64_t delay = ctx->saved_data["delay"].toInt();
     const int64_t truncate = ctx->saved_data["truncate"].toInt();
     at::Tensor grad_y = grad_outputs[0];
@@ -129,7 +133,7 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
       for (int i = 0; i < 6; ++i)
         if (mask[i]) wanted.push_back(alias[i]);
       const at::Tensor y_ref = reference_rollout(alias[0], opt(alias[1]), alias[2], opt(alias[3]), alias[4],
-                                                 opt(alias[5]), steps, delay, truncate);
+                                                 opt(alias[5]), steps.guard_int(__FILE__, __LINE__), delay, truncate);
       const variable_list g = torch::autograd::grad({y_ref}, wanted, {grad_y}, /*retain_graph=*/true,
                                                     /*create_graph=*/true, /*allow_unused=*/true);
       size_t j = 0;
@@ -152,7 +156,16 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
 at::Tensor rollout_forward_autograd(const at::Tensor& x0, const std::optional<at::Tensor>& u,
                                     const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                                     const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-                                    int64_t steps, int64_t delay, int64_t truncate) {
+                                    c10::SymInt steps, int64_t delay, int64_t truncate) {
+  // Before autograd touches the inputs: it reads their sizes, which a nested tensor refuses
+  // with an internal error that names no argument.
+  const char* op = "fbfast::rollout_forward";
+  check_dense(op, "x0", x0);
+  check_dense(op, "w1", w1);
+  check_dense(op, "w2", w2);
+  if (u) check_dense(op, "u", *u);
+  if (b1) check_dense(op, "b1", *b1);
+  if (b2) check_dense(op, "b2", *b2);
   return RolloutFunction::apply(x0, u, w1, b1, w2, b2, steps, delay, truncate);
 }
 

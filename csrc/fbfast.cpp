@@ -16,9 +16,12 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fbfast, m) {
   // x0: (delay, B, O); u: (T, B, Du) or None; w1: (H, Du + O); w2: (O, H). truncate = 0 means
   // full BPTT (the forward ignores it; it is in the schema so the autograd context has it).
+  // steps is a SymInt so that torch.compile and torch.export trace one graph for every T (the
+  // meta kernels in csrc/meta.cpp give Y a symbolic leading axis); the CPU and CUDA kernels
+  // receive a plain integer.
   m.def(
       "rollout_forward(Tensor x0, Tensor? u, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-      "int steps, int delay, int truncate) -> Tensor");
+      "SymInt steps, int delay, int truncate) -> Tensor");
   // Gradients of rollout_forward given dL/dY. Only the forward's inputs and its output y are
   // needed: z_t is recomputed. output_mask = (x0, u, w1, b1, w2, b2); a gradient that is not
   // asked for comes back as an empty tensor of shape (0,).

@@ -112,6 +112,9 @@ def self_check(out: Callable[[str], None]) -> bool:
     if ops.BUILT and not ops.LOADED:
         out(f"self-check: FAIL: the compiled extension is present but does not load: {ops.LOAD_ERROR}")
         return False
+    if ops.SHADOWED:
+        out(f"self-check: FAIL: {ops.LOAD_ERROR}")
+        return False
     if not kernels:
         out("self-check: no compiled backend is available here (see above); fbfast runs on its "
             "pure-PyTorch backends 'eager' and 'compile'. Checking 'eager' against the reference.")

@@ -54,8 +54,12 @@ def _status() -> Dict[str, BackendStatus]:
     floats = ("float32", "float64", "float16", "bfloat16")
     out = {}
     if not ops.LOADED:
-        why = (f"the compiled extension did not load ({ops.LOAD_ERROR}); {REBUILD_HINT}" if ops.BUILT
-               else f"{ops.LOAD_ERROR}; build it with `pip install --no-build-isolation -v .`")
+        if ops.BUILT:
+            why = f"the compiled extension did not load ({ops.LOAD_ERROR}); {REBUILD_HINT}"
+        elif ops.SHADOWED:
+            why = ops.LOAD_ERROR
+        else:
+            why = f"{ops.LOAD_ERROR}; build it with `pip install --no-build-isolation -v .`"
         cpp_ok, cpp_why, cuda_ok, cuda_why = False, why, False, why
     else:
         cpp_ok = ops.has_kernel("CPU")
@@ -115,7 +119,7 @@ def resolve(backend: str, x0: torch.Tensor) -> str:
 
 
 def _warn_fallback(kernel: str) -> None:
-    # Once per process, and only when the extension is absent or failed to load (issue 6): a
+    # Once per process, and only when the extension is absent or failed to load: a
     # loaded build that merely lacks a dtype (float16 on CPU) falls back silently.
     global _warned_fallback
     if _warned_fallback or ops.LOADED:

@@ -6,24 +6,21 @@ import pytest
 import torch
 
 import fbfast
-from testing import CPP, MODE_GRID, assert_close, grads, make_problem
+from testing import CPP, MODE_GRID, assert_close, cpu_variant, grads, make_problem
 
 pytestmark = pytest.mark.skipif(not CPP, reason="the C++ kernel is not built")
 
 # The CPU kernel has two paths (per-tile SIMD loop, per-step BLAS) and three instruction-set
 # variants of the tile path (avx512 / avx2 / base: "auto" is the widest this CPU has);
-# FBFAST_CPU_PATH / FBFAST_CPU_ISA pin them for a test.
+# fbfast.kernel_options pins them for a test (tests/testing.py, cpu_variant).
 VARIANTS = [("auto", "auto"), ("tile", "avx2"), ("tile", "base"), ("blas", "auto")]
 
 
 @pytest.fixture
-def variant(request, monkeypatch):
+def variant(request):
     path, isa = request.param
-    if path != "auto":
-        monkeypatch.setenv("FBFAST_CPU_PATH", path)
-    if isa != "auto":
-        monkeypatch.setenv("FBFAST_CPU_ISA", isa)
-    return request.param
+    with cpu_variant(path, isa):
+        yield request.param
 
 
 def _compare(p, dtype, label):
@@ -71,8 +68,12 @@ def test_odd_widths(B, Du, O, H, T, delay, truncate, variant):
 @pytest.mark.parametrize("delay,truncate", [(1, None), (1, 1), (2, None), (3, 2)])
 @pytest.mark.parametrize("Du,bias", [(0, True), (2, False)])
 @pytest.mark.parametrize("path", ["tile", "blas"])
-def test_gradcheck_and_gradgradcheck(delay, truncate, Du, bias, path, monkeypatch):
-    monkeypatch.setenv("FBFAST_CPU_PATH", path)
+def test_gradcheck_and_gradgradcheck(delay, truncate, Du, bias, path):
+    with cpu_variant(path):
+        _gradcheck_and_gradgradcheck(delay, truncate, Du, bias)
+
+
+def _gradcheck_and_gradgradcheck(delay, truncate, Du, bias):
     p = make_problem(3, Du, 2, 4, 5, delay=delay, truncate=truncate, bias=bias)
     names = [n for n, t in zip("x0 u w1 b1 w2 b2".split(), (p.x0, p.u, p.w1, p.b1, p.w2, p.b2)) if t is not None]
 
@@ -160,15 +161,11 @@ def test_deterministic_bitwise():
     for path in ("tile", "blas"):
         p = make_problem(37, 3, 8, 24, 20, delay=2, truncate=5, dtype=torch.float32)
         gy = torch.randn(20, 37, 8)
-        import os
-        os.environ["FBFAST_CPU_PATH"] = path
-        try:
+        with cpu_variant(path):
             runs = []
             for _ in range(3):
                 y = p.run("cpp")
                 runs.append([y] + grads(y, p.inputs(), gy))
-        finally:
-            del os.environ["FBFAST_CPU_PATH"]
         for other in runs[1:]:
             for a, b in zip(runs[0], other):
                 assert torch.equal(a, b), path

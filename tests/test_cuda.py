@@ -1,7 +1,7 @@
 """The fused CUDA kernel ("cuda") against the reference, on a GPU (issue 4).
 
 Every check runs on both CUDA paths (the fused persistent kernels and the general per-step
-GEMM path, pinned with FBFAST_CUDA_PATH) and on "auto" (the plan's own choice):
+GEMM path, pinned with fbfast.kernel_options(cuda_path=...)) and on "auto" (the plan's own choice):
 
 * float32 outputs and gradients against the float64 reference, over the mode grid of the
   foundation (delay 1/2/3, u on/off, truncate None/1/3, bias on/off) and odd widths and batches
@@ -33,10 +33,9 @@ PATHS = ["auto", "fused", "general"]
 
 
 @pytest.fixture
-def path(request, monkeypatch):
-    if request.param != "auto":
-        monkeypatch.setenv("FBFAST_CUDA_PATH", request.param)
-    return request.param
+def path(request):
+    with fbfast.kernel_options(cuda_path=request.param):
+        yield request.param
 
 
 def _cuda_problem(B, Du, O, H, T, dtype=torch.float32, **kw):
@@ -105,8 +104,7 @@ def test_large_width_takes_the_general_path(monkeypatch):
     # 4 (H (Du+O) + O H) bytes of fp32 weights = 1.7 MB: far beyond any block's shared memory.
     p = _cuda_problem(3, 2, 300, 700, 4, delay=2, truncate=3)
     _check_float32(p, "large width, auto")
-    monkeypatch.setenv("FBFAST_CUDA_PATH", "fused")
-    with pytest.raises(RuntimeError, match="do not fit"):
+    with fbfast.kernel_options(cuda_path="fused"), pytest.raises(RuntimeError, match="do not fit"):
         p.run("cuda")
 
 

@@ -2,7 +2,7 @@
 
 Hypothesis draws B, Du, O, H, T, delay, truncate, which biases exist, which inputs require grad,
 the memory layout of every tensor (contiguous, transposed, strided slice, stride-0 expansion),
-float32/float64, and the kernel variant (FBFAST_CPU_PATH tile/blas/auto x FBFAST_CPU_ISA
+float32/float64, and the kernel variant (cpu_path tile/blas/auto x cpu_isa
 base/avx2/auto, read per call by the C++ host). Y and every requested gradient must match
 ``fbfast.rollout_reference`` within the tolerances of tests/testing.py.
 
@@ -13,7 +13,6 @@ more with fresh random draws.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fbfast
-from testing import CPP, TOLERANCES, assert_close, grads
+from testing import CPP, TOLERANCES, assert_close, cpu_variant, grads
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
@@ -139,20 +138,8 @@ def _grads(y, inputs, gy):
 
 @contextlib.contextmanager
 def kernel_variant(path: str, isa: str):
-    saved = {k: os.environ.get(k) for k in ("FBFAST_CPU_PATH", "FBFAST_CPU_ISA")}
-    try:
-        for key, value in (("FBFAST_CPU_PATH", path), ("FBFAST_CPU_ISA", isa)):
-            if value == "auto":
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with cpu_variant(path, isa):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def check_cpp_equals_reference(d: Drawn) -> None:

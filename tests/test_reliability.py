@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import fbfast
-from testing import CPP, TOLERANCES, assert_close, grads, make_problem
+from testing import CPP, TOLERANCES, assert_close, cpu_variant, grads, make_problem
 
 pytestmark = pytest.mark.skipif(not CPP, reason="the C++ kernel is not built")
 
@@ -32,8 +32,8 @@ DTYPES = (torch.float64, torch.float32)
 MiB = 2**20
 
 
-# (FBFAST_CPU_PATH, FBFAST_CPU_ISA): both paths, and each instruction-set variant of the tile
-# path (the C++ host reads both variables per call; "auto" is the widest this CPU runs).
+# (cpu_path, cpu_isa): both paths, and each instruction-set variant of the tile path, pinned with
+# fbfast.kernel_options ("auto" is the widest this CPU runs).
 VARIANTS = [("tile", "base"), ("tile", "avx2"), ("tile", "auto"), ("blas", "auto")]
 
 
@@ -42,20 +42,16 @@ def _variant_id(v):
 
 
 @pytest.fixture
-def cpu_path(request, monkeypatch):
-    monkeypatch.setenv("FBFAST_CPU_PATH", request.param)
-    return request.param
+def cpu_path(request):
+    with cpu_variant(request.param):
+        yield request.param
 
 
 @pytest.fixture
-def variant(request, monkeypatch):
+def variant(request):
     path, isa = request.param
-    monkeypatch.setenv("FBFAST_CPU_PATH", path)
-    if isa == "auto":
-        monkeypatch.delenv("FBFAST_CPU_ISA", raising=False)
-    else:
-        monkeypatch.setenv("FBFAST_CPU_ISA", isa)
-    return request.param
+    with cpu_variant(path, isa):
+        yield request.param
 
 
 def _results(p, grad_y):

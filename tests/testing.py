@@ -12,6 +12,7 @@ scaling inputs so activations stay O(1)):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import os
@@ -98,6 +99,23 @@ MODE_GRID = [
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 # Subprocesses of the example tests get one OpenMP thread too (see the one_thread fixture).
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@contextlib.contextmanager
+def cpu_variant(path: str = "auto", isa: str = "auto"):
+    """Pin the CPU kernel's path and instruction set for a block (fbfast.kernel_options); a
+    variant this CPU cannot run skips the test."""
+    import pytest
+    try:
+        previous = fbfast.set_kernel_options(cpu_path=path, cpu_isa=isa)
+    except RuntimeError as exc:
+        if "not supported by this CPU" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    try:
+        yield
+    finally:
+        fbfast.set_kernel_options(**previous)
 
 
 def load_example(name: str):

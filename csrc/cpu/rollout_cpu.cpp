@@ -1,53 +1,79 @@
 // CPU host code of the fused rollout: argument checks, layout, choice of path, threading.
 //
-// Two paths compute the same recurrence (SPEC §1):
-//  * tile path (small widths): batch rows are independent, so each thread takes tiles of rows
-//    and runs the whole serial time loop on them with the tile's state in L1
+// Two paths compute the same recurrence (docs/spec.md):
+//  * tile path (small and medium widths): batch rows are independent, so each thread takes
+//    tiles of rows and runs the whole serial time loop on them with the tile's state in L1
 //    (tile_kernels.h). Weight gradients are summed per fixed group of tiles, then the groups
 //    in order, so gradients are bitwise identical for any thread count.
-//  * BLAS path (large widths): the time loop runs outside and every step is a full-batch GEMM
+//  * BLAS path (wide layers): the time loop runs outside and every step is a full-batch GEMM
 //    (MKL/OpenBLAS through ATen, itself multi-threaded) with a fused bias+ReLU epilogue. The
 //    backward recomputes z for a chunk of steps in one GEMM and forms dW1, dW2, du as a few
 //    GEMMs over chunk_steps x B rows; only the feedback adjoint is walked step by step.
-// The crossover between them was measured with benchmarks/crossover.py (see kTileMaxWork).
+// The crossover between them was measured with benchmarks/crossover.py (see tile_max_work).
+//
+// Process settings (a pinned instruction set or path) are read from the environment once, when
+// the library loads, and changed afterwards only through the fbfast::cpu_options operator
+// (fbfast.set_kernel_options): no call reads the environment, because getenv races with a
+// setenv in another thread (Python's os.environ[...] = ...) and can crash.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
 #include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
 #include <vector>
 
 #include "../rollout_checks.h"
+#include "parallel.h"
 #include "tile_params.h"
 
 namespace fbfast::cpu {
 namespace {
 
-// Packed weights and workspaces are padded to this many bytes: the widest vector of any variant.
-constexpr int64_t kPadBytes = 64;
+constexpr const char* kForwardOp = "fbfast::rollout_forward (CPU)";
+constexpr const char* kBackwardOp = "fbfast::rollout_backward (CPU)";
+
+// Slack after the last row of every packed buffer and workspace: the widest vector of any
+// variant, so that whole-vector loads starting inside a row stay inside the buffer.
+constexpr int64_t kSlackBytes = 64;
 // Backward tiles have a size fixed by the shape alone (so a fixed summation order of weight
 // gradients for any thread count): 16 rows, or 64 for wide layers, where each step's rank-k
 // update of the (O x H) and ((Du + O) x H) gradient accumulators must amortise reading them.
 constexpr int64_t kBackwardTileRows = 16;
 constexpr int64_t kWideBackwardTileRows = 64;
+constexpr int64_t kWideWork = 32768;
 constexpr int64_t kMaxGroups = 8;
-// "Work" is one step's multiply-adds per batch row, H * (Du + 2 O). With AVX2 or AVX-512 the
-// tile path beat per-step MKL GEMMs at every width measured, up to (O, H) = (256, 512)
-// (benchmarks/crossover.py; MKL does not use AVX-512 on this project's AMD CPUs). The portable
-// build loses to BLAS above this work, and wide layers switch to wide backward tiles above it.
-constexpr int64_t kTileMaxWork = 32768;
-// Rows per backward chunk of the BLAS path: large enough for efficient GEMMs, small enough that
-// the chunk buffers (rows x (2H + O)) stay a few MB and are reused across chunks.
+// "Work" is one step's multiply-adds per batch row, H * (Du + 2 O). The tile path holds the
+// weights in L1/L2 and keeps a copy of the weight gradients per group of tiles, so it wins
+// while the weights are small: with AVX2 or AVX-512 up to about (O, H) = (256, 512) on this
+// project's machines, and it lost to per-step MKL GEMMs at width 1024 (benchmarks/crossover.py;
+// MKL does not use AVX-512 on AMD CPUs). The portable build loses to BLAS above 32768.
+constexpr int64_t kTileMaxWorkSimd = 262144;
+constexpr int64_t kTileMaxWorkBase = 32768;
+// Rows per backward chunk of the BLAS path, and a cap on its chunk buffers (rows x (2H + O)
+// elements): large enough for efficient GEMMs, small beside what the per-step loop keeps.
 constexpr int64_t kChunkRows = 4096;
+constexpr int64_t kChunkBytes = int64_t(32) << 20;
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-enum class Isa { kBase, kAvx2, kAvx512 };
+// Row stride for rows of `cols` elements with vectors of `width` elements: padded to whole
+// vectors (aligned loads) only when that costs at most 1/8 more memory. A narrow matrix
+// (O = 1 or Du = 1) padded to 16 floats per row would take 16x its size.
+int64_t row_stride(int64_t cols, int64_t width) {
+  const int64_t padded = round_up(cols, width);
+  return (padded - cols) * 8 <= cols ? padded : cols;
+}
+
+enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Path : int { kAuto = 0, kTile = 1, kBlas = 2 };
 
 Isa detect_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -60,40 +86,118 @@ Isa detect_isa() {
   return Isa::kBase;
 }
 
-// The widest variant this CPU runs; FBFAST_CPU_ISA=avx2|base pins a narrower one (the tests
-// run every variant on one machine). Read per call so that tests can switch it.
-Isa active_isa() {
-  static const Isa best = detect_isa();
+const Isa kBestIsa = detect_isa();
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "base";
+}
+const char* path_name(Path path) { return path == Path::kTile ? "tile" : path == Path::kBlas ? "blas" : "auto"; }
+
+// Parses an ISA name; "auto" or "" is the widest this CPU runs. A wider ISA than the CPU has is
+// an error for the setter and ignored (with the best one used) for the environment variable.
+std::optional<Isa> parse_isa(const std::string& name) {
+  if (name.empty() || name == "auto") return kBestIsa;
+  if (name == "base") return Isa::kBase;
+  if (name == "avx2") return Isa::kAvx2;
+  if (name == "avx512") return Isa::kAvx512;
+  return std::nullopt;
+}
+std::optional<Path> parse_path(const std::string& name) {
+  if (name.empty() || name == "auto") return Path::kAuto;
+  if (name == "tile") return Path::kTile;
+  if (name == "blas") return Path::kBlas;
+  return std::nullopt;
+}
+
+// Read once, at load time (static initialisation runs while the library is being loaded,
+// before any call can run).
+Isa isa_from_env() {
   const char* env = std::getenv("FBFAST_CPU_ISA");
-  if (env && std::strcmp(env, "base") == 0) return Isa::kBase;
-  if (env && std::strcmp(env, "avx2") == 0 && best != Isa::kBase) return Isa::kAvx2;
-  return best;
+  const auto isa = parse_isa(env ? env : "");
+  return isa && static_cast<int>(*isa) <= static_cast<int>(kBestIsa) ? *isa : kBestIsa;
 }
-
-enum class Path { kTile, kBlas };
-
-// FBFAST_CPU_PATH=tile|blas overrides the measured rule (tests cover both paths).
-Path choose_path(int64_t du, int64_t o, int64_t h) {
+Path path_from_env() {
   const char* env = std::getenv("FBFAST_CPU_PATH");
-  if (env && std::strcmp(env, "tile") == 0) return Path::kTile;
-  if (env && std::strcmp(env, "blas") == 0) return Path::kBlas;
-  if (active_isa() != Isa::kBase) return Path::kTile;
-  return h * (du + 2 * o) <= kTileMaxWork ? Path::kTile : Path::kBlas;
+  return parse_path(env ? env : "").value_or(Path::kAuto);
+}
+std::atomic<int> g_isa{static_cast<int>(isa_from_env())};
+std::atomic<int> g_path{static_cast<int>(path_from_env())};
+
+Isa active_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
+
+// fbfast::cpu_options(isa, path): sets the pinned ISA and/or path (None: unchanged; "auto": the
+// default rule) and returns the previous [isa, path].
+std::vector<std::string> cpu_options(const std::optional<std::string>& isa, const std::optional<std::string>& path) {
+  std::vector<std::string> previous{isa_name(active_isa()),
+                                    path_name(static_cast<Path>(g_path.load(std::memory_order_relaxed)))};
+  std::optional<Isa> new_isa;
+  std::optional<Path> new_path;
+  if (isa.has_value()) {
+    new_isa = parse_isa(*isa);
+    TORCH_CHECK(new_isa.has_value(), "fbfast.set_kernel_options: cpu_isa must be 'auto', 'avx512', 'avx2' or 'base', got '",
+                *isa, "'");
+    TORCH_CHECK(static_cast<int>(*new_isa) <= static_cast<int>(kBestIsa), "fbfast.set_kernel_options: cpu_isa='", *isa,
+                "' is not supported by this CPU (the widest it runs is '", isa_name(kBestIsa), "')");
+  }
+  if (path.has_value()) {
+    new_path = parse_path(*path);
+    TORCH_CHECK(new_path.has_value(), "fbfast.set_kernel_options: cpu_path must be 'auto', 'tile' or 'blas', got '",
+                *path, "'");
+  }
+  if (new_isa) g_isa.store(static_cast<int>(*new_isa));
+  if (new_path) g_path.store(static_cast<int>(*new_path));
+  return previous;
 }
 
-void check_inputs(const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w1,
-                  const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                  const std::optional<at::Tensor>& b2, int64_t steps, int64_t delay,
-                  int64_t truncate) {
-  check_rollout_args(x0, u, w1, b1, w2, b2, steps, delay, truncate);
+Path choose_path(int64_t du, int64_t o, int64_t h) {
+  const Path pinned = static_cast<Path>(g_path.load(std::memory_order_relaxed));
+  if (pinned != Path::kAuto) return pinned;
+  const int64_t max_work = active_isa() == Isa::kBase ? kTileMaxWorkBase : kTileMaxWorkSimd;
+  return h * (du + 2 * o) <= max_work ? Path::kTile : Path::kBlas;
+}
+
+int64_t host_memory_bytes() {
+  static const int64_t bytes = [] {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    return pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : int64_t(0);
+  }();
+  return bytes;
+}
+
+int64_t available_memory_bytes() {
+  const long pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : int64_t(0);
+}
+
+// The message of a workspace allocation that failed: what it was for, the sizes, how much it
+// needed, and how many batch rows would fit in the memory available now.
+[[noreturn]] void workspace_failed(const char* op, const char* what, int64_t B, int64_t du, int64_t O, int64_t H,
+                                   int64_t steps, long double bytes, long double bytes_per_row) {
+  const int64_t available = available_memory_bytes();
+  std::string fit;
+  if (available > 0 && bytes_per_row > 0)
+    fit = ", about " + std::to_string(static_cast<int64_t>(available / bytes_per_row)) + " rows fit in the " +
+          format_bytes(available) + " available now";
+  TORCH_CHECK(false, op, ": out of memory: the ", what, " needs ", format_bytes(bytes), " for B=", B, ", Du=", du,
+              ", O=", O, ", H=", H, ", steps=", steps, "; split the batch into smaller parts", fit);
+}
+
+RolloutSizes check_dtype(const char* op, const RolloutSizes& sizes, const at::Tensor& x0) {
   const auto dtype = x0.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "fbfast::rollout (CPU kernel): dtype must be float32 or float64, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": dtype must be float32 or float64, got ", dtype);
+  TORCH_CHECK(x0.device().is_cpu(), op, ": x0 must be a CPU tensor, got ", x0.device());
+  return sizes;
 }
 
-// dst (rows, dst_ld) <- src^T or src, zero-padded; src is a row-major (src_rows, src_cols)
-// block with row stride `ld`. Raw loops: these run on every call and ATen ops would cost more
-// than the whole rollout at small shapes.
+// Only x0[:min(delay, steps)] is ever read: copying all of it (an expanded x0 with a huge delay)
+// would allocate for nothing.
+at::Tensor read_x0(const at::Tensor& x0, int64_t steps) {
+  return x0.narrow(0, 0, std::min(x0.size(0), steps)).contiguous();
+}
+
+// dst (rows, dst_ld) <- src^T or src; src is a row-major (src_rows, src_cols) block with row
+// stride `ld`. Raw loops: these run on every call and ATen ops would cost more than the whole
+// rollout at small shapes.
 template <typename T>
 void pack(const T* src, int64_t src_rows, int64_t src_cols, int64_t ld, bool transpose, T* dst,
           int64_t dst_ld) {
@@ -101,47 +205,51 @@ void pack(const T* src, int64_t src_rows, int64_t src_cols, int64_t ld, bool tra
   for (const auto i : c10::irange(rows)) {
     T* d = dst + i * dst_ld;
     for (const auto j : c10::irange(cols)) d[j] = transpose ? src[j * ld + i] : src[i * ld + j];
-    for (int64_t j = cols; j < dst_ld; ++j) d[j] = T(0);
   }
 }
 
-// Weights and biases laid out for the tile kernels (see tile_kernels.h), in one buffer.
+// Weights and biases laid out for the tile kernels (see tile_kernels.h), in one zeroed buffer
+// with kSlackBytes after its end.
 template <typename T>
 struct PackedWeights {
   std::vector<T> buf;
   const T *w1u_t = nullptr, *w1x_t = nullptr, *w2_t = nullptr, *b1 = nullptr, *b2 = nullptr;
   const T *w2 = nullptr, *w1u = nullptr, *w1x = nullptr;
 
+  static int64_t size(const TileParams<T>& p, bool for_backward) {
+    const int64_t n_fwd = (p.du + p.o) * p.ld_h + p.h * p.ld_o + p.h + p.o;
+    const int64_t n_bwd = for_backward ? p.o * p.ld_h + p.h * p.ld_du + p.h * p.ld_o : 0;
+    return n_fwd + n_bwd + kSlackBytes / static_cast<int64_t>(sizeof(T));
+  }
+
   PackedWeights(const TileParams<T>& p, const T* w1, const T* b1_src, const T* w2_src,
                 const T* b2_src, bool for_backward) {
     const int64_t du = p.du, o = p.o, h = p.h, ld1 = du + o;
-    const int64_t n_fwd = (du + o) * p.h_pad + h * p.o_pad + p.h_pad + p.o_pad;
-    const int64_t n_bwd = for_backward ? o * p.h_pad + h * p.du_pad + h * p.o_pad : 0;
-    buf.resize(n_fwd + n_bwd);
+    buf.resize(size(p, for_backward));
     T* d = buf.data();
-    pack(w1, h, du, ld1, true, d, p.h_pad);
+    pack(w1, h, du, ld1, true, d, p.ld_h);
     w1u_t = du ? d : nullptr;
-    d += du * p.h_pad;
-    pack(w1 + du, h, o, ld1, true, d, p.h_pad);
+    d += du * p.ld_h;
+    pack(w1 + du, h, o, ld1, true, d, p.ld_h);
     w1x_t = d;
-    d += o * p.h_pad;
-    pack(w2_src, o, h, h, true, d, p.o_pad);
+    d += o * p.ld_h;
+    pack(w2_src, o, h, h, true, d, p.ld_o);
     w2_t = d;
-    d += h * p.o_pad;
-    if (b1_src) pack(b1_src, 1, h, h, false, d, p.h_pad);
+    d += h * p.ld_o;
+    if (b1_src) pack(b1_src, 1, h, h, false, d, h);
     b1 = b1_src ? d : nullptr;
-    d += p.h_pad;
-    if (b2_src) pack(b2_src, 1, o, o, false, d, p.o_pad);
+    d += h;
+    if (b2_src) pack(b2_src, 1, o, o, false, d, o);
     b2 = b2_src ? d : nullptr;
-    d += p.o_pad;
+    d += o;
     if (!for_backward) return;
-    pack(w2_src, o, h, h, false, d, p.h_pad);
+    pack(w2_src, o, h, h, false, d, p.ld_h);
     w2 = d;
-    d += o * p.h_pad;
-    pack(w1, h, du, ld1, false, d, p.du_pad);
+    d += o * p.ld_h;
+    pack(w1, h, du, ld1, false, d, p.ld_du);
     w1u = d;
-    d += h * p.du_pad;
-    pack(w1 + du, h, o, ld1, false, d, p.o_pad);
+    d += h * p.ld_du;
+    pack(w1 + du, h, o, ld1, false, d, p.ld_o);
     w1x = d;
   }
 };
@@ -149,7 +257,7 @@ struct PackedWeights {
 template <typename T>
 TileParams<T> make_params(const at::Tensor& x0, const at::Tensor& u, int64_t steps, int64_t H,
                           int64_t delay, int64_t truncate) {
-  constexpr int64_t W = kPadBytes / sizeof(T);
+  constexpr int64_t W = kSlackBytes / sizeof(T);
   TileParams<T> p{};
   p.steps = steps;
   p.batch = x0.size(1);
@@ -158,9 +266,9 @@ TileParams<T> make_params(const at::Tensor& x0, const at::Tensor& u, int64_t ste
   p.h = H;
   p.delay = delay;
   p.truncate = truncate;
-  p.du_pad = round_up(p.du, W);
-  p.o_pad = round_up(p.o, W);
-  p.h_pad = round_up(H, W);
+  p.ld_du = row_stride(p.du, W);
+  p.ld_o = row_stride(p.o, W);
+  p.ld_h = row_stride(H, W);
   p.x0 = x0.data_ptr<T>();
   p.u = p.du ? u.data_ptr<T>() : nullptr;
   return p;
@@ -196,26 +304,35 @@ void forward_tile_path(const at::Tensor& x0, const at::Tensor& u, const at::Tens
                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                        int64_t steps, int64_t delay, at::Tensor& y) {
   TileParams<T> p = make_params<T>(x0, u, steps, w2.size(1), delay, 0);
-  PackedWeights<T> pw(p, w1.data_ptr<T>(), b1.defined() ? b1.data_ptr<T>() : nullptr,
-                      w2.data_ptr<T>(), b2.defined() ? b2.data_ptr<T>() : nullptr, false);
-  p.w1u_t = pw.w1u_t;
-  p.w1x_t = pw.w1x_t;
-  p.w2_t = pw.w2_t;
-  p.b1 = pw.b1;
-  p.b2 = pw.b2;
-  p.y = y.data_ptr<T>();
-  // Rows are independent and each row's arithmetic does not depend on its tile, so the forward
-  // tile size may follow the thread count: about one tile per thread, 4..64 rows.
   const int64_t B = p.batch;
-  const int64_t rows = std::min<int64_t>(64, std::max<int64_t>(4, round_up((B + at::get_num_threads() - 1) / at::get_num_threads(), 4)));
+  std::optional<PackedWeights<T>> pw;
+  try {
+    pw.emplace(p, w1.data_ptr<T>(), b1.defined() ? b1.data_ptr<T>() : nullptr, w2.data_ptr<T>(),
+               b2.defined() ? b2.data_ptr<T>() : nullptr, false);
+  } catch (const std::bad_alloc&) {
+    workspace_failed(kForwardOp, "packed weights", B, p.du, p.o, p.h, steps,
+                     PackedWeights<T>::size(p, false) * sizeof(T), 0);
+  }
+  p.w1u_t = pw->w1u_t;
+  p.w1x_t = pw->w1x_t;
+  p.w2_t = pw->w2_t;
+  p.b1 = pw->b1;
+  p.b2 = pw->b2;
+  p.y = y.data_ptr<T>();
+  // Rows are independent and each row's arithmetic does not depend on its tile, so the tile
+  // size may follow the thread count: about two tiles per thread (so the caller can take over
+  // the tiles of a helper that starts late, parallel.h), 8..64 rows.
+  const int threads = at::get_num_threads();
+  const int64_t rows = std::min<int64_t>(64, std::max<int64_t>(8, round_up((B + 2 * threads - 1) / (2 * threads), 4)));
   const int64_t ntiles = (B + rows - 1) / rows;
   const Isa isa = active_isa();
   std::atomic<bool> ok{true};
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t i = t0; i < t1; ++i)
-      if (!run_forward_tile<T>(isa, p, i * rows, std::min(B, (i + 1) * rows))) ok = false;
+  run_tasks(ntiles, threads, [&](int64_t i) {
+    if (!run_forward_tile<T>(isa, p, i * rows, std::min(B, (i + 1) * rows))) ok = false;
   });
-  TORCH_CHECK(ok, "fbfast::rollout_forward: out of memory for the tile workspace");
+  if (!ok)
+    workspace_failed(kForwardOp, "tile workspace", B, p.du, p.o, p.h, steps,
+                     static_cast<long double>(threads) * rows * p.ld_h * sizeof(T), 0);
 }
 
 // out = relu(out + b) in one pass over the GEMM result: the fused epilogue of the first layer.
@@ -224,7 +341,9 @@ void bias_relu_(at::Tensor& out, const at::Tensor& b) {
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* bias = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     const int64_t n = out.size(1);
-    at::parallel_for(0, out.size(0), 64, [&](int64_t r0, int64_t r1) {
+    // ATen's grain size for elementwise work: small blocks run on the calling thread only.
+    at::parallel_for(0, out.size(0), std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(n, 1)),
+                     [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = o + r * n;
         for (int64_t j = 0; j < n; ++j) {
@@ -249,7 +368,8 @@ void forward_blas_path(const at::Tensor& x0, const at::Tensor& u, const at::Tens
                        int64_t steps, int64_t delay, at::Tensor& y) {
   const int64_t du = u.defined() ? u.size(2) : 0, B = x0.size(1), H = w2.size(1);
   const at::Tensor w1u = w1.narrow(1, 0, du), w1x = w1.narrow(1, du, w1.size(1) - du);
-  at::Tensor h = at::empty({B, H}, y.options());
+  at::Tensor h = checked_empty(kForwardOp, "the hidden activations", {B, H}, y.options(),
+                               "split the batch into smaller parts");
   for (const auto t : c10::irange(steps)) {
     const at::Tensor x = t < delay ? x0.select(0, t) : y.select(0, t - delay);
     first_layer_(h, du ? u.select(0, t) : at::Tensor(), x, w1u, w1x, b1);
@@ -265,11 +385,15 @@ at::Tensor rollout_forward_cpu(const at::Tensor& x0_in, const std::optional<at::
                                const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in,
                                const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
                                int64_t steps, int64_t delay, int64_t truncate) {
-  check_inputs(x0_in, u_in, w1_in, b1_in, w2_in, b2_in, steps, delay, truncate);
-  const at::Tensor x0 = x0_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const RolloutSizes sizes = check_dtype(
+      kForwardOp, check_rollout_args(kForwardOp, x0_in, u_in, w1_in, b1_in, w2_in, b2_in, steps, delay, truncate),
+      x0_in);
+  check_result_fits(kForwardOp, sizes, x0_in.element_size(), host_memory_bytes());
+  const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in), b2 = opt_or_undefined(b2_in);
   const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
-  at::Tensor y = at::empty({steps, B, O}, x0.options());
+  at::Tensor y = checked_empty(kForwardOp, "the result Y", {steps, B, O}, x0.options(),
+                               "use fewer steps or a smaller batch, or run the rollout in chunks");
   if (steps == 0 || B == 0 || O == 0) return y;
   const int64_t du = u.defined() ? u.size(2) : 0;
   if (choose_path(du, O, H) == Path::kTile) {
@@ -296,41 +420,54 @@ void backward_tile_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
                         const at::Tensor& w2, int64_t delay, int64_t truncate, Grads& out) {
   const int64_t steps = y.size(0);
   TileParams<T> p = make_params<T>(x0, u, steps, w2.size(1), delay, truncate);
-  PackedWeights<T> pw(p, w1.data_ptr<T>(), b1.defined() ? b1.data_ptr<T>() : nullptr,
-                      w2.data_ptr<T>(), nullptr, true);
-  p.w1u_t = pw.w1u_t;
-  p.w1x_t = pw.w1x_t;
-  p.b1 = pw.b1;
-  p.w2 = pw.w2;
-  p.w1u = pw.w1u;
-  p.w1x = pw.w1x;
+  const int64_t B = p.batch, du = p.du, O = p.o, H = p.h, hp = p.ld_h;
+  const int64_t tile_rows = H * (du + 2 * O) > kWideWork ? kWideBackwardTileRows : kBackwardTileRows;
+  const int64_t ntiles = (B + tile_rows - 1) / tile_rows;
+  const int64_t n_w1 = out.w1.defined() ? (du + O) * hp : 0, n_b1 = out.b1.defined() ? H : 0;
+  const int64_t n_w2 = out.w2.defined() ? O * hp : 0, n_b2 = out.b2.defined() ? O : 0;
+  const int64_t per_group = n_w1 + n_b1 + n_w2 + n_b2;
+  // Each group of tiles keeps its own copy of the weight gradients. The number of groups
+  // depends on the shape alone (a fixed summation order for any thread count), and their copies
+  // together take no more than the activations a per-step loop keeps for its backward
+  // (steps x B x (H + O)), so that memory stays within that of the loop at any width.
+  const int64_t loop_elems = steps * B * (H + O);
+  const int64_t groups = std::max<int64_t>(
+      1, std::min({ntiles, kMaxGroups, per_group > 0 ? loop_elems / per_group : kMaxGroups}));
+  std::optional<PackedWeights<T>> pw;
+  std::vector<T> acc;
+  try {
+    pw.emplace(p, w1.data_ptr<T>(), b1.defined() ? b1.data_ptr<T>() : nullptr, w2.data_ptr<T>(), nullptr, true);
+    acc.assign(static_cast<size_t>(groups * per_group), T(0));
+  } catch (const std::bad_alloc&) {
+    workspace_failed(kBackwardOp, "packed weights and gradient accumulators", B, du, O, H, steps,
+                     (PackedWeights<T>::size(p, true) + groups * per_group) * static_cast<long double>(sizeof(T)), 0);
+  }
+  p.w1u_t = pw->w1u_t;
+  p.w1x_t = pw->w1x_t;
+  p.b1 = pw->b1;
+  p.w2 = pw->w2;
+  p.w1u = pw->w1u;
+  p.w1x = pw->w1x;
   p.y_saved = y.data_ptr<T>();
   p.grad_y = grad_y.data_ptr<T>();
   p.grad_x0 = out.x0.defined() ? out.x0.data_ptr<T>() : nullptr;
   p.grad_u = out.u.defined() ? out.u.data_ptr<T>() : nullptr;
 
-  const int64_t B = p.batch, du = p.du, O = p.o, H = p.h, hp = p.h_pad, op = p.o_pad;
-  const int64_t tile_rows = H * (du + 2 * O) > kTileMaxWork ? kWideBackwardTileRows : kBackwardTileRows;
-  const int64_t ntiles = (B + tile_rows - 1) / tile_rows;
-  const int64_t groups = std::min(ntiles, kMaxGroups);
-  const int64_t n_w1 = out.w1.defined() ? (du + O) * hp : 0, n_b1 = out.b1.defined() ? hp : 0;
-  const int64_t n_w2 = out.w2.defined() ? O * hp : 0, n_b2 = out.b2.defined() ? op : 0;
-  const int64_t per_group = n_w1 + n_b1 + n_w2 + n_b2;
-  std::vector<T> acc(static_cast<size_t>(groups * per_group), T(0));
   const Isa isa = active_isa();
   std::atomic<bool> ok{true};
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      T* base = acc.data() + g * per_group;
-      TileGrads<T> tg{n_w1 ? base : nullptr, n_b1 ? base + n_w1 : nullptr,
-                      n_w2 ? base + n_w1 + n_b1 : nullptr, n_b2 ? base + n_w1 + n_b1 + n_w2 : nullptr};
-      // Tiles [g*ntiles/groups, (g+1)*ntiles/groups) in order: a fixed summation order.
-      for (int64_t i = g * ntiles / groups; i < (g + 1) * ntiles / groups; ++i)
-        if (!run_backward_tile<T>(isa, p, i * tile_rows, std::min(B, (i + 1) * tile_rows), tg))
-          ok = false;
-    }
+  run_tasks(groups, at::get_num_threads(), [&](int64_t g) {
+    T* base = acc.data() + g * per_group;
+    TileGrads<T> tg{n_w1 ? base : nullptr, n_b1 ? base + n_w1 : nullptr,
+                    n_w2 ? base + n_w1 + n_b1 : nullptr, n_b2 ? base + n_w1 + n_b1 + n_w2 : nullptr};
+    // Tiles [g*ntiles/groups, (g+1)*ntiles/groups) in order: a fixed summation order.
+    for (int64_t i = g * ntiles / groups; i < (g + 1) * ntiles / groups; ++i)
+      if (!run_backward_tile<T>(isa, p, i * tile_rows, std::min(B, (i + 1) * tile_rows), tg)) ok = false;
   });
-  TORCH_CHECK(ok, "fbfast::rollout_backward: out of memory for the tile workspace");
+  if (!ok) {
+    const int64_t slots = std::min(delay, steps);
+    workspace_failed(kBackwardOp, "tile workspace", B, du, O, H, steps,
+                     static_cast<long double>(groups) * tile_rows * (2 * hp + (1 + slots) * p.ld_o) * sizeof(T), 0);
+  }
   for (int64_t g = 1; g < groups; ++g)
     for (int64_t i = 0; i < per_group; ++i) acc[i] += acc[g * per_group + i];
   const T* sum = acc.data();
@@ -361,7 +498,9 @@ void fused_rows_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cons
     const scalar_t* pb = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     const scalar_t* pm = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
     scalar_t* ps = col_sum.defined() ? col_sum.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, (cols + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
+    // Whole column blocks per thread; small problems run on the calling thread only.
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(rows * kCols, 1));
+    at::parallel_for(0, (cols + kCols - 1) / kCols, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t cb = c0; cb < c1; ++cb) {
         const int64_t j0 = cb * kCols, nj = std::min(kCols, cols - j0);
         double acc[kCols] = {};
@@ -388,12 +527,17 @@ void backward_blas_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
   const int64_t steps = y.size(0), B = y.size(1), O = y.size(2), H = w2.size(1);
   const int64_t du = u.defined() ? u.size(2) : 0;
   const at::Tensor w1u = w1.narrow(1, 0, du), w1x = w1.narrow(1, du, O);
-  const int64_t chunk = std::min(steps, std::max<int64_t>(1, kChunkRows / std::max<int64_t>(B, 1)));
+  const int64_t step_bytes = B * (2 * H + O) * static_cast<int64_t>(y.element_size());
+  const int64_t chunk = std::min({steps, std::max<int64_t>(1, kChunkRows / std::max<int64_t>(B, 1)),
+                                  std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(step_bytes, 1))});
   const auto opts = y.options();
-  at::Tensor h_buf = at::empty({chunk, B, H}, opts), dz_buf = at::empty({chunk, B, H}, opts);
-  at::Tensor g_buf = at::empty({chunk, B, O}, opts);
+  const char* remedy = "split the batch into smaller parts";
+  at::Tensor h_buf = checked_empty(kBackwardOp, "the recomputed activations", {chunk, B, H}, opts, remedy);
+  at::Tensor dz_buf = checked_empty(kBackwardOp, "the activation adjoints", {chunk, B, H}, opts, remedy);
+  at::Tensor g_buf = checked_empty(kBackwardOp, "the output adjoints", {chunk, B, O}, opts, remedy);
   // Adjoint into y_{t-k}, slot t % k; t % k < min(k, steps), so no more slots are needed.
-  at::Tensor ring = at::zeros({std::min(delay, steps), B, O}, opts);
+  at::Tensor ring = checked_empty(kBackwardOp, "the feedback adjoints", {std::min(delay, steps), B, O}, opts,
+                                  "use a shorter delay or split the batch").zero_();
   if (out.w1.defined()) out.w1.zero_();
   if (out.b1.defined()) out.b1.zero_();
   if (out.w2.defined()) out.w2.zero_();
@@ -451,31 +595,29 @@ rollout_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const 
                      const std::optional<at::Tensor>& u_in, const at::Tensor& w1_in,
                      const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in,
                      int64_t delay, int64_t truncate, std::array<bool, 6> output_mask) {
-  TORCH_CHECK(y_in.dim() == 3, "fbfast::rollout_backward: y must be (T, B, O), got ", y_in.sizes());
+  check_dtype(kBackwardOp,
+              check_backward_args(kBackwardOp, grad_y_in, y_in, x0_in, u_in, w1_in, b1_in, w2_in, delay, truncate),
+              x0_in);
   const int64_t steps = y_in.size(0);
-  check_inputs(x0_in, u_in, w1_in, b1_in, w2_in, std::nullopt, steps, delay, truncate);
-  TORCH_CHECK(grad_y_in.sizes() == y_in.sizes() && y_in.dim() == 3 && y_in.size(1) == x0_in.size(1) &&
-                  y_in.size(2) == x0_in.size(2),
-              "fbfast::rollout_backward: grad_y ", grad_y_in.sizes(), " and y ", y_in.sizes(),
-              " must both be (T, B, O)");
-  TORCH_CHECK(grad_y_in.scalar_type() == x0_in.scalar_type() && y_in.scalar_type() == x0_in.scalar_type(),
-              "fbfast::rollout_backward: grad_y (", grad_y_in.scalar_type(), ") and y (", y_in.scalar_type(),
-              ") must have x0's dtype ", x0_in.scalar_type());
-  const at::Tensor x0 = x0_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
   const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in);
   const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
   const int64_t du = u.defined() ? u.size(2) : 0;
 
   // Gradients that are asked for start at zero: steps t < k that never run (steps < delay)
-  // and zero-size inputs then come out right without special cases.
+  // and zero-size inputs then come out right without special cases. x0's gradient has x0's
+  // full shape; the kernels write its first min(delay, steps) slots.
   const auto opts = x0.options();
-  auto wanted = [&](int i, at::IntArrayRef shape) {
-    return output_mask[i] ? at::zeros(shape, opts) : at::Tensor();
+  auto zeros = [&](const char* what, at::IntArrayRef shape) {
+    return checked_empty(kBackwardOp, what, shape, opts, "split the batch into smaller parts").zero_();
   };
-  Grads g{wanted(0, x0.sizes()), output_mask[1] && u.defined() ? at::zeros(u.sizes(), opts) : at::Tensor(),
-          wanted(2, w1.sizes()), output_mask[3] && b1.defined() ? at::zeros({H}, opts) : at::Tensor(),
-          wanted(4, w2.sizes()), wanted(5, {O})};
+  Grads g{output_mask[0] ? zeros("the gradient of x0", x0_in.sizes()) : at::Tensor(),
+          output_mask[1] && u.defined() ? zeros("the gradient of u", u.sizes()) : at::Tensor(),
+          output_mask[2] ? zeros("the gradient of w1", w1.sizes()) : at::Tensor(),
+          output_mask[3] && b1.defined() ? zeros("the gradient of b1", {H}) : at::Tensor(),
+          output_mask[4] ? zeros("the gradient of w2", w2.sizes()) : at::Tensor(),
+          output_mask[5] ? zeros("the gradient of b2", {O}) : at::Tensor()};
   if (steps > 0 && B > 0 && O > 0) {
     if (choose_path(du, O, H) == Path::kTile) {
       AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_backward_tile", [&] {
@@ -494,6 +636,12 @@ rollout_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const 
 TORCH_LIBRARY_IMPL(fbfast, CPU, m) {
   m.impl("rollout_forward", &rollout_forward_cpu);
   m.impl("rollout_backward", &rollout_backward_cpu);
+}
+
+// A device-less operator: the one way to change the CPU kernels' process settings while other
+// threads may be calling them (fbfast.set_kernel_options in fbfast/options.py).
+TORCH_LIBRARY_FRAGMENT(fbfast, m) {
+  m.def("cpu_options(str? isa=None, str? path=None) -> str[]", &cpu_options);
 }
 
 }  // namespace fbfast::cpu

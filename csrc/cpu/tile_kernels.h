@@ -8,13 +8,14 @@
 // by the linker for the baseline path), it includes no C++ library header and no torch header:
 // only raw pointers and the C allocator.
 //
-// Layout conventions (all row-major; "_pad" widths are rounded up to the vector width so that
-// whole-vector loads from packed weights and workspaces never leave their buffer):
-//   x0     (delay, B, O)      u (T, B, Du)      y, grad_y (T, B, O)
-//   w1u_t  (Du, H_pad)  = W1[:, :Du]^T          w1x_t (O, H_pad) = W1[:, Du:]^T
-//   w2_t   (H, O_pad)   = W2^T                  w2    (O, H_pad)
-//   w1u    (H, Du_pad)  = W1[:, :Du]            w1x   (H, O_pad) = W1[:, Du:]
-//   b1 (H_pad), b2 (O_pad), or null
+// Layout conventions (all row-major; the row strides ld_h, ld_o, ld_du are set by the host, and
+// every packed buffer and workspace has one vector of slack after its last row, so a
+// whole-vector load that starts inside a row never leaves its buffer):
+//   x0     (min(delay, T), B, O)   u (T, B, Du)      y, grad_y (T, B, O)
+//   w1u_t  (Du, ld_h)  = W1[:, :Du]^T          w1x_t (O, ld_h) = W1[:, Du:]^T
+//   w2_t   (H, ld_o)   = W2^T                  w2    (O, ld_h)
+//   w1u    (H, ld_du)  = W1[:, :Du]            w1x   (H, ld_o) = W1[:, Du:]
+//   b1 (H), b2 (O), or null
 #pragma once
 
 #include <cstdint>
@@ -67,7 +68,8 @@ enum class Epilogue { kNone, kRelu, kMaskByH };
 // torch's threshold_backward, so a NaN activation passes its gradient like the reference).
 // The second operand pair (k2 may be 0) lets [u_t ; x_t] enter without being concatenated.
 // Only the first n columns of C are written; B, B2, bias and mask must be readable up to the
-// next multiple of the vector width (the host pads to kPadBytes >= every variant's width).
+// next multiple of the vector width past each row's start (the host leaves kSlackBytes >= every
+// variant's width after the last row of each buffer; lanes past n are computed and dropped).
 struct GemmArgs {
   int64_t m, n, k, k2;
   int64_t as0, as1, ldb, a2s0, ldb2, ldm, ldc;
@@ -148,11 +150,12 @@ void gemm(const GemmArgs& g, const T* a, const T* b, const T* a2, const T* b2, c
     gemm_rows<T, 1, E>(g, a + i * g.as0, b, a2 + i * g.a2s0, b2, bias, mask ? mask + i * g.ldm : nullptr, c + i * g.ldc);
 }
 
-// Workspace of one tile, from the C allocator (see the header comment for why not std::vector).
+// Workspace of one tile, from the C allocator (see the header comment for why not std::vector),
+// with one vector of slack after its n elements.
 template <typename T>
 struct Scratch {
   T* data;
-  explicit Scratch(int64_t n) : data(static_cast<T*>(std::calloc(n > 0 ? n : 1, sizeof(T)))) {}
+  explicit Scratch(int64_t n) : data(static_cast<T*>(std::calloc(n + Vec<T>::kWidth, sizeof(T)))) {}
   ~Scratch() { std::free(data); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -162,17 +165,17 @@ struct Scratch {
 template <typename T>
 bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
   const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, k = p.delay;
-  Scratch<T> hbuf(rows * p.h_pad);
+  Scratch<T> hbuf(rows * p.ld_h);
   if (!hbuf.data) return false;
   T* h = hbuf.data;
   for (int64_t t = 0; t < p.steps; ++t) {
     const T* x = t < k ? p.x0 + (t * B + r0) * O : p.y + ((t - k) * B + r0) * O;
     const T* ut = Du ? p.u + (t * B + r0) * Du : x;
     // h = relu(b1 + u_t W1u^T + x_t W1x^T)
-    GemmArgs g1{rows, p.h, Du, O, Du, 1, p.h_pad, O, p.h_pad, 0, p.h_pad, false};
+    GemmArgs g1{rows, p.h, Du, O, Du, 1, p.ld_h, O, p.ld_h, 0, p.ld_h, false};
     gemm<T, Epilogue::kRelu>(g1, ut, p.w1u_t ? p.w1u_t : p.w1x_t, x, p.w1x_t, p.b1, nullptr, h);
     // y_t = b2 + h W2^T
-    GemmArgs g2{rows, O, p.h, 0, p.h_pad, 1, p.o_pad, 0, p.o_pad, 0, O, false};
+    GemmArgs g2{rows, O, p.h, 0, p.ld_h, 1, p.ld_o, 0, p.ld_o, 0, O, false};
     gemm<T, Epilogue::kNone>(g2, h, p.w2_t, h, p.w2_t, p.b2, nullptr, p.y + (t * B + r0) * O);
   }
   return true;
@@ -182,8 +185,8 @@ bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
 template <typename T>
 bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGrads<T>& acc) {
   const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, H = p.h, k = p.delay;
-  const int64_t hp = p.h_pad, op = p.o_pad;
-  // h, dz: (rows, H_pad); g: (rows, O_pad); ring: slots of (rows, O_pad) holding the adjoint
+  const int64_t hp = p.ld_h, op = p.ld_o;  // row strides of the workspaces
+  // h, dz: (rows, ld_h); g: (rows, ld_o); ring: slots of (rows, ld_o) holding the adjoint
   // flowing into y_{t-k} from step t until step t-k consumes it. Slot t % k < min(k, steps), so
   // a delay longer than the rollout costs no memory.
   const int64_t slots = k < p.steps ? k : p.steps;
@@ -228,7 +231,7 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t j = 0; j < H; ++j) acc.b1[j] += dz[i * hp + j];
     if (p.grad_u && Du) {  // du_t = dz W1u
-      GemmArgs gu{rows, Du, H, 0, hp, 1, p.du_pad, 0, p.du_pad, 0, Du, false};
+      GemmArgs gu{rows, Du, H, 0, hp, 1, p.ld_du, 0, p.ld_du, 0, Du, false};
       gemm<T, Epilogue::kNone>(gu, dz, p.w1u, dz, p.w1u, nullptr, nullptr, p.grad_u + (t * B + r0) * Du);
     }
     // dx_t = dz W1x: to y_{t-k} unless the edge is cut (truncate), or to x0[t].

@@ -11,8 +11,11 @@ namespace cpu {
 template <typename T>
 struct TileParams {
   int64_t steps, batch, du, o, h, delay, truncate;  // truncate == 0: full BPTT
-  int64_t du_pad, o_pad, h_pad;
-  const T* x0;
+  // Row strides of the packed weights and workspaces: a width rounded up to the vector width
+  // when that adds at most 1/8, else the width itself (rollout_cpu.cpp, row_stride). Every
+  // buffer has one vector of slack after its last row, so whole-vector loads stay inside it.
+  int64_t ld_du, ld_o, ld_h;
+  const T* x0;  // (min(delay, steps), B, O): only the inputs that are read
   const T* u;  // null when du == 0
   const T* w1u_t;
   const T* w1x_t;
@@ -30,14 +33,14 @@ struct TileParams {
   T* grad_u;   // null: not wanted
 };
 
-// One group of tiles accumulates its weight gradients here (padded, transposed where noted);
+// One group of tiles accumulates its weight gradients here (transposed where noted);
 // the host sums the groups in a fixed order, so results do not depend on the thread count.
 template <typename T>
 struct TileGrads {
-  T* w1_t;  // (Du + O, H_pad) = dW1^T, or null
-  T* b1;    // (H_pad), or null
-  T* w2;    // (O, H_pad) = dW2, or null
-  T* b2;    // (O_pad), or null
+  T* w1_t;  // (Du + O, ld_h) = dW1^T, or null
+  T* b1;    // (H), or null
+  T* w2;    // (O, ld_h) = dW2, or null
+  T* b2;    // (O), or null
 };
 
 // One declaration per instruction-set variant; definitions in tile_kernels_<isa>.cpp.

@@ -6,7 +6,8 @@
 //    steps; a block owns a tile of batch rows, with the weights and the tile's state in shared
 //    memory. Taken whenever the plan fits the device's opt-in shared memory (plan_rollout).
 //  * general path (general_path.cpp): per-step cuBLAS GEMMs through ATen, for any size.
-// FBFAST_CUDA_PATH=fused|general overrides the rule (the tests run both paths).
+// cuda_path='fused'|'general' (fbfast.set_kernel_options, or FBFAST_CUDA_PATH read at load)
+// overrides the rule (the tests run both paths).
 // Everything runs on the current stream of the tensors' device, under a device guard.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,7 +19,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
+#include <string>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -35,15 +39,20 @@ namespace fbfast {
 namespace cuda {
 namespace {
 
-void check_inputs(const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w1,
-                  const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                  const std::optional<at::Tensor>& b2, int64_t steps, int64_t delay,
-                  int64_t truncate) {
-  check_rollout_args(x0, u, w1, b1, w2, b2, steps, delay, truncate);
+constexpr const char* kForwardOp = "fbfast::rollout_forward (CUDA)";
+constexpr const char* kBackwardOp = "fbfast::rollout_backward (CUDA)";
+
+void check_dtype(const char* op, const at::Tensor& x0) {
   const auto dtype = x0.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "fbfast::rollout (CUDA kernel): dtype must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(x0.device().is_cuda(), "fbfast::rollout (CUDA kernel): x0 must be a CUDA tensor, got ", x0.device());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": dtype must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(x0.device().is_cuda(), op, ": x0 must be a CUDA tensor, got ", x0.device());
+}
+
+// Only x0[:min(delay, steps)] is ever read: copying all of it (an expanded x0 with a huge delay)
+// would allocate for nothing.
+at::Tensor read_x0(const at::Tensor& x0, int64_t steps) {
+  return x0.narrow(0, 0, std::min(x0.size(0), steps)).contiguous();
 }
 
 at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) {
@@ -56,6 +65,7 @@ void* mutable_data_or_null(const at::Tensor& t) { return t.defined() ? t.data_pt
 struct DeviceLimits {
   int sms = 0;
   int64_t smem_optin = 0;  // bytes of shared memory one block may opt in to
+  int64_t memory = 0;      // bytes of global memory
 };
 
 // Read once per device: cudaDeviceGetAttribute is cheap, but this runs on every call.
@@ -67,20 +77,52 @@ DeviceLimits device_limits(c10::DeviceIndex device) {
   DeviceLimits& limits = cache[device];
   if (limits.sms == 0) {
     int sms = 0, smem = 0;
+    size_t free_bytes = 0, total_bytes = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    limits = DeviceLimits{sms, smem};
+    {
+      const c10::cuda::CUDAGuard guard(device);
+      C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    }
+    limits = DeviceLimits{sms, smem, static_cast<int64_t>(total_bytes)};
   }
   return limits;
 }
 
-enum class PathChoice { kAuto, kFused, kGeneral };
+int64_t device_memory(c10::DeviceIndex device) { return device_limits(device).memory; }
 
-PathChoice path_override() {
+enum class PathChoice : int { kAuto = 0, kFused = 1, kGeneral = 2 };
+
+std::optional<PathChoice> parse_path(const std::string& name) {
+  if (name.empty() || name == "auto") return PathChoice::kAuto;
+  if (name == "fused") return PathChoice::kFused;
+  if (name == "general") return PathChoice::kGeneral;
+  return std::nullopt;
+}
+const char* path_name(PathChoice c) {
+  return c == PathChoice::kFused ? "fused" : c == PathChoice::kGeneral ? "general" : "auto";
+}
+
+// FBFAST_CUDA_PATH is read once, when the library loads; afterwards only fbfast::cuda_options
+// changes the setting. No call reads the environment: getenv races with a setenv in another
+// thread (Python's os.environ[...] = ...) and can crash.
+PathChoice path_from_env() {
   const char* env = std::getenv("FBFAST_CUDA_PATH");
-  if (env && std::strcmp(env, "fused") == 0) return PathChoice::kFused;
-  if (env && std::strcmp(env, "general") == 0) return PathChoice::kGeneral;
-  return PathChoice::kAuto;
+  return parse_path(env ? env : "").value_or(PathChoice::kAuto);
+}
+std::atomic<int> g_path{static_cast<int>(path_from_env())};
+
+PathChoice path_override() { return static_cast<PathChoice>(g_path.load(std::memory_order_relaxed)); }
+
+std::vector<std::string> cuda_options(const std::optional<std::string>& path) {
+  std::vector<std::string> previous{path_name(path_override())};
+  if (path.has_value()) {
+    const auto choice = parse_path(*path);
+    TORCH_CHECK(choice.has_value(), "fbfast.set_kernel_options: cuda_path must be 'auto', 'fused' or 'general', got '",
+                *path, "'");
+    g_path.store(static_cast<int>(*choice));
+  }
+  return previous;
 }
 
 // Widths beyond this never fit in shared memory; checking first keeps them out of Dims' ints.
@@ -92,9 +134,9 @@ Plan choose_plan(const Dims& d, bool backward, c10::DeviceIndex device, const ch
   const DeviceLimits limits = device_limits(device);
   Plan plan = plan_rollout(d, backward, limits.sms, limits.smem_optin);
   TORCH_CHECK(plan.fused || choice != PathChoice::kFused, op,
-              ": FBFAST_CUDA_PATH=fused, but the weights (H=", d.h, ", Du=", d.du, ", O=", d.o,
+              ": the fused path is pinned (cuda_path='fused'), but the weights (H=", d.h, ", Du=", d.du, ", O=", d.o,
               ", delay=", d.delay, ") do not fit in the ", limits.smem_optin,
-              " bytes of shared memory per block of this GPU; unset FBFAST_CUDA_PATH to take the "
+              " bytes of shared memory per block of this GPU; set cuda_path='auto' to take the "
               "general path, or reduce the widths");
   return plan;
 }
@@ -117,13 +159,16 @@ at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at:
                                 const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in,
                                 const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
                                 int64_t steps, int64_t delay, int64_t truncate) {
-  check_inputs(x0_in, u_in, w1_in, b1_in, w2_in, b2_in, steps, delay, truncate);
+  const RolloutSizes sizes = check_rollout_args(kForwardOp, x0_in, u_in, w1_in, b1_in, w2_in, b2_in, steps, delay, truncate);
+  check_dtype(kForwardOp, x0_in);
   const c10::cuda::CUDAGuard guard(x0_in.device());
-  const at::Tensor x0 = x0_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  check_result_fits(kForwardOp, sizes, x0_in.element_size(), device_memory(x0_in.get_device()));
+  const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in), b2 = opt_or_undefined(b2_in);
   const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
   const int64_t du = u.defined() ? u.size(2) : 0;
-  at::Tensor y = at::empty({steps, B, O}, x0.options());
+  at::Tensor y = checked_empty(kForwardOp, "the result Y", {steps, B, O}, x0.options(),
+                               "use fewer steps or a smaller batch, or run the rollout in chunks");
   if (steps == 0 || B == 0 || O == 0) return y;
 
   Plan plan;
@@ -157,19 +202,11 @@ rollout_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& y_in, const
                       const std::optional<at::Tensor>& u_in, const at::Tensor& w1_in,
                       const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in,
                       int64_t delay, int64_t truncate, std::array<bool, 6> output_mask) {
-  TORCH_CHECK(y_in.dim() == 3, "fbfast::rollout_backward: y must be (T, B, O), got ", y_in.sizes());
+  check_backward_args(kBackwardOp, grad_y_in, y_in, x0_in, u_in, w1_in, b1_in, w2_in, delay, truncate);
+  check_dtype(kBackwardOp, x0_in);
   const int64_t steps = y_in.size(0);
-  check_inputs(x0_in, u_in, w1_in, b1_in, w2_in, std::nullopt, steps, delay, truncate);
-  TORCH_CHECK(grad_y_in.sizes() == y_in.sizes() && y_in.size(1) == x0_in.size(1) &&
-                  y_in.size(2) == x0_in.size(2),
-              "fbfast::rollout_backward: grad_y ", grad_y_in.sizes(), " and y ", y_in.sizes(),
-              " must both be (T, B, O)");
-  TORCH_CHECK(grad_y_in.scalar_type() == x0_in.scalar_type() && y_in.scalar_type() == x0_in.scalar_type(),
-              "fbfast::rollout_backward: mixed dtypes");
-  TORCH_CHECK(grad_y_in.device() == x0_in.device() && y_in.device() == x0_in.device(),
-              "fbfast::rollout_backward: grad_y and y must be on ", x0_in.device());
   const c10::cuda::CUDAGuard guard(x0_in.device());
-  const at::Tensor x0 = x0_in.contiguous(), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
   const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in);
   const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
@@ -183,7 +220,7 @@ rollout_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& y_in, const
     if (!want) return at::Tensor();
     return zero || empty_problem ? at::zeros(shape, opts) : at::empty(shape, opts);
   };
-  Gradients g{wanted(output_mask[0], x0.sizes(), true),
+  Gradients g{wanted(output_mask[0], x0_in.sizes(), true),
               wanted(output_mask[1] && u.defined(), u.defined() ? u.sizes() : at::IntArrayRef(), false),
               wanted(output_mask[2], w1.sizes(), false),
               wanted(output_mask[3] && b1.defined(), {H}, false),
@@ -237,6 +274,12 @@ rollout_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& y_in, const
 TORCH_LIBRARY_IMPL(fbfast, CUDA, m) {
   m.impl("rollout_forward", &rollout_forward_cuda);
   m.impl("rollout_backward", &rollout_backward_cuda);
+}
+
+// A device-less operator: the one way to change the CUDA kernels' process settings while other
+// threads may be calling them (fbfast.set_kernel_options in fbfast/options.py).
+TORCH_LIBRARY_FRAGMENT(fbfast, m) {
+  m.def("cuda_options(str? path=None) -> str[]", &cuda_options);
 }
 
 }  // namespace cuda
