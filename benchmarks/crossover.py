@@ -3,8 +3,10 @@
     python -m benchmarks.crossover [--batch 256] [--steps 50]
 
 Times a training step (forward + backward of sum(Y^2)) and a forward of the "cpp" backend with
-cpu_path pinned to "tile" and to "blas" (fbfast.set_kernel_options), over widths around the switch rule
-H * (Du + 2 O) <= 32768 (csrc/cpu/rollout_cpu.cpp, kTileMaxWork), and prints which path wins.
+cpu_path pinned to "tile" and to "blas" (fbfast.set_kernel_options), over widths around the switch rules
+H * (Du + 2 O) <= 262144 with AVX2/AVX-512 and <= 32768 with the portable build
+(csrc/cpu/rollout_cpu.cpp, kTileMaxWorkSimd / kTileMaxWorkBase), and prints which path wins.
+--isa base measures the portable build's rule.
 """
 
 from __future__ import annotations
@@ -40,10 +42,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--isa", default="auto", help="pin the tile path's instruction set (auto, avx2, base)")
+    ap.add_argument("--wide", action="store_true", help="also widths 512..1024 (minutes)")
     args = ap.parse_args(argv)
+    fbfast.set_kernel_options(cpu_isa=args.isa)
     B, T = args.batch, args.steps
     widths = [(16, 32), (32, 64), (32, 128), (64, 128), (64, 256), (128, 256), (64, 512), (128, 512), (256, 512)]
-    print(f"B={B} T={T} threads={torch.get_num_threads()}  (times in ms; work = H*(Du+2O))")
+    if args.wide:
+        widths += [(384, 512), (512, 512), (256, 1024), (512, 1024), (1024, 1024)]
+    print(f"B={B} T={T} threads={torch.get_num_threads()} isa={fbfast.get_kernel_options()['cpu_isa']}  "
+          "(times in ms; work = H*(Du+2O))")
     print(f"{'O':>5} {'H':>5} {'work':>7} | {'fwd tile':>9} {'fwd blas':>9} | {'train tile':>10} {'train blas':>10} | winner")
     for O, H in widths:
         net = fbfast.FeedbackMLP(O, H, O)

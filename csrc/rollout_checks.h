@@ -127,7 +127,7 @@ inline void check_result_fits(const char* op, const RolloutSizes& s, int64_t ite
 }
 
 // at::empty that, when the allocator fails, says what was being allocated, for which sizes, and
-// what to do, instead of the allocator's bare message (SPEC: a rollout too large for memory
+// what to do, instead of the allocator's bare message (docs/spec.md §4: a rollout too large for memory
 // says how much it needs).
 inline at::Tensor checked_empty(const char* op, const char* what, at::IntArrayRef shape,
                                 const at::TensorOptions& options, const char* remedy) {

@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue 6): every case, every column, and the child process that runs them.
+"""The bad-input matrix: every case, every column, and the child process that runs them.
 
 `tests/test_bad_input_matrix.py` starts this file as a script, sends it a JSON list of
 ``"column/case"`` tasks on stdin, and reads one JSON line per task on stdout, so that a segfault

@@ -1,4 +1,4 @@
-"""Property tests (issue 6): the compiled "cpp" backend equals the reference on random problems.
+"""Property tests: the compiled "cpp" backend equals the reference on random problems.
 
 Hypothesis draws B, Du, O, H, T, delay, truncate, which biases exist, which inputs require grad,
 the memory layout of every tensor (contiguous, transposed, strided slice, stride-0 expansion),

@@ -1,4 +1,4 @@
-"""Reliability of the compiled "cpp" backend (issue 6): edge values, memory, leaks, threads,
+"""Reliability of the compiled "cpp" backend: edge values, memory, leaks, threads,
 determinism and meta tensors. Bad input is tests/test_bad_input_matrix.py; random problems are
 tests/test_properties.py; installs without the extension are tests/test_degraded_install.py.
 

@@ -88,7 +88,7 @@ def grads(y: torch.Tensor, inputs, grad_y: torch.Tensor):
     return [torch.zeros_like(t) if g is None else g for g, t in zip(got, inputs)]
 
 
-# The reference test grid of the foundation (issue 2), reused for every backend.
+# The reference test grid of the foundation, reused for every backend.
 MODE_GRID = [
     dict(Du=Du, delay=k, truncate=K, bias=bias, B=B, T=T)
     for Du, k, K, bias, B, T in itertools.product(

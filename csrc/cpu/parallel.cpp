@@ -12,6 +12,7 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -54,9 +55,14 @@ class Pool {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       while (static_cast<int>(workers_) < helpers) {
-        std::thread([this] { loop(); }).detach();
+        try {
+          std::thread([this] { loop(); }).detach();
+        } catch (const std::system_error&) {
+          break;  // no thread to be had (a memory limit, a thread limit): fewer helpers
+        }
         ++workers_;
       }
+      helpers = std::min(helpers, static_cast<int>(workers_));
       for (int i = 0; i < helpers; ++i) queue_.push_back(job);
     }
     for (int i = 0; i < helpers; ++i) ready_.notify_one();

@@ -1,5 +1,5 @@
 // The fused backward of the rollout: one reverse-time sweep that recomputes z_t from Y (nothing
-// but the forward's inputs and output is saved) and produces every gradient of SPEC §1.
+// but the forward's inputs and output is saved) and produces every gradient of docs/spec.md §1.
 //
 // Same structure as the forward (forward_kernel.cuh): a block owns a tile of rows, the weights
 // stay in shared memory, and the grid is persistent. Per step t, from T-1 down to 0:

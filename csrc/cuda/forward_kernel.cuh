@@ -1,5 +1,5 @@
 // The fused forward rollout: y_t = W2 relu(W1 [u_t ; x_t] + b1) + b2 for all T steps in one
-// launch (SPEC §1).
+// launch (docs/spec.md §1).
 //
 // Batch rows are independent, so a block owns a tile of R rows for the whole time loop and no
 // grid-wide synchronisation is needed. The weights are loaded into shared memory once per block

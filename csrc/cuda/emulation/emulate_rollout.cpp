@@ -5,7 +5,7 @@
 //   emulate_rollout IN OUT
 // IN : int64 header {dtype (0 float32, 1 float16, 2 bfloat16), B, T, Du, O, H, delay, truncate,
 //      has_u, has_b1, has_b2, num_sms, smem_limit_bytes, mask[6]}, then float32 arrays x0, u?,
-//      w1, b1?, w2, b2?, grad_y (row-major, shapes of SPEC §1 with x0 as (delay, B, O)).
+//      w1, b1?, w2, b2?, grad_y (row-major, shapes of docs/spec.md §1 with x0 as (delay, B, O)).
 // OUT: float32 y, then each gradient whose mask bit is set (x0, u, w1, b1, w2, b2).
 // Prints the forward and backward plans on stdout; exits non-zero on a plan that does not fit
 // or an emulation error (host_emulation.h).
