@@ -1,6 +1,6 @@
 """The timed computations: the seed's per-step loop, and one rollout per backend.
 
-The seed-loop baseline is written the way the seed's training loops write it (SPEC §2): an
+The seed-loop baseline is written the way the seed's training loops write it (docs/spec.md §2): an
 ``nn.Module`` with ``fc1``/``fc2`` called once per step, ``torch.cat([u_t, x], -1)`` for the
 exogenous input, and ``.detach()`` on the fed-back output where the gradient is cut. Every
 backend is wrapped as a zero-argument callable returning ``Y`` of shape ``(T, B, O)`` so the
@@ -46,7 +46,7 @@ def seed_loop(net: nn.Module, x0: Tensor, u: Optional[Tensor], steps: int, delay
 
     ``x0`` is ``(B, O)`` or ``(delay, B, O)``; ``u`` is ``(T, B, Du)`` or None. Step ``t`` reads
     ``x0[t]`` for ``t < delay``, else the output of step ``t - delay``, detached when
-    ``truncate`` is set and ``t % truncate == 0`` (SPEC §1).
+    ``truncate`` is set and ``t % truncate == 0`` (docs/spec.md §1).
     """
     if x0.dim() == 2:
         x0 = x0.unsqueeze(0)

@@ -1,7 +1,7 @@
 """The seed's third loop, delayed feedback with full BPTT: the hand-written loop and fbfast.
 
 The loop of the StackOverflow answer to "How can I use a feedforward network's output as a
-training input in PyTorch?" (SPEC §2), in essence; ``net`` is the ``RecurrentNetwork`` of the
+training input in PyTorch?" (docs/spec.md §2), in essence; ``net`` is the ``RecurrentNetwork`` of the
 second loop (``fc1 = Linear(10, 5)``, ReLU, ``fc2 = Linear(5, 2)``)::
 
     for epoch in range(num_epochs):

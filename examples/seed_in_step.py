@@ -1,7 +1,7 @@
 """The seed's second loop, in-step feedback: the hand-written loop and its fbfast equivalent.
 
 The loop of the StackOverflow answer to "How can I use a feedforward network's output as a
-training input in PyTorch?" (SPEC §2), in essence::
+training input in PyTorch?" (docs/spec.md §2), in essence::
 
     class RecurrentNetwork(nn.Module):
         def __init__(self):

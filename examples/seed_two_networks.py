@@ -1,7 +1,7 @@
 """The seed's first loop: two networks, one fed a detached copy of the other's output.
 
 From the StackOverflow answer to "How can I use a feedforward network's output as a training
-input in PyTorch?" (SPEC §2): ``net1 = Linear(10, 5)`` feeds a detached copy of its output to
+input in PyTorch?" (docs/spec.md §2): ``net1 = Linear(10, 5)`` feeds a detached copy of its output to
 ``net2 = Linear(5, 2)``; each network has its own SGD optimizer; ``net2`` learns a target from
 that copy, and ``net1`` is trained toward ``output_copy + noise``. Since that target is
 net1's own output plus noise, net1's loss sits at the noise variance (``NOISE**2 = 0.01``);

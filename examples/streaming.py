@@ -28,7 +28,7 @@ With fbfast the state is a tensor, ``Y[-delay:]``::
 
 The stream comes from a fixed teacher network with the same delay (the seed's network shape:
 ``Linear(10, 5) -> ReLU -> Linear(5, 2)``, 8 exogenous inputs). The script first checks that,
-with the weights held fixed, the chunked calls reproduce one long call (SPEC §1, streaming),
+with the weights held fixed, the chunked calls reproduce one long call (docs/spec.md §1, streaming),
 then trains two copies from the same weights, by hand and with fbfast, and checks that their
 losses and final parameters agree (float64, as in the seed examples: ~1e-15 apart).
 

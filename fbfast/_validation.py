@@ -1,4 +1,4 @@
-"""Argument checks shared by every backend (SPEC §4).
+"""Argument checks shared by every backend (docs/spec.md §4).
 
 Everything here reads only shapes, dtypes and devices — no tensor operation runs — so the
 check costs a few microseconds and never touches the data. Every message names the argument,

@@ -1,7 +1,7 @@
 """The pure-PyTorch reference rollout: the oracle of every test and the ``"eager"`` backend.
 
 It is written for clarity, not speed: one ``F.linear -> relu -> F.linear`` per step, exactly as
-SPEC §1 states the recurrence, so that autograd of this function *defines* the gradients every
+docs/spec.md §1 states the recurrence, so that autograd of this function *defines* the gradients every
 compiled backend must reproduce.
 """
 

@@ -72,7 +72,7 @@ def long_rollout(cfg, torch, fbfast):
     peak = _status_kb("VmHWM")
     del hog
     # The end of the rollout, continued from its own Y[t0-k:t0] by the reference (streaming,
-    # SPEC §1), must equal the kernel's Y[t0:]: the long run computed the right thing.
+    # docs/spec.md §1), must equal the kernel's Y[t0:]: the long run computed the right thing.
     t0 = T - 200
     with torch.no_grad():
         tail = fbfast.rollout_reference(y[t0 - delay:t0], ins["w1"], ins["b1"], ins["w2"], ins["b2"], 200,

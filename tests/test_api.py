@@ -1,4 +1,4 @@
-"""Public API: FeedbackMLP, from_module, backends() and backend selection (SPEC §3)."""
+"""Public API: FeedbackMLP, from_module, backends() and backend selection (docs/spec.md §3)."""
 
 from __future__ import annotations
 

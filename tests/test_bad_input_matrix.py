@@ -1,4 +1,4 @@
-"""Bad input never crashes (issue 6): every case of tests/_bad_input_cases.py on every backend.
+"""Bad input never crashes: every case of tests/_bad_input_cases.py on every backend.
 
 The whole matrix runs in one child interpreter (importing torch once) that prints one JSON line
 per case; a case that segfaults, aborts or hangs leaves its line missing, is recorded as such,

@@ -1,4 +1,4 @@
-"""Checks of the CUDA backend that run without a GPU (issue 4; SPEC §5).
+"""Checks of the CUDA backend that run without a GPU (docs/spec.md §5).
 
 1. Every ``csrc/cuda/*.cu`` compiles with this machine's nvcc for sm_80 and sm_90 against the
    installed torch's headers, with torch's own nvcc flags, and with no warning from the

@@ -1,4 +1,4 @@
-"""Degraded installs (issue 6): without a working compiled extension, fbfast still works.
+"""Degraded installs: without a working compiled extension, fbfast still works.
 
 Each scenario copies the Python package (never the built library) into a temporary directory,
 adds what the scenario needs, and imports that copy in a fresh interpreter:

@@ -59,7 +59,7 @@ def test_quick_training_learns(demo, tmp_path):
 
 @pytest.mark.parametrize("truncate", [None, 1, 3])
 def test_seed_loop_is_the_fbfast_recurrence(demo, truncate):
-    """The demo's eager baseline cuts the feedback where fbfast's `truncate` does (SPEC §1)."""
+    """The demo's eager baseline cuts the feedback where fbfast's `truncate` does (docs/spec.md §1)."""
     torch.manual_seed(0)
     net = demo.RecurrentNetwork(hidden=8).double()
     data = demo.simulate(5, 9, seed=0, dtype=torch.float64)

@@ -39,7 +39,7 @@ def make_inputs(*, B=3, O=2, H=6, Du=3, T=5, delay=1, bias=True, dtype=F64, seed
 
 
 def loop_rollout(x0, w1, b1, w2, b2, steps, u=None, delay=1, truncate=None):
-    """SPEC §1 written out step by step with explicit matmuls (no F.linear, no cat)."""
+    """docs/spec.md §1 written out step by step with explicit matmuls (no F.linear, no cat)."""
     k = delay
     Du = 0 if u is None else u.shape[-1]
     w1u, w1x = w1[:, :Du], w1[:, Du:]

@@ -1,5 +1,5 @@
 """Streaming across optimizer steps (examples/streaming.py): the last `delay` outputs of one
-training step, detached, are the next step's x0 (SPEC §1, streaming)."""
+training step, detached, are the next step's x0 (docs/spec.md §1, streaming)."""
 
 import contextlib
 import copy

@@ -1,4 +1,4 @@
-"""Bad input (SPEC §4): every misuse raises the documented type, naming the argument and what it
+"""Bad input (docs/spec.md §4): every misuse raises the documented type, naming the argument and what it
 got; non-contiguous and zero-size inputs are valid and match the reference on every backend."""
 
 from __future__ import annotations
