@@ -1,6 +1,6 @@
 """Drop-in: keep your module, your optimizer and your checkpoints; change only the rollout call.
 
-Your training code, the seed's way (SPEC §2), with the network's output fed back::
+Your training code, the seed's way (docs/spec.md §2), with the network's output fed back::
 
     net = RecurrentNetwork()                        # your class: fc1 -> ReLU -> fc2
     optimizer = torch.optim.Adam(net.parameters())

@@ -53,6 +53,13 @@ try:
 except Exception as exc:  # ImportError, or an undefined symbol from a build against another torch
     if BUILT:
         LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+        try:  # written by setup.py at build time: which torch the library was built against
+            from ._build_info import TORCH_VERSION as _BUILT_AGAINST
+        except ImportError:
+            _BUILT_AGAINST = None
+        if _BUILT_AGAINST and _BUILT_AGAINST != torch.__version__:
+            LOAD_ERROR += (f" (the library was built against torch {_BUILT_AGAINST}, this is torch "
+                           f"{torch.__version__}: a compiled extension loads only with the torch it was built against)")
     elif _shadowed_install():
         SHADOWED = True
         LOAD_ERROR = (f"you are in the source tree: Python imported the unbuilt sources in "

@@ -1,4 +1,4 @@
-"""The fused CUDA kernel ("cuda") against the reference, on a GPU (issue 4).
+"""The fused CUDA kernel ("cuda") against the reference, on a GPU (scripts/gpu_check.sh runs it).
 
 Every check runs on both CUDA paths (the fused persistent kernels and the general per-step
 GEMM path, pinned with fbfast.kernel_options(cuda_path=...)) and on "auto" (the plan's own choice):
@@ -9,15 +9,27 @@ GEMM path, pinned with fbfast.kernel_options(cuda_path=...)) and on "auto" (the 
 * bfloat16/float16: the kernel's error against float64 is at most twice the error of the
   eager reference run in that dtype (plus one unit roundoff, for problems where eager happens
   to be nearly exact);
+* the plan kinds that fixed shapes miss on a large GPU, sized at run time from this device's
+  SM count and opt-in shared memory: a partial 4-row tile, persistent blocks (more tiles than
+  blocks), a forward plan above 48 KB of shared memory, a backward plan near the opt-in limit;
+  and the grid, block and shared memory of those launches, as the profiler records them;
 * opcheck, output masks, zero sizes, NaN, non-contiguous inputs, bitwise determinism, a
   non-default stream, and torch.compile(mode="reduce-overhead", fullgraph=True).
 
 Skipped as a whole unless CUDA is available and the extension was built with the CUDA kernel.
+Every test here has a time limit (tests/conftest.py, FBFAST_CUDA_TEST_TIMEOUT). With
+FBFAST_CUDA_TESTS=quick (scripts/gpu_check.sh sets it, to fit its time budget) opcheck runs on
+2 of its 8 samples; everything else runs in full.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -27,6 +39,22 @@ from testing import MODE_GRID, assert_close, grads, make_problem
 
 CUDA_KERNEL = torch.cuda.is_available() and fbfast.backends()["cuda"].available
 pytestmark = pytest.mark.skipif(not CUDA_KERNEL, reason="needs a GPU and fbfast built with its CUDA kernel")
+QUICK = os.environ.get("FBFAST_CUDA_TESTS", "full") == "quick"
+
+
+def _load_gpu_smoke():
+    """scripts/gpu_smoke.py, by path (scripts/ is no package): it holds the Python mirror of
+    plan_rollout (csrc/cuda/rollout_params.h) and the problems sized from it. Importing it
+    touches no GPU."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_smoke.py"
+    spec = importlib.util.spec_from_file_location("fbfast_gpu_smoke", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+smoke = _load_gpu_smoke()
 
 NAMES = ("x0", "u", "w1", "b1", "w2", "b2")
 PATHS = ["auto", "fused", "general"]
@@ -79,8 +107,11 @@ def test_mode_grid_matches_reference(case, path):
     _check_float32(p, _case_id(case))
 
 
-# Odd widths and batches: one-row and 4-row tiles with a partial last tile, several blocks per
-# call (the gradient reduction), staging chunks shorter than T, delay > T, H = 0.
+# Odd widths and batches: several blocks per call (the gradient reduction), staging chunks
+# shorter than T, delay > T, H = 0. The plan is about one tile of ceil(B / SMs) rows per SM
+# (plan_rollout, csrc/cuda/rollout_params.h), so on a GPU with 100+ SMs these give 1-row tiles
+# (B <= SMs) or one 8- or 12-row tile per SM (B = 1000), and never a partial 4-row tile or a
+# block that loops over tiles: the device-sized cases below do.
 ODD = [
     (1, 8, 2, 5, 40, 1, None),     # the seed's NARX shape
     (7, 0, 3, 5, 9, 2, 3),
@@ -89,7 +120,7 @@ ODD = [
     (33, 0, 64, 64, 12, 1, 4),
     (5, 2, 3, 5, 3, 5, None),      # delay > steps
     (9, 0, 5, 0, 5, 2, None),      # H = 0
-    (1000, 0, 8, 24, 5, 1, None),  # more tiles than resident blocks: persistent blocks
+    (1000, 0, 8, 24, 5, 1, None),  # 132 SMs: 8-row tiles, the last partial; no tile left over
 ]
 
 
@@ -98,6 +129,84 @@ ODD = [
 def test_odd_widths(B, Du, O, H, T, delay, truncate, path):
     p = _cuda_problem(B, Du, O, H, T, delay=delay, truncate=truncate)
     _check_float32(p, f"{B},{Du},{O},{H},{T},{delay},{truncate}")
+
+
+# Plan kinds sized from this device at run time. The extension does not report the plan it
+# takes, so the sizes come from the Python mirror of plan_rollout in scripts/gpu_smoke.py (the
+# same formulas; see there), and test_launch_config_matches_the_mirror checks the mirror against
+# the grid, block and shared memory of the launches themselves.
+PLAN_KINDS = list(smoke.PLAN_SHAPES)
+
+
+def _plan_problem(kind):
+    dev = smoke.device_limits()
+    try:
+        shape, fwd, bwd = smoke.plan_shape_problem(kind, dev["sms"], dev["smem_optin"])
+    except LookupError as exc:  # e.g. no opt-in beyond 48 KB on this device
+        pytest.skip(str(exc))
+    p = _cuda_problem(shape.B, shape.Du, shape.O, shape.H, shape.T, delay=shape.delay,
+                      truncate=shape.truncate, bias=shape.bias)
+    # Millions of pre-activations: keep them away from the ReLU kink, where float32 and the
+    # float64 reference would take different branches (scripts/gpu_smoke.py, away_from_kinks).
+    w1, b1 = smoke.away_from_kinks(p.w1, p.b1)
+    with torch.no_grad():
+        p.w1.copy_(w1)
+        p.b1.copy_(b1)
+    margin = smoke.min_abs_preactivation(p.x0, p.u, p.w1, p.b1, _as_float64(p).reference(), p.delay)
+    assert margin > 1e-3, f"{kind}: a pre-activation within {margin:.1e} of the ReLU kink; pick other inputs"
+    return p, shape, fwd, bwd, dev
+
+
+# Pinned to the fused path: a plan that does not fit raises instead of silently taking the
+# general path.
+@pytest.mark.parametrize("path", ["fused"], indirect=True)
+@pytest.mark.parametrize("kind", PLAN_KINDS)
+def test_device_sized_plans(kind, path):
+    p, shape, fwd, bwd, dev = _plan_problem(kind)
+    _check_float32(p, f"{kind} on {dev['sms']} SMs, {dev['smem_optin']} B: {shape}, forward plan {fwd}, "
+                      f"backward plan {bwd}")
+
+
+def _kernel_launches(trace_path):
+    """{kernel name: [trace event]} of the fbfast kernels in a profiler's chrome trace."""
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    out = {}
+    for ev in events:
+        name = ev.get("name", "")
+        if str(ev.get("cat", "")).lower() == "kernel" and "fbfast" in name and "rollout_" in name:
+            out.setdefault(name, []).append(ev)
+    return out
+
+
+@pytest.mark.parametrize("kind", PLAN_KINDS)
+def test_launch_config_matches_the_mirror(kind, tmp_path):
+    p, shape, fwd, bwd, dev = _plan_problem(kind)
+    gy = torch.randn(shape.T, shape.B, shape.O, device="cuda")
+    with fbfast.kernel_options(cuda_path="fused"):
+        torch.autograd.grad(p.run("cuda"), p.inputs(), gy)  # first calls outside the profile
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.autograd.grad(p.run("cuda"), p.inputs(), gy)
+            torch.cuda.synchronize()
+    trace = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    launches = _kernel_launches(trace)
+    if not launches:
+        pytest.skip("the profiler recorded no fbfast kernel (no CUPTI kernel records on this machine)")
+    for which, plan in (("rollout_forward_kernel", fwd), ("rollout_backward_kernel", bwd)):
+        names = [n for n in launches if which in n]
+        assert len(names) == 1, f"{kind}: expected one {which} launch, got {sorted(launches)}"
+        ev = launches[names[0]][0]
+        args = ev.get("args", {})
+        if "grid" not in args or "block" not in args:
+            pytest.skip(f"the profiler's kernel records carry no launch configuration: {sorted(args)}")
+        got = {"blocks": args["grid"][0], "threads": args["block"][0],
+               "smem_bytes": args.get("shared memory", plan["smem_bytes"]),
+               # the kernel's template argument, demangled (<float, 4>) or not (ILi4E)
+               "rows_per_item": 4 if ", 4>" in names[0] or "Li4E" in names[0] else 1}
+        want = {k: plan[k] for k in got}
+        assert got == want, f"{kind}: {names[0]} launched with {got}, the mirror of plan_rollout says {want}"
 
 
 def test_large_width_takes_the_general_path(monkeypatch):
@@ -149,6 +258,9 @@ def _opcheck_samples():
     for requires_grad in (False, True):
         for Du, bias in ((0, True), (3, False)):
             for delay, truncate in ((1, 0), (3, 2)):
+                # quick: two samples that still differ in every axis (each opcheck costs 1-2 s)
+                if QUICK and (requires_grad, Du, delay) not in ((False, 0, 1), (True, 3, 3)):
+                    continue
                 p = _cuda_problem(5, Du, 3, 6, 4, delay=delay, bias=bias, requires_grad=requires_grad)
                 out.append((p.x0, p.u, p.w1, p.b1, p.w2, p.b2, p.steps, delay, truncate))
     return out
@@ -273,6 +385,30 @@ def test_non_default_stream(path):
         assert same(a, b)
 
 
+def test_double_backward_matches_reference():
+    # create_graph=True takes the C++ autograd's differentiable path (csrc/autograd.cpp); on CUDA
+    # it must still agree with the reference to second order.
+    p = _cuda_problem(3, 2, 2, 4, 5, delay=2, truncate=3)
+    gy = torch.randn(5, 3, 2, device="cuda")
+    first = torch.autograd.grad(p.run("cuda"), p.inputs(), gy, create_graph=True)
+    first_ref = torch.autograd.grad(p.reference(), p.inputs(), gy, create_graph=True)
+    for a, b in zip(first, first_ref):
+        assert_close(a, b, torch.float32, "grad")
+    one = torch.tensor(1.0, device="cuda")
+    second = grads(sum((g * g).sum() for g in first), p.inputs(), one)
+    second_ref = grads(sum((g * g).sum() for g in first_ref), p.inputs(), one)
+    for a, b in zip(second, second_ref):
+        assert_close(a, b, torch.float32, "grad")
+
+
+def test_auto_picks_cuda_for_cuda_float32():
+    p = _cuda_problem(2, 0, 3, 4, 3)
+    y = fbfast.rollout(p.x0, p.w1, p.b1, p.w2, p.b2, steps=3)
+    assert "RolloutFunction" in y.grad_fn.name()
+
+
+# Last: the slowest test (the first compile), so that a run cut short by its time limit has
+# done everything else.
 def test_torch_compile_reduce_overhead_fullgraph():
     # CUDA graphs (reduce-overhead) capture the fused kernels; fullgraph=True fails on any graph
     # break. Forward and backward must match eager on every replay.
@@ -297,25 +433,3 @@ def test_torch_compile_reduce_overhead_fullgraph():
         torch.testing.assert_close(loss_c.detach().clone(), loss.detach(), msg=f"replay {step}")
         for a, b in zip(g_c, g):
             torch.testing.assert_close(a.clone(), b, rtol=1e-5, atol=1e-6, msg=f"replay {step}")
-
-
-def test_double_backward_matches_reference():
-    # create_graph=True takes the C++ autograd's differentiable path (csrc/autograd.cpp); on CUDA
-    # it must still agree with the reference to second order.
-    p = _cuda_problem(3, 2, 2, 4, 5, delay=2, truncate=3)
-    gy = torch.randn(5, 3, 2, device="cuda")
-    first = torch.autograd.grad(p.run("cuda"), p.inputs(), gy, create_graph=True)
-    first_ref = torch.autograd.grad(p.reference(), p.inputs(), gy, create_graph=True)
-    for a, b in zip(first, first_ref):
-        assert_close(a, b, torch.float32, "grad")
-    one = torch.tensor(1.0, device="cuda")
-    second = grads(sum((g * g).sum() for g in first), p.inputs(), one)
-    second_ref = grads(sum((g * g).sum() for g in first_ref), p.inputs(), one)
-    for a, b in zip(second, second_ref):
-        assert_close(a, b, torch.float32, "grad")
-
-
-def test_auto_picks_cuda_for_cuda_float32():
-    p = _cuda_problem(2, 0, 3, 4, 3)
-    y = fbfast.rollout(p.x0, p.w1, p.b1, p.w2, p.b2, steps=3)
-    assert "RolloutFunction" in y.grad_fn.name()
