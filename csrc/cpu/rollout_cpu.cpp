@@ -320,10 +320,9 @@ void forward_tile_path(const at::Tensor& x0, const at::Tensor& u, const at::Tens
   p.b2 = pw->b2;
   p.y = y.data_ptr<T>();
   // Rows are independent and each row's arithmetic does not depend on its tile, so the tile
-  // size may follow the thread count: about two tiles per thread (so the caller can take over
-  // the tiles of a helper that starts late, parallel.h), 8..64 rows.
-  const int threads = at::get_num_threads();
-  const int64_t rows = std::min<int64_t>(64, std::max<int64_t>(8, round_up((B + 2 * threads - 1) / (2 * threads), 4)));
+  // size may follow the thread count: one tile per thread, 4..64 rows.
+  const int threads = threads_for(2.0 * B * steps * p.h * (p.du + 2 * p.o));
+  const int64_t rows = std::min<int64_t>(64, std::max<int64_t>(4, round_up((B + threads - 1) / threads, 4)));
   const int64_t ntiles = (B + rows - 1) / rows;
   const Isa isa = active_isa();
   std::atomic<bool> ok{true};
@@ -455,7 +454,8 @@ void backward_tile_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
 
   const Isa isa = active_isa();
   std::atomic<bool> ok{true};
-  run_tasks(groups, at::get_num_threads(), [&](int64_t g) {
+  // The backward does about twice the forward's multiply-adds.
+  run_tasks(groups, threads_for(4.0 * B * steps * H * (du + 2 * O)), [&](int64_t g) {
     T* base = acc.data() + g * per_group;
     TileGrads<T> tg{n_w1 ? base : nullptr, n_b1 ? base + n_w1 : nullptr,
                     n_w2 ? base + n_w1 + n_b1 : nullptr, n_b2 ? base + n_w1 + n_b1 + n_w2 : nullptr};
@@ -527,9 +527,14 @@ void backward_blas_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
   const int64_t steps = y.size(0), B = y.size(1), O = y.size(2), H = w2.size(1);
   const int64_t du = u.defined() ? u.size(2) : 0;
   const at::Tensor w1u = w1.narrow(1, 0, du), w1x = w1.narrow(1, du, O);
-  const int64_t step_bytes = B * (2 * H + O) * static_cast<int64_t>(y.element_size());
+  // Chunk buffers of at most kChunkBytes, and at most half of what a per-step loop keeps for its
+  // backward (the hidden activations and outputs of every step), so that short rollouts of wide
+  // layers stay within the loop's memory (benchmarks/wide.py).
+  const int64_t itemsize = static_cast<int64_t>(y.element_size());
+  const int64_t step_bytes = B * (2 * H + O) * itemsize;
+  const int64_t budget = std::min(kChunkBytes, steps * B * (H + O) * itemsize / 2);
   const int64_t chunk = std::min({steps, std::max<int64_t>(1, kChunkRows / std::max<int64_t>(B, 1)),
-                                  std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(step_bytes, 1))});
+                                  std::max<int64_t>(1, budget / std::max<int64_t>(step_bytes, 1))});
   const auto opts = y.options();
   const char* remedy = "split the batch into smaller parts";
   at::Tensor h_buf = checked_empty(kBackwardOp, "the recomputed activations", {chunk, B, H}, opts, remedy);
