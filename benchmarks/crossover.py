@@ -3,9 +3,9 @@
     python -m benchmarks.crossover [--batch 256] [--steps 50]
 
 Times a training step (forward + backward of sum(Y^2)) and a forward of the "cpp" backend with
-cpu_path pinned to "tile" and to "blas" (fbfast.set_kernel_options), over widths around the switch rules
-H * (Du + 2 O) <= 262144 with AVX2/AVX-512 and <= 32768 with the portable build
-(csrc/cpu/rollout_cpu.cpp, kTileMaxWorkSimd / kTileMaxWorkBase), and prints which path wins.
+cpu_path pinned to "tile" and to "blas" (fbfast.set_kernel_options), over widths around the switch rules: with AVX2/AVX-512 the tile path takes
+H * (Du + 2 O) <= 262144 for a forward alone and <= 49152 for training, the portable build
+<= 32768 (csrc/cpu/rollout_cpu.cpp, kTileMaxWork*); prints which path wins.
 --isa base measures the portable build's rule.
 """
 

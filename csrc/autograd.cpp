@@ -1,5 +1,9 @@
 // Autograd of fbfast::rollout_forward, for every device: the backward is one call of
-// fbfast::rollout_backward (the fused reverse-time sweep of the device's kernel).
+// fbfast::rollout_backward (the fused reverse-time sweep of the device's kernel), which
+// recomputes the hidden activations from Y and the inputs. On the CPU, for wide layers, the
+// forward instead keeps them (fbfast::rollout_forward_hidden, as much memory as a per-step loop
+// keeps) and the backward reads them (rollout_backward_hidden): there recomputing costs a GEMM
+// per step.
 //
 // It lives in C++ rather than in torch.library.register_autograd because at small shapes the
 // Python autograd.Function costs several times the rollout itself (measured: ~35 us per
@@ -14,6 +18,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/path_rule.h"
 #include "rollout_checks.h"
 
 namespace fbfast {
@@ -73,6 +78,43 @@ Grads6 call_backward(const at::Tensor& grad_y, const at::Tensor& y, const at::Te
   return op.call(grad_y, y, x0, u, w1, b1, w2, delay, truncate, mask);
 }
 
+std::tuple<at::Tensor, at::Tensor> call_forward_hidden(const at::Tensor& x0, const std::optional<at::Tensor>& u,
+                                                       const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                                       const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                                                       const c10::SymInt& steps, int64_t delay) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fbfast::rollout_forward_hidden", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           c10::SymInt, int64_t)>();
+  return op.call(x0, u, w1, b1, w2, b2, steps, delay);
+}
+
+Grads6 call_backward_hidden(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& hidden,
+                            const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w1,
+                            const std::optional<at::Tensor>& b1, const at::Tensor& w2, int64_t delay,
+                            int64_t truncate, std::array<bool, 6> mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fbfast::rollout_backward_hidden", "")
+                       .typed<Grads6(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, const at::Tensor&, int64_t, int64_t,
+                                     std::array<bool, 6>)>();
+  return op.call(grad_y, y, hidden, x0, u, w1, b1, w2, delay, truncate, mask);
+}
+
+// Whether the forward should keep the hidden activations for the backward: on the CPU, for the
+// widths where the kernel takes its BLAS path (csrc/cpu/path_rule.h). Symbolic widths (a
+// dynamic-shape trace) keep the default, recomputing backward.
+bool keep_hidden(const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w2) {
+  // Runs before the operator's argument checks: a shape it cannot read is left to them.
+  if (!x0.device().is_cpu() || w2.dim() != 2 || (u && u->dim() != 3)) return false;
+  const auto du = u ? u->sym_size(2).maybe_as_int() : std::optional<int64_t>(0);
+  const auto o = w2.sym_size(0).maybe_as_int(), h = w2.sym_size(1).maybe_as_int();
+  return du && o && h && cpu::saves_hidden(*du, *o, *h);
+}
+
 std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
@@ -84,13 +126,16 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
                             const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                             const std::optional<at::Tensor>& b2, const c10::SymInt& steps, int64_t delay,
                             int64_t truncate) {
-    at::Tensor y;
+    at::Tensor y, hidden;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      y = call_forward(x0, u, w1, b1, w2, b2, steps, delay, truncate);
+      if (keep_hidden(x0, u, w2))
+        std::tie(y, hidden) = call_forward_hidden(x0, u, w1, b1, w2, b2, steps, delay);
+      else
+        y = call_forward(x0, u, w1, b1, w2, b2, steps, delay, truncate);
     }
     const at::Tensor none;
-    ctx->save_for_backward({x0, u.value_or(none), w1, b1.value_or(none), w2, b2.value_or(none), y});
+    ctx->save_for_backward({x0, u.value_or(none), w1, b1.value_or(none), w2, b2.value_or(none), y, hidden});
     ctx->saved_data["steps"] = steps;
     ctx->saved_data["delay"] = delay;
     ctx->saved_data["truncate"] = truncate;
@@ -100,7 +145,7 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x0 = saved[0], &u = saved[1], &w1 = saved[2], &b1 = saved[3], &w2 = saved[4],
-                     &b2 = saved[5], &y = saved[6];
+                     &b2 = saved[5], &y = saved[6], &hidden = saved[7];
     const c10::SymInt steps = ctx->saved_data["steps"].toSymInt();
     const int64_t delay = ctx->saved_data["delay"].toInt();
     const int64_t truncate = ctx->saved_data["truncate"].toInt();
@@ -144,7 +189,9 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
       }
       return out;
     }
-    auto grads = call_backward(grad_y, y, x0, opt(u), w1, opt(b1), w2, delay, truncate, mask);
+    auto grads = hidden.defined()
+                     ? call_backward_hidden(grad_y, y, hidden, x0, opt(u), w1, opt(b1), w2, delay, truncate, mask)
+                     : call_backward(grad_y, y, x0, opt(u), w1, opt(b1), w2, delay, truncate, mask);
     const at::Tensor g6[6] = {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads),
                               std::get<3>(grads), std::get<4>(grads), std::get<5>(grads)};
     for (int i = 0; i < 6; ++i)

@@ -29,4 +29,14 @@ TORCH_LIBRARY(fbfast, m) {
       "rollout_backward(Tensor grad_y, Tensor y, Tensor x0, Tensor? u, Tensor w1, Tensor? b1, "
       "Tensor w2, int delay, int truncate, bool[6] output_mask) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same rollout keeping every step's hidden activations relu(z_t), (T, B, H), for a
+  // backward that does not recompute them: what autograd uses on the CPU for wide layers, where
+  // the recomputation costs a GEMM per step (csrc/cpu/path_rule.h). CPU and meta kernels only.
+  m.def(
+      "rollout_forward_hidden(Tensor x0, Tensor? u, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+      "SymInt steps, int delay) -> (Tensor, Tensor)");
+  m.def(
+      "rollout_backward_hidden(Tensor grad_y, Tensor y, Tensor hidden, Tensor x0, Tensor? u, Tensor w1, "
+      "Tensor? b1, Tensor w2, int delay, int truncate, bool[6] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

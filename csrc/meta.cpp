@@ -44,11 +44,35 @@ rollout_backward_meta(const at::Tensor& grad_y, const at::Tensor& y, const at::T
           output_mask[5] ? at::empty_symint({s.o}, opts) : at::empty({0}, opts)};
 }
 
+std::tuple<at::Tensor, at::Tensor> rollout_forward_hidden_meta(
+    const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1, const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+    c10::SymInt steps, int64_t delay) {
+  const char* op = "fbfast::rollout_forward_hidden";
+  const RolloutSizes s = check_rollout_args(op, x0, u, w1, b1, w2, b2, steps, delay, 0);
+  check_result_fits(op, s, x0.element_size(), 0);
+  return {at::empty_symint({s.steps, s.batch, s.o}, x0.options()),
+          at::empty_symint({s.steps, s.batch, s.h}, x0.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+rollout_backward_hidden_meta(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& hidden,
+                             const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w1,
+                             const std::optional<at::Tensor>& b1, const at::Tensor& w2, int64_t delay,
+                             int64_t truncate, std::array<bool, 6> output_mask) {
+  const char* op = "fbfast::rollout_backward_hidden";
+  const RolloutSizes s = check_backward_args(op, grad_y, y, x0, u, w1, b1, w2, delay, truncate);
+  check_hidden(op, hidden, s, x0);
+  return rollout_backward_meta(grad_y, y, x0, u, w1, b1, w2, delay, truncate, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fbfast, Meta, m) {
   m.impl("rollout_forward", &rollout_forward_meta);
   m.impl("rollout_backward", &rollout_backward_meta);
+  m.impl("rollout_forward_hidden", &rollout_forward_hidden_meta);
+  m.impl("rollout_backward_hidden", &rollout_backward_hidden_meta);
 }
 
 }  // namespace fbfast

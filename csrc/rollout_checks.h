@@ -102,6 +102,18 @@ inline RolloutSizes check_backward_args(const char* op, const at::Tensor& grad_y
   return s;
 }
 
+// The hidden activations a forward kept for its backward: (T, B, H) in x0's dtype and device.
+inline void check_hidden(const char* op, const at::Tensor& hidden, const RolloutSizes& s, const at::Tensor& x0) {
+  check_dense(op, "hidden", hidden);
+  TORCH_CHECK(hidden.dim() == 3 && hidden.sym_size(0) == s.steps && hidden.sym_size(1) == s.batch &&
+                  hidden.sym_size(2) == s.h,
+              op, ": hidden must be (T=", s.steps, ", B=", s.batch, ", H=", s.h, "), got ", hidden.sym_sizes());
+  TORCH_CHECK(hidden.scalar_type() == x0.scalar_type(), op, ": hidden has dtype ", hidden.scalar_type(),
+              " but x0 has ", x0.scalar_type(), "; all tensors must share one dtype");
+  TORCH_CHECK(hidden.device() == x0.device(), op, ": hidden is on ", hidden.device(), " but x0 is on ", x0.device(),
+              "; all tensors must be on one device");
+}
+
 inline std::string format_bytes(long double bytes) {
   std::ostringstream s;
   s.precision(3);

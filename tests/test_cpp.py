@@ -125,6 +125,47 @@ def test_opcheck_backward(args):
                           (torch.randn_like(y), y, x0, u, w1, b1, w2, delay, truncate, mask))
 
 
+@pytest.mark.parametrize("args", _opcheck_samples())
+def test_opcheck_hidden_variants(args):
+    # The pair autograd uses on the CPU for wide layers: the forward keeps relu(z_t) of every
+    # step, the backward reads it instead of recomputing (csrc/cpu/path_rule.h).
+    x0, u, w1, b1, w2, b2, steps, delay, truncate = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(torch.ops.fbfast.rollout_forward_hidden.default, (x0, u, w1, b1, w2, b2, steps, delay))
+    y, hidden = torch.ops.fbfast.rollout_forward_hidden.default(x0, u, w1, b1, w2, b2, steps, delay)
+    assert torch.equal(y, torch.ops.fbfast.rollout_forward.default(x0, u, w1, b1, w2, b2, steps, delay, 0)) or \
+        torch.allclose(y, torch.ops.fbfast.rollout_forward.default(x0, u, w1, b1, w2, b2, steps, delay, 0),
+                       rtol=1e-5, atol=1e-6)
+    mask = [True, u is not None, True, b1 is not None, True, b2 is not None]
+    gy = torch.randn_like(y)
+    args_b = (gy, y, hidden, x0, u, w1, b1, w2, delay, truncate, mask)
+    torch.library.opcheck(torch.ops.fbfast.rollout_backward_hidden.default, args_b)
+    with fbfast.kernel_options(cpu_path="blas"):
+        expected = torch.ops.fbfast.rollout_backward.default(gy, y, x0, u, w1, b1, w2, delay, truncate, mask)
+    for a, b in zip(torch.ops.fbfast.rollout_backward_hidden.default(*args_b), expected):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["tile", "blas", "auto"])
+def test_wide_training_keeps_hidden_only_on_the_blas_path(path):
+    # Autograd saves the forward's hidden activations exactly where the kernel takes its BLAS
+    # path; either way the gradients equal the reference's.
+    p = make_problem(5, 2, 3, 7, 6, delay=2, truncate=4)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with cpu_variant(path):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = p.run("cpp")
+        got = grads(y, p.inputs(), torch.ones_like(y))
+    keeps = path == "blas"  # at these widths "auto" takes the tile path
+    assert any(tuple(t.shape) == (6, 5, 7) for t in saved) == keeps, [tuple(t.shape) for t in saved]
+    for a, b in zip(got, grads(p.reference(), p.inputs(), torch.ones_like(y))):
+        assert_close(a, b, torch.float64, "grad")
+
+
 def test_backward_masks_return_empty_for_unwanted():
     p = make_problem(4, 2, 3, 5, 6, delay=2, requires_grad=False)
     y = p.run("cpp")
@@ -252,3 +293,13 @@ def test_empty_result_with_huge_steps_does_not_loop():
         assert y.shape == (10**12, 0, 2)
         g, = torch.autograd.grad(y.sum(), w1, create_graph=True)
         assert torch.equal(g, torch.zeros_like(w1))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_backward_hidden_refuses_a_wrong_hidden(device):
+    p = make_problem(4, 2, 3, 5, 6, requires_grad=False)
+    y, hidden = torch.ops.fbfast.rollout_forward_hidden.default(p.x0, p.u, p.w1, p.b1, p.w2, p.b2, 6, 1)
+    args = [torch.ones_like(y), y, hidden[:, :, :4], p.x0, p.u, p.w1, p.b1, p.w2, 1, 0, [True] * 6]
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    with pytest.raises(RuntimeError, match=r"hidden must be \(T=6, B=4, H=5\), got \[6, 4, 4\]"):
+        torch.ops.fbfast.rollout_backward_hidden.default(*args)

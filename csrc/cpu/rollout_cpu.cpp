@@ -9,7 +9,7 @@
 //    (MKL/OpenBLAS through ATen, itself multi-threaded) with a fused bias+ReLU epilogue. The
 //    backward recomputes z for a chunk of steps in one GEMM and forms dW1, dW2, du as a few
 //    GEMMs over chunk_steps x B rows; only the feedback adjoint is walked step by step.
-// The crossover between them was measured with benchmarks/crossover.py (see tile_max_work).
+// The crossovers between them were measured with benchmarks/crossover.py (kTileMaxWork*).
 //
 // Process settings (a pinned instruction set or path) are read from the environment once, when
 // the library loads, and changed afterwards only through the fbfast::cpu_options operator
@@ -32,6 +32,7 @@
 
 #include "../rollout_checks.h"
 #include "parallel.h"
+#include "path_rule.h"
 #include "tile_params.h"
 
 namespace fbfast::cpu {
@@ -51,11 +52,15 @@ constexpr int64_t kWideBackwardTileRows = 64;
 constexpr int64_t kWideWork = 32768;
 constexpr int64_t kMaxGroups = 8;
 // "Work" is one step's multiply-adds per batch row, H * (Du + 2 O). The tile path holds the
-// weights in L1/L2 and keeps a copy of the weight gradients per group of tiles, so it wins
-// while the weights are small: with AVX2 or AVX-512 up to about (O, H) = (256, 512) on this
-// project's machines, and it lost to per-step MKL GEMMs at width 1024 (benchmarks/crossover.py;
-// MKL does not use AVX-512 on AMD CPUs). The portable build loses to BLAS above 32768.
+// weights in L1/L2, so its forward wins while they are small: with AVX2 or AVX-512 up to about
+// (O, H) = (512, 512) on this project's machines, losing to per-step MKL GEMMs at width 1024
+// (benchmarks/crossover.py; MKL does not use AVX-512 on AMD CPUs). Its backward also updates a
+// copy of the weight gradients per group of tiles at every step, and at width 256 it lost to
+// the per-step loop in short rollouts (benchmarks/crossover.py --steps 4), while the BLAS path
+// with the hidden activations kept (rollout_forward_hidden) matched it; so training takes the
+// tile path only up to a smaller work. The portable build loses to BLAS above 32768.
 constexpr int64_t kTileMaxWorkSimd = 262144;
+constexpr int64_t kTileMaxWorkSimdTraining = 49152;
 constexpr int64_t kTileMaxWorkBase = 32768;
 // Rows per backward chunk of the BLAS path, and a cap on its chunk buffers (rows x (2H + O)
 // elements): large enough for efficient GEMMs, small beside what the per-step loop keeps.
@@ -149,10 +154,14 @@ std::vector<std::string> cpu_options(const std::optional<std::string>& isa, cons
   return previous;
 }
 
-Path choose_path(int64_t du, int64_t o, int64_t h) {
+// for_training: the path of a backward, and of a forward whose backward follows (autograd asks
+// through saves_hidden); a forward alone may take the tile path at larger widths.
+Path choose_path(int64_t du, int64_t o, int64_t h, bool for_training) {
   const Path pinned = static_cast<Path>(g_path.load(std::memory_order_relaxed));
   if (pinned != Path::kAuto) return pinned;
-  const int64_t max_work = active_isa() == Isa::kBase ? kTileMaxWorkBase : kTileMaxWorkSimd;
+  const int64_t max_work = active_isa() == Isa::kBase ? kTileMaxWorkBase
+                           : for_training             ? kTileMaxWorkSimdTraining
+                                                      : kTileMaxWorkSimd;
   return h * (du + 2 * o) <= max_work ? Path::kTile : Path::kBlas;
 }
 
@@ -362,14 +371,17 @@ void first_layer_(at::Tensor& h, const at::Tensor& u, const at::Tensor& x, const
   bias_relu_(h, b1);
 }
 
+// hidden: (T, B, H) to keep every step's relu(z_t) for the backward, or undefined.
 void forward_blas_path(const at::Tensor& x0, const at::Tensor& u, const at::Tensor& w1,
                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                       int64_t steps, int64_t delay, at::Tensor& y) {
+                       int64_t steps, int64_t delay, at::Tensor& y, const at::Tensor& hidden = at::Tensor()) {
   const int64_t du = u.defined() ? u.size(2) : 0, B = x0.size(1), H = w2.size(1);
   const at::Tensor w1u = w1.narrow(1, 0, du), w1x = w1.narrow(1, du, w1.size(1) - du);
-  at::Tensor h = checked_empty(kForwardOp, "the hidden activations", {B, H}, y.options(),
-                               "split the batch into smaller parts");
+  at::Tensor buffer = hidden.defined() ? at::Tensor()
+                                       : checked_empty(kForwardOp, "the hidden activations", {B, H}, y.options(),
+                                                       "split the batch into smaller parts");
   for (const auto t : c10::irange(steps)) {
+    at::Tensor h = hidden.defined() ? hidden.select(0, t) : buffer;
     const at::Tensor x = t < delay ? x0.select(0, t) : y.select(0, t - delay);
     first_layer_(h, du ? u.select(0, t) : at::Tensor(), x, w1u, w1x, b1);
     at::Tensor yt = y.select(0, t);
@@ -395,7 +407,7 @@ at::Tensor rollout_forward_cpu(const at::Tensor& x0_in, const std::optional<at::
                                "use fewer steps or a smaller batch, or run the rollout in chunks");
   if (steps == 0 || B == 0 || O == 0) return y;
   const int64_t du = u.defined() ? u.size(2) : 0;
-  if (choose_path(du, O, H) == Path::kTile) {
+  if (choose_path(du, O, H, /*for_training=*/false) == Path::kTile) {
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_forward_tile", [&] {
       forward_tile_path<scalar_t>(x0, u, w1, b1, w2, b2, steps, delay, y);
     });
@@ -521,9 +533,12 @@ void fused_rows_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cons
   });
 }
 
+// hidden: the forward's relu(z_t) of every step, (T, B, H), or undefined to recompute them
+// chunk by chunk.
 void backward_blas_path(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
                         const at::Tensor& u, const at::Tensor& w1, const at::Tensor& b1,
-                        const at::Tensor& w2, int64_t delay, int64_t truncate, Grads& out) {
+                        const at::Tensor& w2, int64_t delay, int64_t truncate, Grads& out,
+                        const at::Tensor& hidden = at::Tensor()) {
   const int64_t steps = y.size(0), B = y.size(1), O = y.size(2), H = w2.size(1);
   const int64_t du = u.defined() ? u.size(2) : 0;
   const at::Tensor w1u = w1.narrow(1, 0, du), w1x = w1.narrow(1, du, O);
@@ -531,13 +546,15 @@ void backward_blas_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
   // backward (the hidden activations and outputs of every step), so that short rollouts of wide
   // layers stay within the loop's memory (benchmarks/wide.py).
   const int64_t itemsize = static_cast<int64_t>(y.element_size());
-  const int64_t step_bytes = B * (2 * H + O) * itemsize;
+  const int64_t step_bytes = B * ((hidden.defined() ? 1 : 2) * H + O) * itemsize;
   const int64_t budget = std::min(kChunkBytes, steps * B * (H + O) * itemsize / 2);
   const int64_t chunk = std::min({steps, std::max<int64_t>(1, kChunkRows / std::max<int64_t>(B, 1)),
                                   std::max<int64_t>(1, budget / std::max<int64_t>(step_bytes, 1))});
   const auto opts = y.options();
   const char* remedy = "split the batch into smaller parts";
-  at::Tensor h_buf = checked_empty(kBackwardOp, "the recomputed activations", {chunk, B, H}, opts, remedy);
+  at::Tensor h_buf = hidden.defined()
+                         ? at::Tensor()
+                         : checked_empty(kBackwardOp, "the recomputed activations", {chunk, B, H}, opts, remedy);
   at::Tensor dz_buf = checked_empty(kBackwardOp, "the activation adjoints", {chunk, B, H}, opts, remedy);
   at::Tensor g_buf = checked_empty(kBackwardOp, "the output adjoints", {chunk, B, O}, opts, remedy);
   // Adjoint into y_{t-k}, slot t % k; t % k < min(k, steps), so no more slots are needed.
@@ -562,17 +579,18 @@ void backward_blas_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
       xc = at::cat(parts, 0).reshape({rows, O});
     }
     at::Tensor uc = du ? u.narrow(0, t0, n).reshape({rows, du}) : at::Tensor();
-    at::Tensor hc = h_buf.narrow(0, 0, n).view({rows, H});
+    const at::Tensor h_chunk = hidden.defined() ? hidden.narrow(0, t0, n) : h_buf.narrow(0, 0, n);
+    at::Tensor hc = h_chunk.view({rows, H});
     at::Tensor dzc = dz_buf.narrow(0, 0, n).view({rows, H});
     at::Tensor gc = g_buf.narrow(0, 0, n).view({rows, O});
-    first_layer_(hc, uc, xc, w1u, w1x, b1);
+    if (!hidden.defined()) first_layer_(hc, uc, xc, w1u, w1x, b1);
     for (int64_t t = t1 - 1; t >= t0; --t) {
       const int64_t i = t - t0;
       at::Tensor slot = ring.select(0, t % delay);
       at::Tensor g = g_buf.select(0, i), dz = dz_buf.select(0, i);
       fused_rows_(g, grad_y.select(0, t), slot, at::Tensor(), out.b2);
       at::mm_out(dz, g, w2);
-      fused_rows_(dz, dz, at::Tensor(), h_buf.select(0, i), out.b1);
+      fused_rows_(dz, dz, at::Tensor(), h_chunk.select(0, i), out.b1);
       if (t >= delay) {
         if (truncate && t % truncate == 0)
           slot.zero_();
@@ -624,7 +642,7 @@ rollout_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const 
           output_mask[4] ? zeros("the gradient of w2", w2.sizes()) : at::Tensor(),
           output_mask[5] ? zeros("the gradient of b2", {O}) : at::Tensor()};
   if (steps > 0 && B > 0 && O > 0) {
-    if (choose_path(du, O, H) == Path::kTile) {
+    if (choose_path(du, O, H, /*for_training=*/true) == Path::kTile) {
       AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_backward_tile", [&] {
         backward_tile_path<scalar_t>(grad_y, y, x0, u, w1, b1, w2, delay, truncate, g);
       });
@@ -636,11 +654,69 @@ rollout_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const 
   return {or_empty(g.x0), or_empty(g.u), or_empty(g.w1), or_empty(g.b1), or_empty(g.w2), or_empty(g.b2)};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Training wide layers: the forward keeps every step's hidden activations, as a per-step loop
+// does, so that the backward need not recompute them. There the recomputation is one GEMM of
+// the loop's six per step (about 1/6 of a training step, benchmarks/wide.py), while the memory
+// is what the loop keeps anyway. csrc/autograd.cpp takes these when saves_hidden() says so.
+
+std::tuple<at::Tensor, at::Tensor> rollout_forward_hidden_cpu(
+    const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in, const at::Tensor& w1_in,
+    const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
+    int64_t steps, int64_t delay) {
+  const char* op = "fbfast::rollout_forward_hidden (CPU)";
+  const RolloutSizes sizes =
+      check_dtype(op, check_rollout_args(op, x0_in, u_in, w1_in, b1_in, w2_in, b2_in, steps, delay, 0), x0_in);
+  check_result_fits(op, sizes, x0_in.element_size(), host_memory_bytes());
+  const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in), b2 = opt_or_undefined(b2_in);
+  const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
+  const char* remedy = "use fewer steps or a smaller batch, or run the rollout in chunks";
+  at::Tensor y = checked_empty(op, "the result Y", {steps, B, O}, x0.options(), remedy);
+  at::Tensor hidden = checked_empty(op, "the hidden activations kept for the backward", {steps, B, H},
+                                    x0.options(), remedy);
+  if (steps > 0 && B > 0 && O > 0) forward_blas_path(x0, u, w1, b1, w2, b2, steps, delay, y, hidden);
+  return {y, hidden};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+rollout_backward_hidden_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const at::Tensor& hidden_in,
+                            const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in, const at::Tensor& w1_in,
+                            const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in, int64_t delay,
+                            int64_t truncate, std::array<bool, 6> output_mask) {
+  const char* op = "fbfast::rollout_backward_hidden (CPU)";
+  const RolloutSizes sizes = check_dtype(
+      op, check_backward_args(op, grad_y_in, y_in, x0_in, u_in, w1_in, b1_in, w2_in, delay, truncate), x0_in);
+  check_hidden(op, hidden_in, sizes, x0_in);
+  const int64_t steps = y_in.size(0);
+  const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous(), hidden = hidden_in.contiguous();
+  const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in);
+  const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
+  const auto opts = x0.options();
+  auto zeros = [&](const char* what, at::IntArrayRef shape) {
+    return checked_empty(op, what, shape, opts, "split the batch into smaller parts").zero_();
+  };
+  Grads g{output_mask[0] ? zeros("the gradient of x0", x0_in.sizes()) : at::Tensor(),
+          output_mask[1] && u.defined() ? zeros("the gradient of u", u.sizes()) : at::Tensor(),
+          output_mask[2] ? zeros("the gradient of w1", w1.sizes()) : at::Tensor(),
+          output_mask[3] && b1.defined() ? zeros("the gradient of b1", {H}) : at::Tensor(),
+          output_mask[4] ? zeros("the gradient of w2", w2.sizes()) : at::Tensor(),
+          output_mask[5] ? zeros("the gradient of b2", {O}) : at::Tensor()};
+  if (steps > 0 && B > 0 && O > 0) backward_blas_path(grad_y, y, x0, u, w1, b1, w2, delay, truncate, g, hidden);
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
+  return {or_empty(g.x0), or_empty(g.u), or_empty(g.w1), or_empty(g.b1), or_empty(g.w2), or_empty(g.b2)};
+}
+
 }  // namespace
+
+bool saves_hidden(int64_t du, int64_t o, int64_t h) { return choose_path(du, o, h, true) == Path::kBlas; }
 
 TORCH_LIBRARY_IMPL(fbfast, CPU, m) {
   m.impl("rollout_forward", &rollout_forward_cpu);
   m.impl("rollout_backward", &rollout_backward_cpu);
+  m.impl("rollout_forward_hidden", &rollout_forward_hidden_cpu);
+  m.impl("rollout_backward_hidden", &rollout_backward_hidden_cpu);
 }
 
 // A device-less operator: the one way to change the CPU kernels' process settings while other
