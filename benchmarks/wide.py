@@ -72,7 +72,9 @@ def _child(width: int, batch: int, reps: int) -> dict:
             times[name].append(time.perf_counter() - start)
     for name, ts in times.items():
         out[f"{name}_ms"] = statistics.median(ts) * 1e3
-    out["path"] = "tile" if width * (2 * width) <= 262144 else "blas"  # csrc/cpu/rollout_cpu.cpp
+    # The training rule of csrc/cpu/rollout_cpu.cpp (choose_path) at these shapes.
+    work = width * 2 * width
+    out["path"] = "tile" if work <= 32768 or (work <= 262144 and batch >= 256 and STEPS >= 16) else "blas"
     return out
 
 

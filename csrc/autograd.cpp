@@ -107,12 +107,14 @@ Grads6 call_backward_hidden(const at::Tensor& grad_y, const at::Tensor& y, const
 // Whether the forward should keep the hidden activations for the backward: on the CPU, for the
 // widths where the kernel takes its BLAS path (csrc/cpu/path_rule.h). Symbolic widths (a
 // dynamic-shape trace) keep the default, recomputing backward.
-bool keep_hidden(const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w2) {
+bool keep_hidden(const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w2,
+                 const c10::SymInt& steps) {
   // Runs before the operator's argument checks: a shape it cannot read is left to them.
-  if (!x0.device().is_cpu() || w2.dim() != 2 || (u && u->dim() != 3)) return false;
+  if (!x0.device().is_cpu() || x0.dim() != 3 || w2.dim() != 2 || (u && u->dim() != 3)) return false;
   const auto du = u ? u->sym_size(2).maybe_as_int() : std::optional<int64_t>(0);
   const auto o = w2.sym_size(0).maybe_as_int(), h = w2.sym_size(1).maybe_as_int();
-  return du && o && h && cpu::saves_hidden(*du, *o, *h);
+  const auto batch = x0.sym_size(1).maybe_as_int(), t = steps.maybe_as_int();
+  return du && o && h && batch && t && cpu::saves_hidden(*du, *o, *h, *batch, *t);
 }
 
 std::optional<at::Tensor> opt(const at::Tensor& t) {
@@ -129,7 +131,7 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
     at::Tensor y, hidden;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      if (keep_hidden(x0, u, w2))
+      if (keep_hidden(x0, u, w2, steps))
         std::tie(y, hidden) = call_forward_hidden(x0, u, w1, b1, w2, b2, steps, delay);
       else
         y = call_forward(x0, u, w1, b1, w2, b2, steps, delay, truncate);

@@ -55,12 +55,13 @@ constexpr int64_t kMaxGroups = 8;
 // weights in L1/L2, so its forward wins while they are small: with AVX2 or AVX-512 up to about
 // (O, H) = (512, 512) on this project's machines, losing to per-step MKL GEMMs at width 1024
 // (benchmarks/crossover.py; MKL does not use AVX-512 on AMD CPUs). Its backward also updates a
-// copy of the weight gradients per group of tiles at every step, and at width 256 it lost to
-// the per-step loop in short rollouts (benchmarks/crossover.py --steps 4), while the BLAS path
-// with the hidden activations kept (rollout_forward_hidden) matched it; so training takes the
-// tile path only up to a smaller work. The portable build loses to BLAS above 32768.
+// copy of the weight gradients per group of tiles at every step, which pays off only over
+// enough rows and steps: above kWideWork it lost to the per-step loop with B = 64 (one tile,
+// no parallelism) and in 4-step rollouts, and won with B >= 256 over 16 steps or more
+// (benchmarks/crossover.py, --batch/--steps). The portable build loses to BLAS above 32768.
 constexpr int64_t kTileMaxWorkSimd = 262144;
-constexpr int64_t kTileMaxWorkSimdTraining = 49152;
+constexpr int64_t kTileMinTrainingRows = 256;
+constexpr int64_t kTileMinTrainingSteps = 16;
 constexpr int64_t kTileMaxWorkBase = 32768;
 // Rows per backward chunk of the BLAS path, and a cap on its chunk buffers (rows x (2H + O)
 // elements): large enough for efficient GEMMs, small beside what the per-step loop keeps.
@@ -155,14 +156,15 @@ std::vector<std::string> cpu_options(const std::optional<std::string>& isa, cons
 }
 
 // for_training: the path of a backward, and of a forward whose backward follows (autograd asks
-// through saves_hidden); a forward alone may take the tile path at larger widths.
-Path choose_path(int64_t du, int64_t o, int64_t h, bool for_training) {
+// through saves_hidden); a forward alone takes the tile path at any work it wins.
+Path choose_path(int64_t du, int64_t o, int64_t h, bool for_training, int64_t batch, int64_t steps) {
   const Path pinned = static_cast<Path>(g_path.load(std::memory_order_relaxed));
   if (pinned != Path::kAuto) return pinned;
-  const int64_t max_work = active_isa() == Isa::kBase ? kTileMaxWorkBase
-                           : for_training             ? kTileMaxWorkSimdTraining
-                                                      : kTileMaxWorkSimd;
-  return h * (du + 2 * o) <= max_work ? Path::kTile : Path::kBlas;
+  const int64_t work = h * (du + 2 * o);
+  if (active_isa() == Isa::kBase) return work <= kTileMaxWorkBase ? Path::kTile : Path::kBlas;
+  if (work > kTileMaxWorkSimd) return Path::kBlas;
+  if (!for_training || work <= kWideWork) return Path::kTile;
+  return batch >= kTileMinTrainingRows && steps >= kTileMinTrainingSteps ? Path::kTile : Path::kBlas;
 }
 
 int64_t host_memory_bytes() {
@@ -407,7 +409,7 @@ at::Tensor rollout_forward_cpu(const at::Tensor& x0_in, const std::optional<at::
                                "use fewer steps or a smaller batch, or run the rollout in chunks");
   if (steps == 0 || B == 0 || O == 0) return y;
   const int64_t du = u.defined() ? u.size(2) : 0;
-  if (choose_path(du, O, H, /*for_training=*/false) == Path::kTile) {
+  if (choose_path(du, O, H, /*for_training=*/false, B, steps) == Path::kTile) {
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_forward_tile", [&] {
       forward_tile_path<scalar_t>(x0, u, w1, b1, w2, b2, steps, delay, y);
     });
@@ -497,40 +499,16 @@ void backward_tile_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
 }
 
 // out = a (+ b), zeroed where mask <= 0 (torch's relu backward, so NaN passes), and
-// col_sum += the column sums of out: the elementwise work of one backward step in one pass
-// over memory instead of three (add, threshold_backward, sum). Parallel over column blocks,
-// each column summed by one thread in row order (in double): identical for any thread count.
+// col_sum += the column sums of out: the elementwise work of one backward step. ATen's
+// vectorized kernels, measured faster than one fused scalar pass (benchmarks/crossover.py).
 void fused_rows_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& mask,
                  at::Tensor& col_sum) {
-  constexpr int64_t kCols = 64;
-  const int64_t rows = out.size(0), cols = out.size(1);
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fbfast_fused_rows", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t* pa = a.data_ptr<scalar_t>();
-    const scalar_t* pb = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pm = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
-    scalar_t* ps = col_sum.defined() ? col_sum.data_ptr<scalar_t>() : nullptr;
-    // Whole column blocks per thread; small problems run on the calling thread only.
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(rows * kCols, 1));
-    at::parallel_for(0, (cols + kCols - 1) / kCols, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t cb = c0; cb < c1; ++cb) {
-        const int64_t j0 = cb * kCols, nj = std::min(kCols, cols - j0);
-        double acc[kCols] = {};
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t off = r * cols + j0;
-          for (int64_t j = 0; j < nj; ++j) {
-            scalar_t v = pa[off + j];
-            if (pb) v += pb[off + j];
-            if (pm && pm[off + j] <= scalar_t(0)) v = scalar_t(0);
-            o[off + j] = v;
-            acc[j] += v;
-          }
-        }
-        if (ps)
-          for (int64_t j = 0; j < nj; ++j) ps[j0 + j] += static_cast<scalar_t>(acc[j]);
-      }
-    });
-  });
+  if (b.defined())
+    at::add_out(out, a, b);
+  else if (!out.is_same(a))
+    out.copy_(a);
+  if (mask.defined()) at::threshold_backward_out(out, out, mask, 0);
+  if (col_sum.defined()) col_sum.add_(out.sum(0));
 }
 
 // hidden: the forward's relu(z_t) of every step, (T, B, H), or undefined to recompute them
@@ -642,7 +620,7 @@ rollout_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const 
           output_mask[4] ? zeros("the gradient of w2", w2.sizes()) : at::Tensor(),
           output_mask[5] ? zeros("the gradient of b2", {O}) : at::Tensor()};
   if (steps > 0 && B > 0 && O > 0) {
-    if (choose_path(du, O, H, /*for_training=*/true) == Path::kTile) {
+    if (choose_path(du, O, H, /*for_training=*/true, B, steps) == Path::kTile) {
       AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_backward_tile", [&] {
         backward_tile_path<scalar_t>(grad_y, y, x0, u, w1, b1, w2, delay, truncate, g);
       });
@@ -710,7 +688,9 @@ rollout_backward_hidden_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in,
 
 }  // namespace
 
-bool saves_hidden(int64_t du, int64_t o, int64_t h) { return choose_path(du, o, h, true) == Path::kBlas; }
+bool saves_hidden(int64_t du, int64_t o, int64_t h, int64_t batch, int64_t steps) {
+  return choose_path(du, o, h, true, batch, steps) == Path::kBlas;
+}
 
 TORCH_LIBRARY_IMPL(fbfast, CPU, m) {
   m.impl("rollout_forward", &rollout_forward_cpu);
