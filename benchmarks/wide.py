@@ -5,8 +5,10 @@
 For each width (O = H, Du = 0, T = 4 steps) and batch, a child process that runs nothing else
 builds one network, warms both up, then times training steps (zero grads, rollout, mean square,
 backward) of the per-step loop and of `fbfast.rollout` taken in turn, and measures each one's
-peak RSS over one step (the peak reset to the current RSS just before, after a warm-up step
-has allocated the gradients). The goal it checks: at every width, fbfast's training step takes
+peak memory over one step two ways: the peak RSS (reset to the current RSS just before, after a
+warm-up step has allocated the gradients; it counts the tile path's own buffers, but a step
+that fits in memory the process already holds shows ~0), and the peak of torch's allocator
+(exact tensor bytes, benchmarks/memory.py). The goal it checks: at every width, fbfast's training step takes
 no more time than the loop's and at most 1.5x its peak memory.
 """
 
@@ -31,6 +33,8 @@ def _child(width: int, batch: int, reps: int) -> dict:
     import torch
 
     import fbfast
+
+    from .memory import _allocator_peak
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -64,6 +68,7 @@ def _child(width: int, batch: int, reps: int) -> dict:
         base = status("VmRSS")
         step(fn)
         out[f"{name}_peak_mib"] = (status("VmHWM") - base) / MIB
+        out[f"{name}_alloc_mib"] = _allocator_peak(lambda: step(fn)) / MIB
     times = {"loop": [], "fbfast": []}
     for _ in range(reps):
         for name, fn in (("loop", loop), ("fbfast", fused)):
@@ -94,8 +99,9 @@ def main(argv=None) -> None:
     print(f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
           f"Training step, T = {STEPS}, Du = 0, O = H = width, float32; median of {args.reps} in turn.")
-    print("| width | B | path | loop ms | fbfast ms | time vs loop | loop MiB | fbfast MiB | memory vs loop |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| width | B | path | loop ms | fbfast ms | time vs loop | loop MiB | fbfast MiB | RSS vs loop | "
+          "loop alloc MiB | fbfast alloc MiB | alloc vs loop |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for batch in batches:
         for width in widths:
@@ -109,7 +115,8 @@ def main(argv=None) -> None:
             rows.append(r)
             print(f"| {width} | {batch} | {r['path']} | {r['loop_ms']:.1f} | {r['fbfast_ms']:.1f} | "
                   f"{r['fbfast_ms'] / r['loop_ms']:.2f}x | {r['loop_peak_mib']:.1f} | {r['fbfast_peak_mib']:.1f} | "
-                  f"{r['fbfast_peak_mib'] / max(r['loop_peak_mib'], 1e-9):.2f}x |", flush=True)
+                  f"{r['fbfast_peak_mib'] / max(r['loop_peak_mib'], 1e-9):.2f}x | {r['loop_alloc_mib']:.1f} | "
+                  f"{r['fbfast_alloc_mib']:.1f} | {r['fbfast_alloc_mib'] / max(r['loop_alloc_mib'], 1e-9):.2f}x |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=platform.processor() or platform.machine(), torch=torch.__version__,
