@@ -423,9 +423,34 @@ at::Tensor rollout_forward_cpu(const at::Tensor& x0_in, const std::optional<at::
 // ---------------------------------------------------------------------------------------------
 // Backward
 
+// The backward's outputs; a gradient that is not asked for is undefined here and an empty
+// (0,) tensor in the operator's result.
 struct Grads {
   at::Tensor x0, u, w1, b1, w2, b2;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple(
+      const at::TensorOptions& opts) const {
+    auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
+    return {or_empty(x0), or_empty(u), or_empty(w1), or_empty(b1), or_empty(w2), or_empty(b2)};
+  }
 };
+
+// Gradients that are asked for start at zero: steps t < k that never run (steps < delay) and
+// zero-size inputs then come out right without special cases. x0's gradient has the full shape
+// of the x0 passed in; the kernels write its first min(delay, steps) slots.
+Grads zero_grads(const char* op, const at::Tensor& x0_in, const at::Tensor& u, const at::Tensor& w1,
+                 const at::Tensor& b1, const at::Tensor& w2, std::array<bool, 6> mask) {
+  const auto opts = x0_in.options();
+  auto zeros = [&](const char* what, at::IntArrayRef shape) {
+    return checked_empty(op, what, shape, opts, "split the batch into smaller parts").zero_();
+  };
+  return Grads{mask[0] ? zeros("the gradient of x0", x0_in.sizes()) : at::Tensor(),
+               mask[1] && u.defined() ? zeros("the gradient of u", u.sizes()) : at::Tensor(),
+               mask[2] ? zeros("the gradient of w1", w1.sizes()) : at::Tensor(),
+               mask[3] && b1.defined() ? zeros("the gradient of b1", {w1.size(0)}) : at::Tensor(),
+               mask[4] ? zeros("the gradient of w2", w2.sizes()) : at::Tensor(),
+               mask[5] ? zeros("the gradient of b2", {w2.size(0)}) : at::Tensor()};
+}
 
 template <typename T>
 void backward_tile_path(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
@@ -606,19 +631,7 @@ rollout_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const 
   const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
   const int64_t du = u.defined() ? u.size(2) : 0;
 
-  // Gradients that are asked for start at zero: steps t < k that never run (steps < delay)
-  // and zero-size inputs then come out right without special cases. x0's gradient has x0's
-  // full shape; the kernels write its first min(delay, steps) slots.
-  const auto opts = x0.options();
-  auto zeros = [&](const char* what, at::IntArrayRef shape) {
-    return checked_empty(kBackwardOp, what, shape, opts, "split the batch into smaller parts").zero_();
-  };
-  Grads g{output_mask[0] ? zeros("the gradient of x0", x0_in.sizes()) : at::Tensor(),
-          output_mask[1] && u.defined() ? zeros("the gradient of u", u.sizes()) : at::Tensor(),
-          output_mask[2] ? zeros("the gradient of w1", w1.sizes()) : at::Tensor(),
-          output_mask[3] && b1.defined() ? zeros("the gradient of b1", {H}) : at::Tensor(),
-          output_mask[4] ? zeros("the gradient of w2", w2.sizes()) : at::Tensor(),
-          output_mask[5] ? zeros("the gradient of b2", {O}) : at::Tensor()};
+  Grads g = zero_grads(kBackwardOp, x0_in, u, w1, b1, w2, output_mask);
   if (steps > 0 && B > 0 && O > 0) {
     if (choose_path(du, O, H, /*for_training=*/true, B, steps) == Path::kTile) {
       AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_backward_tile", [&] {
@@ -628,8 +641,7 @@ rollout_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const 
       backward_blas_path(grad_y, y, x0, u, w1, b1, w2, delay, truncate, g);
     }
   }
-  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
-  return {or_empty(g.x0), or_empty(g.u), or_empty(g.w1), or_empty(g.b1), or_empty(g.w2), or_empty(g.b2)};
+  return g.as_tuple(x0.options());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -671,19 +683,9 @@ rollout_backward_hidden_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in,
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous(), hidden = hidden_in.contiguous();
   const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in);
   const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
-  const auto opts = x0.options();
-  auto zeros = [&](const char* what, at::IntArrayRef shape) {
-    return checked_empty(op, what, shape, opts, "split the batch into smaller parts").zero_();
-  };
-  Grads g{output_mask[0] ? zeros("the gradient of x0", x0_in.sizes()) : at::Tensor(),
-          output_mask[1] && u.defined() ? zeros("the gradient of u", u.sizes()) : at::Tensor(),
-          output_mask[2] ? zeros("the gradient of w1", w1.sizes()) : at::Tensor(),
-          output_mask[3] && b1.defined() ? zeros("the gradient of b1", {H}) : at::Tensor(),
-          output_mask[4] ? zeros("the gradient of w2", w2.sizes()) : at::Tensor(),
-          output_mask[5] ? zeros("the gradient of b2", {O}) : at::Tensor()};
+  Grads g = zero_grads(op, x0_in, u, w1, b1, w2, output_mask);
   if (steps > 0 && B > 0 && O > 0) backward_blas_path(grad_y, y, x0, u, w1, b1, w2, delay, truncate, g, hidden);
-  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
-  return {or_empty(g.x0), or_empty(g.u), or_empty(g.w1), or_empty(g.b1), or_empty(g.w2), or_empty(g.b2)};
+  return g.as_tuple(x0.options());
 }
 
 }  // namespace
