@@ -180,17 +180,18 @@ int64_t available_memory_bytes() {
   return pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : int64_t(0);
 }
 
-// The message of a workspace allocation that failed: what it was for, the sizes, how much it
-// needed, and how many batch rows would fit in the memory available now.
+// The message of a tile-path workspace allocation that failed: what it was for, the sizes, how
+// much it needed against what is available now, and what would fit. These buffers (packed
+// copies of the weights, per-tile activations, gradient accumulators) grow with the widths,
+// not with the batch, and the BLAS path keeps none of them.
 [[noreturn]] void workspace_failed(const char* op, const char* what, int64_t B, int64_t du, int64_t O, int64_t H,
-                                   int64_t steps, long double bytes, long double bytes_per_row) {
+                                   int64_t steps, long double bytes) {
   const int64_t available = available_memory_bytes();
-  std::string fit;
-  if (available > 0 && bytes_per_row > 0)
-    fit = ", about " + std::to_string(static_cast<int64_t>(available / bytes_per_row)) + " rows fit in the " +
-          format_bytes(available) + " available now";
   TORCH_CHECK(false, op, ": out of memory: the ", what, " needs ", format_bytes(bytes), " for B=", B, ", Du=", du,
-              ", O=", O, ", H=", H, ", steps=", steps, "; split the batch into smaller parts", fit);
+              ", O=", O, ", H=", H, ", steps=", steps, "; ",
+              available > 0 ? format_bytes(available) + " of memory is available now" : std::string("memory is short"),
+              ". The BLAS path needs none of these buffers: fbfast.set_kernel_options(cpu_path='blas'); or use "
+              "narrower layers");
 }
 
 RolloutSizes check_dtype(const char* op, const RolloutSizes& sizes, const at::Tensor& x0) {
@@ -322,7 +323,7 @@ void forward_tile_path(const at::Tensor& x0, const at::Tensor& u, const at::Tens
                b2.defined() ? b2.data_ptr<T>() : nullptr, false);
   } catch (const std::bad_alloc&) {
     workspace_failed(kForwardOp, "packed weights", B, p.du, p.o, p.h, steps,
-                     PackedWeights<T>::size(p, false) * sizeof(T), 0);
+                     PackedWeights<T>::size(p, false) * sizeof(T));
   }
   p.w1u_t = pw->w1u_t;
   p.w1x_t = pw->w1x_t;
@@ -342,7 +343,7 @@ void forward_tile_path(const at::Tensor& x0, const at::Tensor& u, const at::Tens
   });
   if (!ok)
     workspace_failed(kForwardOp, "tile workspace", B, p.du, p.o, p.h, steps,
-                     static_cast<long double>(threads) * rows * p.ld_h * sizeof(T), 0);
+                     static_cast<long double>(threads) * rows * p.ld_h * sizeof(T));
 }
 
 // out = relu(out + b) in one pass over the GEMM result: the fused epilogue of the first layer.
@@ -478,7 +479,7 @@ void backward_tile_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
     acc.assign(static_cast<size_t>(groups * per_group), T(0));
   } catch (const std::bad_alloc&) {
     workspace_failed(kBackwardOp, "packed weights and gradient accumulators", B, du, O, H, steps,
-                     (PackedWeights<T>::size(p, true) + groups * per_group) * static_cast<long double>(sizeof(T)), 0);
+                     (PackedWeights<T>::size(p, true) + groups * per_group) * static_cast<long double>(sizeof(T)));
   }
   p.w1u_t = pw->w1u_t;
   p.w1x_t = pw->w1x_t;
@@ -505,7 +506,7 @@ void backward_tile_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
   if (!ok) {
     const int64_t slots = std::min(delay, steps);
     workspace_failed(kBackwardOp, "tile workspace", B, du, O, H, steps,
-                     static_cast<long double>(groups) * tile_rows * (2 * hp + (1 + slots) * p.ld_o) * sizeof(T), 0);
+                     static_cast<long double>(groups) * tile_rows * (2 * hp + (1 + slots) * p.ld_o) * sizeof(T));
   }
   for (int64_t g = 1; g < groups; ++g)
     for (int64_t i = 0; i < per_group; ++i) acc[i] += acc[g * per_group + i];
