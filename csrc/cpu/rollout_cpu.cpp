@@ -187,8 +187,8 @@ int64_t available_memory_bytes() {
 [[noreturn]] void workspace_failed(const char* op, const char* what, int64_t B, int64_t du, int64_t O, int64_t H,
                                    int64_t steps, long double bytes) {
   const int64_t available = available_memory_bytes();
-  TORCH_CHECK(false, op, ": out of memory: the ", what, " needs ", format_bytes(bytes), " for B=", B, ", Du=", du,
-              ", O=", O, ", H=", H, ", steps=", steps, "; ",
+  TORCH_CHECK(false, op, ": out of memory: ", format_bytes(bytes), " needed for the ", what, " (B=", B, ", Du=", du,
+              ", O=", O, ", H=", H, ", steps=", steps, "); ",
               available > 0 ? format_bytes(available) + " of memory is available now" : std::string("memory is short"),
               ". The BLAS path needs none of these buffers: fbfast.set_kernel_options(cpu_path='blas'); or use "
               "narrower layers");
