@@ -127,11 +127,11 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
                             const std::optional<at::Tensor>& u, const at::Tensor& w1,
                             const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                             const std::optional<at::Tensor>& b2, const c10::SymInt& steps, int64_t delay,
-                            int64_t truncate) {
+                            int64_t truncate, bool backward_follows) {
     at::Tensor y, hidden;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      if (keep_hidden(x0, u, w2, steps))
+      if (backward_follows && keep_hidden(x0, u, w2, steps))
         std::tie(y, hidden) = call_forward_hidden(x0, u, w1, b1, w2, b2, steps, delay);
       else
         y = call_forward(x0, u, w1, b1, w2, b2, steps, delay, truncate);
@@ -161,7 +161,7 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
     for (int i = 0; i < 6; ++i)
       if (inputs[i]->defined()) mask[i] = ctx->needs_input_grad(edge++);
 
-    variable_list out(9);
+    variable_list out(10);
     const bool differentiate_backward =
         at::GradMode::is_enabled() &&
         (grad_y.requires_grad() || x0.requires_grad() || (u.defined() && u.requires_grad()) ||
@@ -206,16 +206,18 @@ at::Tensor rollout_forward_autograd(const at::Tensor& x0, const std::optional<at
                                     const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                                     const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                                     c10::SymInt steps, int64_t delay, int64_t truncate) {
-  // Before autograd touches the inputs: it reads their sizes, which a nested tensor refuses
-  // with an internal error that names no argument.
-  const char* op = "fbfast::rollout_forward";
-  check_dense(op, "x0", x0);
-  check_dense(op, "w1", w1);
-  check_dense(op, "w2", w2);
-  if (u) check_dense(op, "u", *u);
-  if (b1) check_dense(op, "b1", *b1);
-  if (b2) check_dense(op, "b2", *b2);
-  return RolloutFunction::apply(x0, u, w1, b1, w2, b2, steps, delay, truncate);
+  // The operator's checks first: before autograd touches the inputs (it reads their sizes,
+  // which a nested tensor refuses with an internal error that names no argument), and before
+  // keep_hidden reads shapes and the device.
+  check_rollout_args("fbfast::rollout_forward", x0, u, w1, b1, w2, b2, steps, delay, truncate);
+  // Hidden activations are kept only for a backward that can follow: not under no_grad, and
+  // not when nothing requires grad (a forward alone takes the faster tile path, and the (T, B, H)
+  // buffer would be memory for nothing).
+  auto wants_grad = [](const std::optional<at::Tensor>& t) { return t && t->requires_grad(); };
+  const bool backward_follows = at::GradMode::is_enabled() &&
+                                (x0.requires_grad() || w1.requires_grad() || w2.requires_grad() ||
+                                 wants_grad(u) || wants_grad(b1) || wants_grad(b2));
+  return RolloutFunction::apply(x0, u, w1, b1, w2, b2, steps, delay, truncate, backward_follows);
 }
 
 }  // namespace

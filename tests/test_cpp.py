@@ -303,3 +303,29 @@ def test_backward_hidden_refuses_a_wrong_hidden(device):
     args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
     with pytest.raises(RuntimeError, match=r"hidden must be \(T=6, B=4, H=5\), got \[6, 4, 4\]"):
         torch.ops.fbfast.rollout_backward_hidden.default(*args)
+
+
+def _ops_run(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_hidden_activations_are_kept_only_when_a_backward_can_follow():
+    # A wide layer with a small batch trains on the BLAS path, keeping the hidden activations;
+    # the same call under no_grad, or with nothing requiring grad, must not pay for them.
+    p = make_problem(8, 0, 64, 512, 5, dtype=torch.float32)
+    run = lambda: p.run("cpp")  # noqa: E731
+    assert "fbfast::rollout_forward_hidden" in _ops_run(run)
+    with torch.no_grad():
+        assert "fbfast::rollout_forward_hidden" not in _ops_run(run)
+    q = make_problem(8, 0, 64, 512, 5, dtype=torch.float32, requires_grad=False)
+    assert "fbfast::rollout_forward_hidden" not in _ops_run(lambda: q.run("cpp"))
+
+
+def test_direct_forward_checks_truncate_and_devices_before_choosing_a_path():
+    p = make_problem(8, 0, 64, 512, 5, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"truncate must be >= 0"):
+        torch.ops.fbfast.rollout_forward.default(p.x0, None, p.w1, p.b1, p.w2, p.b2, 5, 1, -3)
+    with pytest.raises(RuntimeError, match=r"w1 is on meta but x0 is on cpu"):
+        torch.ops.fbfast.rollout_forward.default(p.x0, None, p.w1.to("meta"), p.b1, p.w2, p.b2, 5, 1, 0)
