@@ -27,11 +27,10 @@ at::Tensor rollout_forward_meta(const at::Tensor& x0, const std::optional<at::Te
   return at::empty_symint({s.steps, s.batch, s.o}, x0.options());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-rollout_backward_meta(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
-                      const std::optional<at::Tensor>& u, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                      const at::Tensor& w2, int64_t delay, int64_t truncate, std::array<bool, 6> output_mask) {
-  const RolloutSizes s = check_backward_args(kBackwardOp, grad_y, y, x0, u, w1, b1, w2, delay, truncate);
+// The backward's gradients for the output mask, shaped like what they differentiate.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_outputs(
+    const RolloutSizes& s, const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1, const at::Tensor& w2, std::array<bool, 6> output_mask) {
   const auto opts = x0.options();
   auto like = [&](bool want, const at::Tensor* t) {
     return want && t ? at::empty_symint(t->sym_sizes(), opts) : at::empty({0}, opts);
@@ -42,6 +41,14 @@ rollout_backward_meta(const at::Tensor& grad_y, const at::Tensor& y, const at::T
           like(output_mask[3], b1 ? &*b1 : nullptr),
           like(output_mask[4], &w2),
           output_mask[5] ? at::empty_symint({s.o}, opts) : at::empty({0}, opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+rollout_backward_meta(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
+                      const std::optional<at::Tensor>& u, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                      const at::Tensor& w2, int64_t delay, int64_t truncate, std::array<bool, 6> output_mask) {
+  return backward_outputs(check_backward_args(kBackwardOp, grad_y, y, x0, u, w1, b1, w2, delay, truncate), x0, u,
+                          w1, b1, w2, output_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor> rollout_forward_hidden_meta(
@@ -63,7 +70,7 @@ rollout_backward_hidden_meta(const at::Tensor& grad_y, const at::Tensor& y, cons
   const char* op = "fbfast::rollout_backward_hidden";
   const RolloutSizes s = check_backward_args(op, grad_y, y, x0, u, w1, b1, w2, delay, truncate);
   check_hidden(op, hidden, s, x0);
-  return rollout_backward_meta(grad_y, y, x0, u, w1, b1, w2, delay, truncate, output_mask);
+  return backward_outputs(s, x0, u, w1, b1, w2, output_mask);
 }
 
 }  // namespace

@@ -34,6 +34,14 @@ inline void check_dense(const char* op, const char* name, const at::Tensor& t) {
               "; dense (torch.strided) tensors are needed (use .to_dense())");
 }
 
+// One dtype and one device for all tensors: x0's.
+inline void check_like_x0(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x0) {
+  TORCH_CHECK(t.scalar_type() == x0.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but x0 has ",
+              x0.scalar_type(), "; all tensors must share one dtype");
+  TORCH_CHECK(t.device() == x0.device(), op, ": ", name, " is on ", t.device(), " but x0 is on ", x0.device(),
+              "; all tensors must be on one device");
+}
+
 // The shapes of a rollout, once its arguments are checked.
 struct RolloutSizes {
   c10::SymInt steps, batch, du, o, h;
@@ -67,15 +75,8 @@ inline RolloutSizes check_rollout_args(const char* op, const at::Tensor& x0, con
               b1.has_value() ? b1->sym_sizes() : c10::SymIntArrayRef());
   TORCH_CHECK(!b2.has_value() || (b2->dim() == 1 && b2->sym_size(0) == O), op, ": b2 must be (", O, ",), got ",
               b2.has_value() ? b2->sym_sizes() : c10::SymIntArrayRef());
-  const auto dtype = x0.scalar_type();
-  const auto device = x0.device();
-  for (const auto& [name, t] : named) {
-    if (!t) continue;
-    TORCH_CHECK(t->scalar_type() == dtype, op, ": ", name, " has dtype ", t->scalar_type(), " but x0 has ", dtype,
-                "; all tensors must share one dtype");
-    TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but x0 is on ", device,
-                "; all tensors must be on one device");
-  }
+  for (const auto& [name, t] : named)
+    if (t) check_like_x0(op, name, *t, x0);
   return RolloutSizes{steps, B, du, O, H};
 }
 
@@ -93,12 +94,8 @@ inline RolloutSizes check_backward_args(const char* op, const at::Tensor& grad_y
               "), got ", y.sym_sizes());
   TORCH_CHECK(grad_y.sym_sizes() == y.sym_sizes(), op, ": grad_y ", grad_y.sym_sizes(), " and y ", y.sym_sizes(),
               " must have the same shape (T, B, O)");
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_y", &grad_y}, {"y", &y}}) {
-    TORCH_CHECK(t->scalar_type() == x0.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
-                " but x0 has ", x0.scalar_type(), "; all tensors must share one dtype");
-    TORCH_CHECK(t->device() == x0.device(), op, ": ", name, " is on ", t->device(), " but x0 is on ", x0.device(),
-                "; all tensors must be on one device");
-  }
+  check_like_x0(op, "grad_y", grad_y, x0);
+  check_like_x0(op, "y", y, x0);
   return s;
 }
 
@@ -108,10 +105,7 @@ inline void check_hidden(const char* op, const at::Tensor& hidden, const Rollout
   TORCH_CHECK(hidden.dim() == 3 && hidden.sym_size(0) == s.steps && hidden.sym_size(1) == s.batch &&
                   hidden.sym_size(2) == s.h,
               op, ": hidden must be (T=", s.steps, ", B=", s.batch, ", H=", s.h, "), got ", hidden.sym_sizes());
-  TORCH_CHECK(hidden.scalar_type() == x0.scalar_type(), op, ": hidden has dtype ", hidden.scalar_type(),
-              " but x0 has ", x0.scalar_type(), "; all tensors must share one dtype");
-  TORCH_CHECK(hidden.device() == x0.device(), op, ": hidden is on ", hidden.device(), " but x0 is on ", x0.device(),
-              "; all tensors must be on one device");
+  check_like_x0(op, "hidden", hidden, x0);
 }
 
 inline std::string format_bytes(long double bytes) {

@@ -60,11 +60,11 @@ except Exception as exc:  # ImportError, or an undefined symbol from a build aga
         if _BUILT_AGAINST and _BUILT_AGAINST != torch.__version__:
             LOAD_ERROR += (f" (the library was built against torch {_BUILT_AGAINST}, this is torch "
                            f"{torch.__version__}: a compiled extension loads only with the torch it was built against)")
-    elif _shadowed_install():
+    elif (_installed := _shadowed_install()) is not None:
         SHADOWED = True
         LOAD_ERROR = (f"you are in the source tree: Python imported the unbuilt sources in "
                       f"{os.path.dirname(os.path.abspath(__file__))} instead of the installed, built fbfast "
-                      f"in {_shadowed_install()}; run from another directory, or install with "
+                      f"in {_installed}; run from another directory, or install with "
                       "`pip install --no-build-isolation -e .`")
     else:
         LOAD_ERROR = "fbfast._C is not built (no compiled library in the package)"

@@ -234,6 +234,18 @@ struct PackedWeights {
     return n_fwd + n_bwd + kSlackBytes / static_cast<int64_t>(sizeof(T));
   }
 
+  // Points p's weight pointers at these copies (those not packed stay null).
+  void point(TileParams<T>& p) const {
+    p.w1u_t = w1u_t;
+    p.w1x_t = w1x_t;
+    p.w2_t = w2_t;
+    p.b1 = b1;
+    p.b2 = b2;
+    p.w2 = w2;
+    p.w1u = w1u;
+    p.w1x = w1x;
+  }
+
   PackedWeights(const TileParams<T>& p, const T* w1, const T* b1_src, const T* w2_src,
                 const T* b2_src, bool for_backward) {
     const int64_t du = p.du, o = p.o, h = p.h, ld1 = du + o;
@@ -325,11 +337,7 @@ void forward_tile_path(const at::Tensor& x0, const at::Tensor& u, const at::Tens
     workspace_failed(kForwardOp, "packed weights", B, p.du, p.o, p.h, steps,
                      PackedWeights<T>::size(p, false) * sizeof(T));
   }
-  p.w1u_t = pw->w1u_t;
-  p.w1x_t = pw->w1x_t;
-  p.w2_t = pw->w2_t;
-  p.b1 = pw->b1;
-  p.b2 = pw->b2;
+  pw->point(p);
   p.y = y.data_ptr<T>();
   // Rows are independent and each row's arithmetic does not depend on its tile, so the tile
   // size may follow the thread count: one tile per thread, 4..64 rows.
@@ -395,30 +403,42 @@ void forward_blas_path(const at::Tensor& x0, const at::Tensor& u, const at::Tens
   }
 }
 
-at::Tensor rollout_forward_cpu(const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in,
-                               const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in,
-                               const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
-                               int64_t steps, int64_t delay, int64_t truncate) {
+// Both forward operators: rollout_forward (keep_hidden false: the path rule picks tile or BLAS)
+// and rollout_forward_hidden (the BLAS path, keeping every step's relu(z_t) in `hidden`).
+std::tuple<at::Tensor, at::Tensor> forward_impl(const char* op, const at::Tensor& x0_in,
+                                                const std::optional<at::Tensor>& u_in, const at::Tensor& w1_in,
+                                                const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in,
+                                                const std::optional<at::Tensor>& b2_in, int64_t steps, int64_t delay,
+                                                int64_t truncate, bool keep_hidden) {
   const RolloutSizes sizes = check_dtype(
-      kForwardOp, check_rollout_args(kForwardOp, x0_in, u_in, w1_in, b1_in, w2_in, b2_in, steps, delay, truncate),
-      x0_in);
-  check_result_fits(kForwardOp, sizes, x0_in.element_size(), host_memory_bytes());
+      op, check_rollout_args(op, x0_in, u_in, w1_in, b1_in, w2_in, b2_in, steps, delay, truncate), x0_in);
+  check_result_fits(op, sizes, x0_in.element_size(), host_memory_bytes());
   const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in), b2 = opt_or_undefined(b2_in);
   const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
-  at::Tensor y = checked_empty(kForwardOp, "the result Y", {steps, B, O}, x0.options(),
-                               "use fewer steps or a smaller batch, or run the rollout in chunks");
-  if (steps == 0 || B == 0 || O == 0) return y;
+  const char* remedy = "use fewer steps or a smaller batch, or run the rollout in chunks";
+  at::Tensor y = checked_empty(op, "the result Y", {steps, B, O}, x0.options(), remedy);
+  const at::Tensor hidden =
+      keep_hidden ? checked_empty(op, "the hidden activations kept for the backward", {steps, B, H}, x0.options(),
+                                  remedy)
+                  : at::Tensor();
+  if (steps == 0 || B == 0 || O == 0) return {y, hidden};
   const int64_t du = u.defined() ? u.size(2) : 0;
-  if (choose_path(du, O, H, /*for_training=*/false, B, steps) == Path::kTile) {
+  if (!keep_hidden && choose_path(du, O, H, /*for_training=*/false, B, steps) == Path::kTile) {
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_forward_tile", [&] {
       forward_tile_path<scalar_t>(x0, u, w1, b1, w2, b2, steps, delay, y);
     });
   } else {
     // The mm_out on y.select(0, t) fills the matrix in place; with H == 0 it writes b2 or 0.
-    forward_blas_path(x0, u, w1, b1, w2, b2, steps, delay, y);
+    forward_blas_path(x0, u, w1, b1, w2, b2, steps, delay, y, hidden);
   }
-  return y;
+  return {y, hidden};
+}
+
+at::Tensor rollout_forward_cpu(const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w1,
+                               const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                               const std::optional<at::Tensor>& b2, int64_t steps, int64_t delay, int64_t truncate) {
+  return std::get<0>(forward_impl(kForwardOp, x0, u, w1, b1, w2, b2, steps, delay, truncate, false));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -481,12 +501,7 @@ void backward_tile_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
     workspace_failed(kBackwardOp, "packed weights and gradient accumulators", B, du, O, H, steps,
                      (PackedWeights<T>::size(p, true) + groups * per_group) * static_cast<long double>(sizeof(T)));
   }
-  p.w1u_t = pw->w1u_t;
-  p.w1x_t = pw->w1x_t;
-  p.b1 = pw->b1;
-  p.w2 = pw->w2;
-  p.w1u = pw->w1u;
-  p.w1x = pw->w1x;
+  pw->point(p);
   p.y_saved = y.data_ptr<T>();
   p.grad_y = grad_y.data_ptr<T>();
   p.grad_x0 = out.x0.defined() ? out.x0.data_ptr<T>() : nullptr;
@@ -617,32 +632,42 @@ void backward_blas_path(const at::Tensor& grad_y, const at::Tensor& y, const at:
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-rollout_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const at::Tensor& x0_in,
-                     const std::optional<at::Tensor>& u_in, const at::Tensor& w1_in,
-                     const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in,
-                     int64_t delay, int64_t truncate, std::array<bool, 6> output_mask) {
-  check_dtype(kBackwardOp,
-              check_backward_args(kBackwardOp, grad_y_in, y_in, x0_in, u_in, w1_in, b1_in, w2_in, delay, truncate),
-              x0_in);
+// Both backward operators: rollout_backward (hidden undefined: recomputed, on the path the
+// rule picks) and rollout_backward_hidden (the BLAS path, reading the forward's hidden).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const char* op, const at::Tensor& grad_y_in, const at::Tensor& y_in, const at::Tensor& hidden_in,
+    const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in, const at::Tensor& w1_in,
+    const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in, int64_t delay, int64_t truncate,
+    std::array<bool, 6> output_mask) {
+  const RolloutSizes sizes = check_dtype(
+      op, check_backward_args(op, grad_y_in, y_in, x0_in, u_in, w1_in, b1_in, w2_in, delay, truncate), x0_in);
+  if (hidden_in.defined()) check_hidden(op, hidden_in, sizes, x0_in);
   const int64_t steps = y_in.size(0);
   const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
+  const at::Tensor hidden = hidden_in.defined() ? hidden_in.contiguous() : at::Tensor();
   const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in);
   const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
   const int64_t du = u.defined() ? u.size(2) : 0;
 
-  Grads g = zero_grads(kBackwardOp, x0_in, u, w1, b1, w2, output_mask);
+  Grads g = zero_grads(op, x0_in, u, w1, b1, w2, output_mask);
   if (steps > 0 && B > 0 && O > 0) {
-    if (choose_path(du, O, H, /*for_training=*/true, B, steps) == Path::kTile) {
+    if (!hidden.defined() && choose_path(du, O, H, /*for_training=*/true, B, steps) == Path::kTile) {
       AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_backward_tile", [&] {
         backward_tile_path<scalar_t>(grad_y, y, x0, u, w1, b1, w2, delay, truncate, g);
       });
     } else {
-      backward_blas_path(grad_y, y, x0, u, w1, b1, w2, delay, truncate, g);
+      backward_blas_path(grad_y, y, x0, u, w1, b1, w2, delay, truncate, g, hidden);
     }
   }
   return g.as_tuple(x0.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+rollout_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
+                     const std::optional<at::Tensor>& u, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                     const at::Tensor& w2, int64_t delay, int64_t truncate, std::array<bool, 6> output_mask) {
+  return backward_impl(kBackwardOp, grad_y, y, at::Tensor(), x0, u, w1, b1, w2, delay, truncate, output_mask);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -652,41 +677,19 @@ rollout_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const 
 // is what the loop keeps anyway. csrc/autograd.cpp takes these when saves_hidden() says so.
 
 std::tuple<at::Tensor, at::Tensor> rollout_forward_hidden_cpu(
-    const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in, const at::Tensor& w1_in,
-    const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
+    const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w1,
+    const std::optional<at::Tensor>& b1, const at::Tensor& w2, const std::optional<at::Tensor>& b2,
     int64_t steps, int64_t delay) {
-  const char* op = "fbfast::rollout_forward_hidden (CPU)";
-  const RolloutSizes sizes =
-      check_dtype(op, check_rollout_args(op, x0_in, u_in, w1_in, b1_in, w2_in, b2_in, steps, delay, 0), x0_in);
-  check_result_fits(op, sizes, x0_in.element_size(), host_memory_bytes());
-  const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
-  const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in), b2 = opt_or_undefined(b2_in);
-  const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
-  const char* remedy = "use fewer steps or a smaller batch, or run the rollout in chunks";
-  at::Tensor y = checked_empty(op, "the result Y", {steps, B, O}, x0.options(), remedy);
-  at::Tensor hidden = checked_empty(op, "the hidden activations kept for the backward", {steps, B, H},
-                                    x0.options(), remedy);
-  if (steps > 0 && B > 0 && O > 0) forward_blas_path(x0, u, w1, b1, w2, b2, steps, delay, y, hidden);
-  return {y, hidden};
+  return forward_impl("fbfast::rollout_forward_hidden (CPU)", x0, u, w1, b1, w2, b2, steps, delay, 0, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-rollout_backward_hidden_cpu(const at::Tensor& grad_y_in, const at::Tensor& y_in, const at::Tensor& hidden_in,
-                            const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in, const at::Tensor& w1_in,
-                            const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in, int64_t delay,
+rollout_backward_hidden_cpu(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& hidden,
+                            const at::Tensor& x0, const std::optional<at::Tensor>& u, const at::Tensor& w1,
+                            const std::optional<at::Tensor>& b1, const at::Tensor& w2, int64_t delay,
                             int64_t truncate, std::array<bool, 6> output_mask) {
-  const char* op = "fbfast::rollout_backward_hidden (CPU)";
-  const RolloutSizes sizes = check_dtype(
-      op, check_backward_args(op, grad_y_in, y_in, x0_in, u_in, w1_in, b1_in, w2_in, delay, truncate), x0_in);
-  check_hidden(op, hidden_in, sizes, x0_in);
-  const int64_t steps = y_in.size(0);
-  const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
-  const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous(), hidden = hidden_in.contiguous();
-  const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in);
-  const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
-  Grads g = zero_grads(op, x0_in, u, w1, b1, w2, output_mask);
-  if (steps > 0 && B > 0 && O > 0) backward_blas_path(grad_y, y, x0, u, w1, b1, w2, delay, truncate, g, hidden);
-  return g.as_tuple(x0.options());
+  return backward_impl("fbfast::rollout_backward_hidden (CPU)", grad_y, y, hidden, x0, u, w1, b1, w2, delay,
+                       truncate, output_mask);
 }
 
 }  // namespace
