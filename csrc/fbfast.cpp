@@ -14,29 +14,35 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fbfast, m) {
-  // x0: (delay, B, O); u: (T, B, Du) or None; w1: (H, Du + O); w2: (O, H). truncate = 0 means
-  // full BPTT (the forward ignores it; it is in the schema so the autograd context has it).
-  // steps is a SymInt so that torch.compile and torch.export trace one graph for every T (the
-  // meta kernels in csrc/meta.cpp give Y a symbolic leading axis); the CPU and CUDA kernels
-  // receive a plain integer.
+  // The network of docs/spec.md §1.1 as data: weights[l] is (out_l, in_l) in nn.Linear layout,
+  // biases[l] is (out_l,) or None, for L >= 1 layers; in_0 = Du + O (columns [0, Du) read u_t,
+  // the rest the fed-back x_t) and out_{L-1} = O. `activation` is one of the names of
+  // csrc/common/activation.h and `activation_param` its parameter (leaky_relu's negative slope,
+  // elu's alpha; ignored by the others). x0: (delay, B, O); u: (T, B, Du) or None. truncate = 0
+  // means full BPTT (the forward ignores it; it is in the schema so the autograd context has
+  // it). steps is a SymInt so that torch.compile and torch.export trace one graph for every T
+  // (the meta kernels in csrc/meta.cpp give Y a symbolic leading axis); the CPU and CUDA
+  // kernels receive a plain integer.
   m.def(
-      "rollout_forward(Tensor x0, Tensor? u, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-      "SymInt steps, int delay, int truncate) -> Tensor");
+      "rollout_forward(Tensor x0, Tensor? u, Tensor[] weights, Tensor?[] biases, SymInt steps, int delay, "
+      "int truncate, str activation, float activation_param) -> Tensor");
   // Gradients of rollout_forward given dL/dY. Only the forward's inputs and its output y are
-  // needed: z_t is recomputed. output_mask = (x0, u, w1, b1, w2, b2); a gradient that is not
-  // asked for comes back as an empty tensor of shape (0,).
+  // needed: every layer's pre-activation is recomputed. output_mask = (x0, u, w_1 .. w_L,
+  // b_1 .. b_L); a gradient that is not asked for comes back as an empty tensor of shape (0,).
   m.def(
-      "rollout_backward(Tensor grad_y, Tensor y, Tensor x0, Tensor? u, Tensor w1, Tensor? b1, "
-      "Tensor w2, int delay, int truncate, bool[6] output_mask) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The same rollout keeping every step's hidden activations relu(z_t), (T, B, H), for a
-  // backward that does not recompute them: what autograd uses on the CPU for wide layers, where
-  // the recomputation costs a GEMM per step (csrc/cpu/path_rule.h). CPU and meta kernels only.
+      "rollout_backward(Tensor grad_y, Tensor y, Tensor x0, Tensor? u, Tensor[] weights, Tensor?[] biases, "
+      "int delay, int truncate, str activation, float activation_param, bool[] output_mask) -> "
+      "(Tensor, Tensor, Tensor[], Tensor[])");
+  // The same rollout keeping, for every hidden layer l < L - 1, what its backward reads: the
+  // activations act(z_t) of every step, (T, B, out_l), or the pre-activations z_t for the
+  // activations whose derivative needs them (act_needs_z in csrc/common/activation.h). What
+  // autograd uses on the CPU for wide layers, where recomputing them costs GEMMs per step
+  // (csrc/cpu/path_rule.h). CPU and meta kernels only.
   m.def(
-      "rollout_forward_hidden(Tensor x0, Tensor? u, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
-      "SymInt steps, int delay) -> (Tensor, Tensor)");
+      "rollout_forward_hidden(Tensor x0, Tensor? u, Tensor[] weights, Tensor?[] biases, SymInt steps, "
+      "int delay, str activation, float activation_param) -> (Tensor, Tensor[])");
   m.def(
-      "rollout_backward_hidden(Tensor grad_y, Tensor y, Tensor hidden, Tensor x0, Tensor? u, Tensor w1, "
-      "Tensor? b1, Tensor w2, int delay, int truncate, bool[6] output_mask) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "rollout_backward_hidden(Tensor grad_y, Tensor y, Tensor[] hidden, Tensor x0, Tensor? u, Tensor[] weights, "
+      "Tensor?[] biases, int delay, int truncate, str activation, float activation_param, bool[] output_mask) -> "
+      "(Tensor, Tensor, Tensor[], Tensor[])");
 }

@@ -10,6 +10,7 @@
 // by host code compiled with nvcc's host compiler too.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/SymInt.h>
@@ -22,6 +23,9 @@
 #include <sstream>
 #include <string>
 #include <utility>
+#include <vector>
+
+#include "common/activation.h"
 
 namespace fbfast {
 
@@ -42,70 +46,127 @@ inline void check_like_x0(const char* op, const char* name, const at::Tensor& t,
               "; all tensors must be on one device");
 }
 
+// One bias per layer, each possibly None: the C++ type of the schema's Tensor?[].
+using BiasList = c10::List<std::optional<at::Tensor>>;
+
+// The activation named in the schema's `activation` argument.
+inline Act parse_activation(const char* op, c10::string_view name) {
+  for (int i = 0; i < kNumActs; ++i)
+    if (name == kActNames[i]) return static_cast<Act>(i);
+  std::string known;
+  for (int i = 0; i < kNumActs; ++i) known += std::string(i ? ", " : "") + "'" + kActNames[i] + "'";
+  TORCH_CHECK(false, op, ": activation must be one of ", known, "; got '", std::string(name), "'");
+}
+
 // The shapes of a rollout, once its arguments are checked.
 struct RolloutSizes {
-  c10::SymInt steps, batch, du, o, h;
+  c10::SymInt steps, batch, du, o;
+  std::vector<c10::SymInt> widths;  // out_l of every layer; widths.back() == o
+  Act act = Act::kRelu;
+
+  int64_t layers() const { return static_cast<int64_t>(widths.size()); }
 };
 
+// "w3" / "b3": the name of layer l's weight or bias in the Python API (fbfast.rollout).
+inline std::string layer_arg(char kind, size_t l) { return std::string(1, kind) + std::to_string(l + 1); }
+
 inline RolloutSizes check_rollout_args(const char* op, const at::Tensor& x0, const std::optional<at::Tensor>& u,
-                                       const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                                       const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-                                       const c10::SymInt& steps, int64_t delay, int64_t truncate) {
-  const std::pair<const char*, const at::Tensor*> named[] = {
-      {"x0", &x0}, {"w1", &w1}, {"w2", &w2}, {"u", u ? &*u : nullptr}, {"b1", b1 ? &*b1 : nullptr},
-      {"b2", b2 ? &*b2 : nullptr}};
-  for (const auto& [name, t] : named)
-    if (t) check_dense(op, name, *t);
+                                       at::TensorList weights, const BiasList& biases, const c10::SymInt& steps,
+                                       int64_t delay, int64_t truncate, c10::string_view activation) {
+  RolloutSizes s;
+  s.act = parse_activation(op, activation);
+  const size_t L = weights.size();
+  TORCH_CHECK(L >= 1, op, ": weights must hold at least one layer's weight, got none");
+  TORCH_CHECK(biases.size() == L, op, ": biases must hold one entry (a tensor or None) per layer: weights has ", L,
+              " layers, biases has ", biases.size(), " entries");
+  check_dense(op, "x0", x0);
+  if (u.has_value()) check_dense(op, "u", *u);
+  for (size_t l = 0; l < L; ++l) {
+    check_dense(op, layer_arg('w', l).c_str(), weights[l]);
+    const std::optional<at::Tensor> b = biases.get(l);
+    if (b.has_value()) check_dense(op, layer_arg('b', l).c_str(), *b);
+  }
   TORCH_CHECK(delay >= 1, op, ": delay must be >= 1, got ", delay);
   TORCH_CHECK(truncate >= 0, op, ": truncate must be >= 0 (0 = full BPTT), got ", truncate);
   TORCH_CHECK(steps >= 0, op, ": steps must be >= 0, got ", steps);
+  for (size_t l = 0; l < L; ++l)
+    TORCH_CHECK(weights[l].dim() == 2, op, ": ", layer_arg('w', l), " must be 2-D (out, in) like nn.Linear.weight, got ",
+                weights[l].sym_sizes());
+  const c10::SymInt O = weights[L - 1].sym_size(0);
   TORCH_CHECK(x0.dim() == 3 && x0.sym_size(0) == delay, op, ": x0 must be (delay=", delay, ", B, O), got ",
               x0.sym_sizes());
-  TORCH_CHECK(w2.dim() == 2, op, ": w2 must be (O, H), got ", w2.sym_sizes());
-  const c10::SymInt O = w2.sym_size(0), H = w2.sym_size(1), B = x0.sym_size(1);
-  TORCH_CHECK(x0.sym_size(2) == O, op, ": x0 has ", x0.sym_size(2), " features, w2 outputs O = ", O);
+  const c10::SymInt B = x0.sym_size(1);
+  TORCH_CHECK(x0.sym_size(2) == O, op, ": x0 has ", x0.sym_size(2), " features, ", layer_arg('w', L - 1),
+              " outputs O = ", O);
   // The rank of u is checked before its last axis is read.
   if (u.has_value())
     TORCH_CHECK(u->dim() == 3 && u->sym_size(0) == steps && u->sym_size(1) == B, op, ": u must be (steps=", steps,
                 ", B=", B, ", Du), got ", u->sym_sizes());
   const c10::SymInt du = u.has_value() ? u->sym_size(2) : c10::SymInt(0);
-  TORCH_CHECK(w1.dim() == 2 && w1.sym_size(0) == H && w1.sym_size(1) == du + O, op, ": w1 must be (H, Du + O) = (",
-              H, ", ", du + O, "), got ", w1.sym_sizes());
-  TORCH_CHECK(!b1.has_value() || (b1->dim() == 1 && b1->sym_size(0) == H), op, ": b1 must be (", H, ",), got ",
-              b1.has_value() ? b1->sym_sizes() : c10::SymIntArrayRef());
-  TORCH_CHECK(!b2.has_value() || (b2->dim() == 1 && b2->sym_size(0) == O), op, ": b2 must be (", O, ",), got ",
-              b2.has_value() ? b2->sym_sizes() : c10::SymIntArrayRef());
-  for (const auto& [name, t] : named)
-    if (t) check_like_x0(op, name, *t, x0);
-  return RolloutSizes{steps, B, du, O, H};
+  TORCH_CHECK(weights[0].sym_size(1) == du + O, op, ": w1 must have Du + O = ", du + O, " input columns (Du = ", du,
+              " from u, O = ", O, " fed back), got ", weights[0].sym_sizes());
+  for (size_t l = 1; l < L; ++l)
+    TORCH_CHECK(weights[l].sym_size(1) == weights[l - 1].sym_size(0), op, ": layer sizes do not chain: ",
+                layer_arg('w', l), " is ", weights[l].sym_sizes(), " with ", weights[l].sym_size(1),
+                " input columns, but ", layer_arg('w', l - 1), " is ", weights[l - 1].sym_sizes(), " with ",
+                weights[l - 1].sym_size(0), " outputs");
+  for (size_t l = 0; l < L; ++l) {
+    const std::optional<at::Tensor> b = biases.get(l);
+    const c10::SymInt out = weights[l].sym_size(0);
+    TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->sym_size(0) == out), op, ": ", layer_arg('b', l), " must be (",
+                out, ",), got ", b.has_value() ? b->sym_sizes() : c10::SymIntArrayRef());
+    s.widths.push_back(out);
+  }
+  if (u.has_value()) check_like_x0(op, "u", *u, x0);
+  for (size_t l = 0; l < L; ++l) {
+    check_like_x0(op, layer_arg('w', l).c_str(), weights[l], x0);
+    const std::optional<at::Tensor> b = biases.get(l);
+    if (b.has_value()) check_like_x0(op, layer_arg('b', l).c_str(), *b, x0);
+  }
+  s.steps = steps;
+  s.batch = B;
+  s.du = du;
+  s.o = O;
+  return s;
 }
 
-// The backward's arguments: the forward's (steps is y's leading axis), and grad_y and y, which
-// must both be (T, B, O) in x0's dtype and on x0's device.
+// The backward's arguments: the forward's (steps is y's leading axis), grad_y and y, which
+// must both be (T, B, O) in x0's dtype and on x0's device, and one output_mask entry per
+// gradient (x0, u, w_1 .. w_L, b_1 .. b_L).
 inline RolloutSizes check_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& y,
                                         const at::Tensor& x0, const std::optional<at::Tensor>& u,
-                                        const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                                        const at::Tensor& w2, int64_t delay, int64_t truncate) {
+                                        at::TensorList weights, const BiasList& biases, int64_t delay,
+                                        int64_t truncate, c10::string_view activation,
+                                        const c10::List<bool>& output_mask) {
   check_dense(op, "grad_y", grad_y);
   check_dense(op, "y", y);
   TORCH_CHECK(y.dim() == 3, op, ": y must be (T, B, O), got ", y.sym_sizes());
-  const RolloutSizes s = check_rollout_args(op, x0, u, w1, b1, w2, std::nullopt, y.sym_size(0), delay, truncate);
+  const RolloutSizes s =
+      check_rollout_args(op, x0, u, weights, biases, y.sym_size(0), delay, truncate, activation);
   TORCH_CHECK(y.sym_size(1) == s.batch && y.sym_size(2) == s.o, op, ": y must be (T, B=", s.batch, ", O=", s.o,
               "), got ", y.sym_sizes());
   TORCH_CHECK(grad_y.sym_sizes() == y.sym_sizes(), op, ": grad_y ", grad_y.sym_sizes(), " and y ", y.sym_sizes(),
               " must have the same shape (T, B, O)");
   check_like_x0(op, "grad_y", grad_y, x0);
   check_like_x0(op, "y", y, x0);
+  TORCH_CHECK(static_cast<int64_t>(output_mask.size()) == 2 + 2 * s.layers(), op, ": output_mask must have 2 + 2 L = ",
+              2 + 2 * s.layers(), " entries (x0, u, w1..wL, b1..bL), got ", output_mask.size());
   return s;
 }
 
-// The hidden activations a forward kept for its backward: (T, B, H) in x0's dtype and device.
-inline void check_hidden(const char* op, const at::Tensor& hidden, const RolloutSizes& s, const at::Tensor& x0) {
-  check_dense(op, "hidden", hidden);
-  TORCH_CHECK(hidden.dim() == 3 && hidden.sym_size(0) == s.steps && hidden.sym_size(1) == s.batch &&
-                  hidden.sym_size(2) == s.h,
-              op, ": hidden must be (T=", s.steps, ", B=", s.batch, ", H=", s.h, "), got ", hidden.sym_sizes());
-  check_like_x0(op, "hidden", hidden, x0);
+// What a forward kept for its backward (rollout_forward_hidden): one (T, B, out_l) tensor per
+// hidden layer l < L - 1, in x0's dtype and on its device.
+inline void check_hidden(const char* op, at::TensorList hidden, const RolloutSizes& s, const at::Tensor& x0) {
+  TORCH_CHECK(static_cast<int64_t>(hidden.size()) == s.layers() - 1, op, ": hidden must hold one tensor per hidden layer (",
+              s.layers() - 1, "), got ", hidden.size());
+  for (size_t l = 0; l < hidden.size(); ++l) {
+    const at::Tensor& h = hidden[l];
+    check_dense(op, "hidden", h);
+    TORCH_CHECK(h.dim() == 3 && h.sym_size(0) == s.steps && h.sym_size(1) == s.batch && h.sym_size(2) == s.widths[l],
+                op, ": hidden[", l, "] must be (T=", s.steps, ", B=", s.batch, ", ", s.widths[l], "), got ",
+                h.sym_sizes());
+    check_like_x0(op, "hidden", h, x0);
+  }
 }
 
 inline std::string format_bytes(long double bytes) {

@@ -9,6 +9,7 @@
 
 namespace fbfast::cpu {
 
-bool saves_hidden(int64_t du, int64_t o, int64_t h, int64_t batch, int64_t steps);
+// work: one step's multiply-adds per batch row, the sum over layers of in_l * out_l.
+bool saves_hidden(int64_t work, int64_t batch, int64_t steps);
 
 }  // namespace fbfast::cpu

@@ -8,20 +8,20 @@
 // by the linker for the baseline path), it includes no C++ library header and no torch header:
 // only raw pointers and the C allocator.
 //
-// Layout conventions (all row-major; the row strides ld_h, ld_o, ld_du are set by the host, and
-// every packed buffer and workspace has one vector of slack after its last row, so a
-// whole-vector load that starts inside a row never leaves its buffer):
-//   x0     (min(delay, T), B, O)   u (T, B, Du)      y, grad_y (T, B, O)
-//   w1u_t  (Du, ld_h)  = W1[:, :Du]^T          w1x_t (O, ld_h) = W1[:, Du:]^T
-//   w2_t   (H, ld_o)   = W2^T                  w2    (O, ld_h)
-//   w1u    (H, ld_du)  = W1[:, :Du]            w1x   (H, ld_o) = W1[:, Du:]
-//   b1 (H), b2 (O), or null
+// Layout conventions (all row-major; the row strides are set by the host, and every packed
+// buffer and workspace has one vector of slack after its last row, so a whole-vector load that
+// starts inside a row never leaves its buffer): x0 (min(delay, T), B, O), u (T, B, Du),
+// y and grad_y (T, B, O); each layer's packed weights as TileLayer (tile_params.h) describes.
+// The activation (csrc/common/act_kind.h) is applied by the GEMM epilogue for ReLU and by a
+// vector pass over the tile's rows for the others (vec_math.h); the backward recomputes every
+// hidden layer's pre-activation per step and keeps z only where act' needs it.
 #pragma once
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
+#include "../common/act_kind.h"
 #include "tile_params.h"
 
 #ifndef FBFAST_ISA
@@ -59,6 +59,8 @@ template <typename T>
 inline void store(T* p, typename Vec<T>::type v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
+
+#include "vec_math.h"
 
 enum class Epilogue { kNone, kRelu, kMaskByH };
 
@@ -161,22 +163,56 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
 };
 
+// The widest row stride of the hidden layers' activations (0 without hidden layers).
+template <typename T>
+int64_t widest_hidden(const TileParams<T>& p) {
+  int64_t widest = 0;
+  for (int64_t l = 0; l + 1 < p.n_layers; ++l)
+    if (p.layers[l].ld_out > widest) widest = p.layers[l].ld_out;
+  return widest;
+}
+
+// out (rows, ld_out) = layer l applied to its input: [u_t ; x_t] for the first layer (two
+// operand pairs, not concatenated), else the previous layer's activations `in`. ReLU comes
+// from the epilogue; the other activations are the caller's.
+template <typename T, Epilogue E>
+void layer_forward(const TileParams<T>& p, int64_t l, int64_t rows, const T* ut, const T* x, const T* in,
+                   T* out, int64_t ldc) {
+  const TileLayer<T>& ly = p.layers[l];
+  if (l == 0) {
+    const GemmArgs g{rows, ly.out, p.du, p.o, p.du, 1, ly.ld_out, p.o, ly.ld_out, 0, ldc, false};
+    gemm<T, E>(g, ut, ly.wt, x, ly.wt + p.du * ly.ld_out, ly.b, nullptr, out);
+  } else {
+    const GemmArgs g{rows, ly.out, ly.in, 0, ly.ld_in, 1, ly.ld_out, 0, ly.ld_out, 0, ldc, false};
+    gemm<T, E>(g, in, ly.wt, in, ly.wt, ly.b, nullptr, out);
+  }
+}
+
 // Forward of rows [r0, r1): all steps, writing y[t, r0:r1, :].
 template <typename T>
 bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
-  const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, k = p.delay;
-  Scratch<T> hbuf(rows * p.ld_h);
-  if (!hbuf.data) return false;
-  T* h = hbuf.data;
+  const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, k = p.delay, L = p.n_layers;
+  const bool relu = p.act == static_cast<int>(Act::kRelu);
+  // Two buffers of the widest hidden layer: layer l writes one while reading the other.
+  const int64_t widest = widest_hidden(p);
+  Scratch<T> buf(2 * rows * widest);
+  if (!buf.data) return false;
   for (int64_t t = 0; t < p.steps; ++t) {
     const T* x = t < k ? p.x0 + (t * B + r0) * O : p.y + ((t - k) * B + r0) * O;
     const T* ut = Du ? p.u + (t * B + r0) * Du : x;
-    // h = relu(b1 + u_t W1u^T + x_t W1x^T)
-    GemmArgs g1{rows, p.h, Du, O, Du, 1, p.ld_h, O, p.ld_h, 0, p.ld_h, false};
-    gemm<T, Epilogue::kRelu>(g1, ut, p.w1u_t ? p.w1u_t : p.w1x_t, x, p.w1x_t, p.b1, nullptr, h);
-    // y_t = b2 + h W2^T
-    GemmArgs g2{rows, O, p.h, 0, p.ld_h, 1, p.ld_o, 0, p.ld_o, 0, O, false};
-    gemm<T, Epilogue::kNone>(g2, h, p.w2_t, h, p.w2_t, p.b2, nullptr, p.y + (t * B + r0) * O);
+    const T* in = nullptr;
+    for (int64_t l = 0; l + 1 < L; ++l) {
+      T* h = buf.data + (l % 2) * rows * widest;
+      const int64_t ld = p.layers[l].ld_out;
+      if (relu) {
+        layer_forward<T, Epilogue::kRelu>(p, l, rows, ut, x, in, h, ld);
+      } else {
+        layer_forward<T, Epilogue::kNone>(p, l, rows, ut, x, in, h, ld);
+        activation_forward<T>(p.act, p.act_param, h, h, rows * ld);
+      }
+      in = h;
+    }
+    layer_forward<T, Epilogue::kNone>(p, L - 1, rows, ut, x, in, p.y + (t * B + r0) * O, O);
   }
   return true;
 }
@@ -184,66 +220,111 @@ bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
 // Backward of rows [r0, r1), reverse time, adding this tile's weight gradients into `acc`.
 template <typename T>
 bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGrads<T>& acc) {
-  const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, H = p.h, k = p.delay;
-  const int64_t hp = p.ld_h, op = p.ld_o;  // row strides of the workspaces
-  // h, dz: (rows, ld_h); g: (rows, ld_o); ring: slots of (rows, ld_o) holding the adjoint
-  // flowing into y_{t-k} from step t until step t-k consumes it. Slot t % k < min(k, steps), so
-  // a delay longer than the rollout costs no memory.
+  const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, k = p.delay, L = p.n_layers;
+  const int64_t op = p.ld_o;
+  const bool relu = p.act == static_cast<int>(Act::kRelu);
+  const bool keep_z = act_needs_z(static_cast<Act>(p.act));
+  // Per hidden layer l: h_l (rows, ld_out_l) and, where act' reads it, z_l; g (rows, ld_o), the
+  // adjoint of y_t; two adjoint buffers of the widest hidden layer, for the walk down the
+  // layers; ring: slots of (rows, ld_o) holding the adjoint flowing into y_{t-k} from step t
+  // until step t-k consumes it. Slot t % k < min(k, steps), so a delay longer than the rollout
+  // costs no memory.
   const int64_t slots = k < p.steps ? k : p.steps;
-  Scratch<T> ws(rows * (2 * hp + op) + slots * rows * op);
+  const int64_t widest = widest_hidden(p);
+  int64_t hidden = 0;
+  for (int64_t l = 0; l + 1 < L; ++l) hidden += rows * p.layers[l].ld_out;
+  Scratch<T> ws((keep_z ? 2 : 1) * hidden + rows * op + 2 * rows * widest + slots * rows * op);
   if (!ws.data) return false;
-  T* h = ws.data;
-  T* dz = h + rows * hp;
-  T* g = dz + rows * hp;
-  T* ring = g + rows * op;
+  // h_l, then z_l where kept, layer after layer at the start of ws.
+  auto h_of = [&](int64_t l) {
+    T* at = ws.data;
+    for (int64_t i = 0; i < l; ++i) at += (keep_z ? 2 : 1) * rows * p.layers[i].ld_out;
+    return at;
+  };
+  auto z_of = [&](int64_t l) { return keep_z ? h_of(l) + rows * p.layers[l].ld_out : nullptr; };
+  T* next = ws.data + (keep_z ? 2 : 1) * hidden;
+  T* g = next;
+  T* adj_buf[2] = {g + rows * op, g + rows * op + rows * widest};
+  T* ring = adj_buf[1] + rows * widest;
+
   for (int64_t t = p.steps - 1; t >= 0; --t) {
     const T* x = t < k ? p.x0 + (t * B + r0) * O : p.y_saved + ((t - k) * B + r0) * O;
     const T* ut = Du ? p.u + (t * B + r0) * Du : x;
     T* slot = ring + (t % k) * rows * op;
 
-    GemmArgs gz{rows, H, Du, O, Du, 1, hp, O, hp, 0, hp, false};
-    gemm<T, Epilogue::kRelu>(gz, ut, p.w1u_t ? p.w1u_t : p.w1x_t, x, p.w1x_t, p.b1, nullptr, h);
+    // Recompute the hidden layers of this step, as the forward computed them.
+    for (int64_t l = 0; l + 1 < L; ++l) {
+      const int64_t ld = p.layers[l].ld_out;
+      const T* in = l ? h_of(l - 1) : nullptr;
+      T* h = h_of(l);
+      if (relu) {
+        layer_forward<T, Epilogue::kRelu>(p, l, rows, ut, x, in, h, ld);
+      } else if (keep_z) {
+        layer_forward<T, Epilogue::kNone>(p, l, rows, ut, x, in, z_of(l), ld);
+        activation_forward<T>(p.act, p.act_param, z_of(l), h, rows * ld);
+      } else {
+        layer_forward<T, Epilogue::kNone>(p, l, rows, ut, x, in, h, ld);
+        activation_forward<T>(p.act, p.act_param, h, h, rows * ld);
+      }
+    }
 
     const T* gy = p.grad_y + (t * B + r0) * O;
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < O; ++j) g[i * op + j] = gy[i * O + j] + slot[i * op + j];
 
-    // dz = (g W2) * (h > 0)
-    GemmArgs gd{rows, H, O, 0, op, 1, hp, 0, hp, hp, hp, false};
-    gemm<T, Epilogue::kMaskByH>(gd, g, p.w2, g, p.w2, nullptr, h, dz);
-
-    if (acc.w2) {  // dW2 += g^T h
-      GemmArgs gw{O, H, rows, 0, 1, op, hp, 0, hp, 0, hp, true};
-      gemm<T, Epilogue::kNone>(gw, g, h, g, h, nullptr, nullptr, acc.w2);
-    }
-    if (acc.b2)
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < O; ++j) acc.b2[j] += g[i * op + j];
-    if (acc.w1_t) {  // dW1^T += [u_t ; x_t]^T dz
-      if (Du) {
-        GemmArgs gu{Du, H, rows, 0, 1, Du, hp, 0, hp, 0, hp, true};
-        gemm<T, Epilogue::kNone>(gu, ut, dz, ut, dz, nullptr, nullptr, acc.w1_t);
+    // Down the layers: adj is the adjoint of layer l's output (row stride adj_ld).
+    T* adj = g;
+    int64_t adj_ld = op;
+    for (int64_t l = L - 1; l >= 1; --l) {
+      const TileLayer<T>& ly = p.layers[l];
+      const T* h_in = h_of(l - 1);  // the layer's input, (rows, ld_in)
+      if (acc.w[l]) {  // dW_l += adj^T h_{l-1}
+        const GemmArgs gw{ly.out, ly.in, rows, 0, 1, adj_ld, ly.ld_in, 0, ly.ld_in, 0, ly.ld_in, true};
+        gemm<T, Epilogue::kNone>(gw, adj, h_in, adj, h_in, nullptr, nullptr, acc.w[l]);
       }
-      GemmArgs gx{O, H, rows, 0, 1, O, hp, 0, hp, 0, hp, true};
-      gemm<T, Epilogue::kNone>(gx, x, dz, x, dz, nullptr, nullptr, acc.w1_t + Du * hp);
+      if (acc.b[l])
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < ly.out; ++j) acc.b[l][j] += adj[i * adj_ld + j];
+      // dz_{l-1} = (adj W_l) * act'(z_{l-1})
+      T* dz = adj_buf[l % 2];
+      const GemmArgs gd{rows, ly.in, ly.out, 0, adj_ld, 1, ly.ld_in, 0, ly.ld_in, ly.ld_in, ly.ld_in, false};
+      if (relu) {
+        gemm<T, Epilogue::kMaskByH>(gd, adj, ly.w, adj, ly.w, nullptr, h_in, dz);
+      } else {
+        gemm<T, Epilogue::kNone>(gd, adj, ly.w, adj, ly.w, nullptr, nullptr, dz);
+        activation_backward<T>(p.act, p.act_param, dz, z_of(l - 1), h_in, dz, rows * ly.ld_in);
+      }
+      adj = dz;
+      adj_ld = ly.ld_in;
     }
-    if (acc.b1)
+
+    const TileLayer<T>& first = p.layers[0];
+    const int64_t n0 = first.out, ld0 = first.ld_out;
+    if (acc.w[0]) {  // dW0^T += [u_t ; x_t]^T adj
+      if (Du) {
+        const GemmArgs gu{Du, n0, rows, 0, 1, Du, adj_ld, 0, adj_ld, 0, ld0, true};
+        gemm<T, Epilogue::kNone>(gu, ut, adj, ut, adj, nullptr, nullptr, acc.w[0]);
+      }
+      const GemmArgs gx{O, n0, rows, 0, 1, O, adj_ld, 0, adj_ld, 0, ld0, true};
+      gemm<T, Epilogue::kNone>(gx, x, adj, x, adj, nullptr, nullptr, acc.w[0] + Du * ld0);
+    }
+    if (acc.b[0])
       for (int64_t i = 0; i < rows; ++i)
-        for (int64_t j = 0; j < H; ++j) acc.b1[j] += dz[i * hp + j];
-    if (p.grad_u && Du) {  // du_t = dz W1u
-      GemmArgs gu{rows, Du, H, 0, hp, 1, p.ld_du, 0, p.ld_du, 0, Du, false};
-      gemm<T, Epilogue::kNone>(gu, dz, p.w1u, dz, p.w1u, nullptr, nullptr, p.grad_u + (t * B + r0) * Du);
+        for (int64_t j = 0; j < n0; ++j) acc.b[0][j] += adj[i * adj_ld + j];
+    if (p.grad_u && Du) {  // du_t = adj W0u
+      const GemmArgs gu{rows, Du, n0, 0, adj_ld, 1, p.ld_du, 0, p.ld_du, 0, Du, false};
+      gemm<T, Epilogue::kNone>(gu, adj, first.w, adj, first.w, nullptr, nullptr, p.grad_u + (t * B + r0) * Du);
     }
-    // dx_t = dz W1x: to y_{t-k} unless the edge is cut (truncate), or to x0[t].
-    GemmArgs gx{rows, O, H, 0, hp, 1, op, 0, op, 0, op, false};
+    // dx_t = adj W0x: to y_{t-k} unless the edge is cut (truncate), or to x0[t].
+    GemmArgs gx{rows, O, n0, 0, adj_ld, 1, op, 0, op, 0, op, false};
     if (t >= k) {
       if (p.truncate && t % p.truncate == 0)
         std::memset(slot, 0, sizeof(T) * rows * op);
       else
-        gemm<T, Epilogue::kNone>(gx, dz, p.w1x, dz, p.w1x, nullptr, nullptr, slot);
+        gemm<T, Epilogue::kNone>(gx, adj, first.wx, adj, first.wx, nullptr, nullptr, slot);
     } else if (p.grad_x0) {
       gx.ldc = O;
-      gemm<T, Epilogue::kNone>(gx, dz, p.w1x, dz, p.w1x, nullptr, nullptr, p.grad_x0 + (t * B + r0) * O);
+      gemm<T, Epilogue::kNone>(gx, adj, first.wx, adj, first.wx, nullptr, nullptr, p.grad_x0 + (t * B + r0) * O);
     }
   }
   return true;

@@ -7,40 +7,47 @@
 namespace fbfast {
 namespace cpu {
 
+// One linear layer as the tile kernels read it: packed copies of its weight, each row padded to
+// a stride (the host's row_stride: the width rounded up to the vector width when that adds at
+// most 1/8, else the width itself), with one vector of slack after the last row so that
+// whole-vector loads stay inside the buffer.
+template <typename T>
+struct TileLayer {
+  int64_t in, out;        // W is (out, in)
+  int64_t ld_in, ld_out;  // row strides of buffers with rows of `in` and of `out` elements
+  const T* wt;  // (in, ld_out) = W^T, read by the forward; layer 0: the u rows, then the x rows
+  const T* w;   // (out, ld_in) = W, read by the backward (g W); layer 0: the u columns only
+  const T* wx;  // layer 0 only: (out, ld_o) = W[:, Du:], the fed-back columns
+  const T* b;   // (out) or null
+};
+
 // The pointers and sizes of one rollout; filled by the host (rollout_cpu.cpp).
 template <typename T>
 struct TileParams {
-  int64_t steps, batch, du, o, h, delay, truncate;  // truncate == 0: full BPTT
-  // Row strides of the packed weights and workspaces: a width rounded up to the vector width
-  // when that adds at most 1/8, else the width itself (rollout_cpu.cpp, row_stride). Every
-  // buffer has one vector of slack after its last row, so whole-vector loads stay inside it.
-  int64_t ld_du, ld_o, ld_h;
+  int64_t steps, batch, du, o, delay, truncate;  // truncate == 0: full BPTT
+  int64_t ld_du, ld_o;  // row strides of u-wide and O-wide buffers
+  int64_t n_layers;
+  const TileLayer<T>* layers;  // n_layers, the last one producing y
+  int act;                     // fbfast::Act (csrc/common/activation.h)
+  T act_param;
   const T* x0;  // (min(delay, steps), B, O): only the inputs that are read
-  const T* u;  // null when du == 0
-  const T* w1u_t;
-  const T* w1x_t;
-  const T* b1;  // null: no bias
-  const T* w2_t;
-  const T* b2;  // null: no bias
+  const T* u;   // null when du == 0
   T* y;         // forward output
   // Backward only.
   const T* y_saved;
   const T* grad_y;
-  const T* w2;
-  const T* w1u;
-  const T* w1x;
   T* grad_x0;  // null: not wanted
   T* grad_u;   // null: not wanted
 };
 
-// One group of tiles accumulates its weight gradients here (transposed where noted);
-// the host sums the groups in a fixed order, so results do not depend on the thread count.
+// One group of tiles accumulates its weight gradients here; the host sums the groups in a fixed
+// order, so results do not depend on the thread count. Per layer l: w[l] is dW0^T laid out
+// (in, ld_out) for the first layer (its rows split into u and x parts like TileLayer::wt) and
+// dW_l laid out (out, ld_in) for the others; b[l] is (out). Null entries are not wanted.
 template <typename T>
 struct TileGrads {
-  T* w1_t;  // (Du + O, ld_h) = dW1^T, or null
-  T* b1;    // (H), or null
-  T* w2;    // (O, ld_h) = dW2, or null
-  T* b2;    // (O), or null
+  T* const* w;
+  T* const* b;
 };
 
 // One declaration per instruction-set variant; definitions in tile_kernels_<isa>.cpp.

@@ -1,0 +1,261 @@
+// The activations of csrc/common/activation.h on whole vectors, for the tile kernels
+// (tile_kernels.h), which include no library header (so not <math.h> or ATen's vectorised
+// math): exp from a range reduction and a polynomial, the other functions from exp, following
+// ATen's formulas for each value and derivative (the same sides of the kinks, NaN and
+// infinities passing as in torch).
+//
+// Accuracy, relative to the correctly rounded result: exp within a few ulp in float32 and
+// float64; tanh and sigmoid built from it within a few ulp of 1 absolute near 0; the exact GELU
+// in float32 through an erfc approximation with a relative error below 1.2e-7 (W. H. Press et
+// al., Numerical Recipes, §6.2, "erfcc"), in float64 through the C library's erfc, lane by lane.
+// tests/test_networks.py compares every activation with torch's on every instruction set.
+//
+// Included by tile_kernels.h inside namespace FBFAST_ISA, after Vec, load and store.
+#pragma once
+
+// Integer vectors of the same width, for the exponent arithmetic of exp.
+template <typename T>
+struct VecBits;
+template <>
+struct VecBits<float> {
+  typedef int32_t type __attribute__((vector_size(FBFAST_VEC_BYTES)));
+  static constexpr int kMantissa = 23, kBias = 127;
+};
+template <>
+struct VecBits<double> {
+  typedef int64_t type __attribute__((vector_size(FBFAST_VEC_BYTES)));
+  static constexpr int kMantissa = 52, kBias = 1023;
+};
+
+// exp's range: above kHi the result is +inf, below kLo it is 0. ln 2 = kLn2Hi + kLn2Lo with
+// kLn2Hi exact in few bits, so n * kLn2Hi is exact for every n in range (Cody and Waite).
+template <typename T>
+struct ExpConst;
+template <>
+struct ExpConst<float> {
+  static constexpr float kHi = 88.72283935546875f, kLo = -103.972084f;
+  static constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  static constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+};
+template <>
+struct ExpConst<double> {
+  static constexpr double kHi = 709.782712893384, kLo = -745.1332191019412;
+  static constexpr double kLn2Hi = 6.93145751953125e-1, kLn2Lo = 1.42860682030941723212e-6;
+  static constexpr double kRound = 6755399441055744.0;  // 1.5 * 2^52
+};
+
+template <typename T>
+inline typename Vec<T>::type splat(T x) {
+  return typename Vec<T>::type{} + x;
+}
+
+// 2^n for integral n in [-2 kBias, 2 kBias], as two normal factors (so that results near the
+// overflow and underflow ends need no special case).
+template <typename T>
+inline typename Vec<T>::type pow2_halves(typename Vec<T>::type n, typename Vec<T>::type* second) {
+  using VI = typename VecBits<T>::type;
+  const VI ni = __builtin_convertvector(n, VI);
+  const VI n1 = ni >> 1, n2 = ni - n1;
+  *second = (typename Vec<T>::type)((n2 + VecBits<T>::kBias) << VecBits<T>::kMantissa);
+  return (typename Vec<T>::type)((n1 + VecBits<T>::kBias) << VecBits<T>::kMantissa);
+}
+
+template <typename T>
+inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+  using V = typename Vec<T>::type;
+  using C = ExpConst<T>;
+  V xc = x > C::kHi ? splat<T>(C::kHi) : x;  // comparisons with NaN are false: NaN stays
+  xc = xc < C::kLo ? splat<T>(C::kLo) : xc;
+  const V n = (xc * T(1.4426950408889634) + C::kRound) - C::kRound;
+  V r = xc - n * C::kLn2Hi;
+  r = r - n * C::kLn2Lo;  // |r| <= ln(2) / 2
+  // Taylor series of exp(r): degree 7 leaves 3e-9 (float), degree 13 leaves 4e-18 (double).
+  V p;
+  if constexpr (sizeof(T) == 4) {
+    p = splat<T>(T(1.0 / 5040));
+    const T c[] = {T(1.0 / 720), T(1.0 / 120), T(1.0 / 24), T(1.0 / 6), T(0.5), T(1), T(1)};
+    for (const T ci : c) p = p * r + ci;
+  } else {
+    p = splat<T>(T(1.0 / 6227020800.0));
+    const T c[] = {T(1.0 / 479001600.0), T(1.0 / 39916800.0), T(1.0 / 3628800.0), T(1.0 / 362880.0),
+                   T(1.0 / 40320.0),     T(1.0 / 5040.0),     T(1.0 / 720.0),     T(1.0 / 120.0),
+                   T(1.0 / 24.0),        T(1.0 / 6.0),        T(0.5),             T(1),
+                   T(1)};
+    for (const T ci : c) p = p * r + ci;
+  }
+  V second;
+  const V first = pow2_halves<T>(n, &second);
+  V result = p * first * second;
+  result = x > C::kHi ? splat<T>(__builtin_inf()) : result;
+  return x < C::kLo ? V{} : result;
+}
+
+template <typename T>
+inline typename Vec<T>::type vtanh(typename Vec<T>::type z) {
+  using V = typename Vec<T>::type;
+  const V a = z < T(0) ? -z : z;
+  const V t = T(1) - T(2) / (vexp<T>(a + a) + T(1));
+  return z < T(0) ? -t : t;
+}
+
+template <typename T>
+inline typename Vec<T>::type vsigmoid(typename Vec<T>::type z) {
+  return T(1) / (T(1) + vexp<T>(-z));
+}
+
+// Phi(z) = P(N(0, 1) <= z) = erfc(-z / sqrt 2) / 2, the exact GELU's gate.
+template <typename T>
+inline typename Vec<T>::type vnormal_cdf(typename Vec<T>::type z) {
+  using V = typename Vec<T>::type;
+  constexpr T kSqrtHalf = T(0.7071067811865476);
+  if constexpr (sizeof(T) == 8) {
+    V out;
+    for (int i = 0; i < Vec<T>::kWidth; ++i) out[i] = T(0.5) * __builtin_erfc(-z[i] * kSqrtHalf);
+    return out;
+  } else {
+    const V a = (z < T(0) ? -z : z) * kSqrtHalf;
+    const V t = T(1) / (T(1) + T(0.5) * a);
+    const T c[] = {T(-0.82215223), T(1.48851587), T(-1.13520398), T(0.27886807), T(-0.18628806),
+                   T(0.09678418),  T(0.37409196), T(1.00002368),  T(-1.26551223)};
+    V poly = splat<T>(T(0.17087277));
+    for (const T ci : c) poly = poly * t + ci;
+    const V half_erfc = T(0.5) * t * vexp<T>(poly - a * a);  // erfc(a) / 2, a >= 0
+    return z < T(0) ? half_erfc : T(1) - half_erfc;
+  }
+}
+
+// h = act(z) for the activations other than ReLU (which the GEMM epilogue applies).
+template <typename T>
+inline typename Vec<T>::type vact_forward(int act, T param, typename Vec<T>::type z) {
+  using V = typename Vec<T>::type;
+  switch (static_cast<Act>(act)) {
+    case Act::kRelu:
+      return z <= T(0) ? V{} : z;
+    case Act::kLeakyRelu:
+      return z > T(0) ? z : z * param;
+    case Act::kElu:
+      return z > T(0) ? z : param * (vexp<T>(z) - T(1));
+    case Act::kTanh:
+      return vtanh<T>(z);
+    case Act::kSigmoid:
+      return vsigmoid<T>(z);
+    case Act::kSilu:
+      return z / (T(1) + vexp<T>(-z));
+    case Act::kGelu:
+      return z * vnormal_cdf<T>(z);
+    case Act::kGeluTanh: {
+      const V inner = T(0.7978845608028654) * (z + T(0.044715) * z * z * z);
+      return T(0.5) * z * (T(1) + vtanh<T>(inner));
+    }
+    case Act::kMish: {
+      // tanh(log(1 + e)) = n / (n + 2) with n = e (e + 2); above z = 40 it is 1 in both
+      // precisions, and e^2 would overflow float32 from z = 44.
+      const V e = vexp<T>(z);
+      const V n = e * (e + T(2));
+      const V tsp = z > T(40) ? splat<T>(T(1)) : n / (n + T(2));
+      return z * tsp;
+    }
+  }
+  return z;
+}
+
+// dL/dz from dL/dh = g, z and h (see act_needs_z for which one each reads).
+template <typename T>
+inline typename Vec<T>::type vact_backward(int act, T param, typename Vec<T>::type g, typename Vec<T>::type z,
+                                           typename Vec<T>::type h) {
+  using V = typename Vec<T>::type;
+  switch (static_cast<Act>(act)) {
+    case Act::kRelu:
+      return h <= T(0) ? V{} : g;
+    case Act::kLeakyRelu:
+      return z > T(0) ? g : g * param;
+    case Act::kElu:
+      return z <= T(0) ? g * param * vexp<T>(z) : g;
+    case Act::kTanh:
+      return g * (T(1) - h * h);
+    case Act::kSigmoid:
+      return g * (T(1) - h) * h;
+    case Act::kSilu: {
+      const V s = vsigmoid<T>(z);
+      return g * s * (T(1) + z * (T(1) - s));
+    }
+    case Act::kGelu: {
+      const V pdf = vexp<T>(T(-0.5) * z * z) * T(0.3989422804014327);
+      return g * (vnormal_cdf<T>(z) + z * pdf);
+    }
+    case Act::kGeluTanh: {
+      constexpr T kBeta = T(0.7978845608028654), kKappa = T(0.044715);
+      const V t = vtanh<T>(kBeta * (z + kKappa * z * z * z));
+      const V d_right = T(0.5) * z * (T(1) - t * t) * kBeta * (T(1) + T(3) * kKappa * z * z);
+      return g * (T(0.5) * (T(1) + t) + d_right);
+    }
+    case Act::kMish: {
+      const V s = vsigmoid<T>(z);
+      const V e = vexp<T>(z);
+      const V n = e * (e + T(2));
+      const V tsp = z > T(40) ? splat<T>(T(1)) : n / (n + T(2));
+      return g * (tsp + z * s * (T(1) - tsp * tsp));
+    }
+  }
+  return g;
+}
+
+// f over the n elements of a buffer, whole vectors at a time; the last partial vector reads
+// into the buffer's slack (every tile buffer has one vector of it) and writes only its n
+// valid elements, so no neighbouring buffer is touched.
+template <typename T, typename F>
+inline void for_each_vector(int64_t n, F&& f) {
+  constexpr int W = Vec<T>::kWidth;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) f(i, W);
+  if (i < n) f(i, n - i);
+}
+
+template <typename T>
+inline void store_first(T* p, typename Vec<T>::type v, int64_t count) {
+  if (count == Vec<T>::kWidth) return store(p, v);
+  for (int64_t j = 0; j < count; ++j) p[j] = v[j];
+}
+
+// Runs f(std::integral_constant-like tag) with the activation as a compile-time constant, so
+// that the per-vector switch of vact_forward / vact_backward folds away inside the loops.
+template <int A>
+struct ActTag {
+  static constexpr int value = A;
+};
+template <typename F>
+inline void with_act(int act, F&& f) {
+  switch (static_cast<Act>(act)) {
+    case Act::kRelu: return f(ActTag<static_cast<int>(Act::kRelu)>{});
+    case Act::kLeakyRelu: return f(ActTag<static_cast<int>(Act::kLeakyRelu)>{});
+    case Act::kElu: return f(ActTag<static_cast<int>(Act::kElu)>{});
+    case Act::kTanh: return f(ActTag<static_cast<int>(Act::kTanh)>{});
+    case Act::kSigmoid: return f(ActTag<static_cast<int>(Act::kSigmoid)>{});
+    case Act::kSilu: return f(ActTag<static_cast<int>(Act::kSilu)>{});
+    case Act::kGelu: return f(ActTag<static_cast<int>(Act::kGelu)>{});
+    case Act::kGeluTanh: return f(ActTag<static_cast<int>(Act::kGeluTanh)>{});
+    case Act::kMish: return f(ActTag<static_cast<int>(Act::kMish)>{});
+  }
+}
+
+// h = act(z) over n elements (h may be z).
+template <typename T>
+void activation_forward(int act, T param, const T* z, T* h, int64_t n) {
+  with_act(act, [&](auto tag) {
+    for_each_vector<T>(n, [&](int64_t i, int64_t count) {
+      store_first<T>(h + i, vact_forward<T>(decltype(tag)::value, param, load(z + i)), count);
+    });
+  });
+}
+
+// dz = g * act'(z) over n elements (dz may be g); z or h may be null when not read.
+template <typename T>
+void activation_backward(int act, T param, const T* g, const T* z, const T* h, T* dz, int64_t n) {
+  using V = typename Vec<T>::type;
+  with_act(act, [&](auto tag) {
+    for_each_vector<T>(n, [&](int64_t i, int64_t count) {
+      const V zv = z ? load(z + i) : V{}, hv = h ? load(h + i) : V{};
+      store_first<T>(dz + i, vact_backward<T>(decltype(tag)::value, param, load(g + i), zv, hv), count);
+    });
+  });
+}

@@ -1,0 +1,59 @@
+// The per-step ATen path of the rollout: the same recurrence as the fused kernels, written once
+// with device-agnostic ATen ops (GEMMs through MKL/OpenBLAS on the CPU, cuBLAS on CUDA) for
+// any depth, width and activation. The CPU kernel takes it for wide layers (its "BLAS path",
+// csrc/cpu/rollout_cpu.cpp) and the CUDA kernel for widths whose weights do not fit in a
+// block's shared memory (its "general path", csrc/cuda/rollout_cuda.cpp).
+//
+// Forward: the time loop runs on the host and every layer of every step is one full-batch
+// GEMM with its bias, followed by the activation. Backward: the hidden layers of a chunk of
+// steps are recomputed in one GEMM per layer (the inputs of every step are known from Y), the
+// adjoint is walked step by step through the layers (the only serial part), and the weight
+// gradients and du are formed as GEMMs over chunk_steps x B rows. In float16/bfloat16 the
+// weight gradients accumulate across chunks in fp32 and are rounded once at the end.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "common/activation.h"
+
+namespace fbfast::gemm_path {
+
+// The layers, contiguous, on one device: w[l] (out_l, in_l), b[l] (out_l) or undefined.
+struct Network {
+  std::vector<at::Tensor> w, b;
+  Act act = Act::kRelu;
+  double param = 0.0;
+  int64_t du = 0;  // columns [0, du) of w[0] read u_t, the rest the fed-back x_t
+
+  int64_t layers() const { return static_cast<int64_t>(w.size()); }
+};
+
+// The backward's outputs. Each is undefined when it is not wanted; the caller allocates the
+// wanted ones zero-filled, in the inputs' dtype and full shape (x0's slots t >= steps, and
+// steps t < delay that never run, then come out right without special cases).
+struct Grads {
+  at::Tensor x0, u;
+  std::vector<at::Tensor> w, b;  // one per layer
+};
+
+// What the backward of a hidden layer reads (act_needs_z): act(z) for ReLU, tanh and sigmoid,
+// z for the others.
+inline bool keeps_preactivation(Act act) { return act_needs_z(act); }
+
+// x0 (min(delay, steps), B, O) and u (T, B, Du) or undefined, contiguous; y (T, B, O) written.
+// kept: null, or filled with one (T, B, out_l) tensor per hidden layer l < L - 1 (see
+// keeps_preactivation), for a backward that then need not recompute them.
+// `op` names the operator in allocation failures.
+void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Network& net, int64_t delay,
+             at::Tensor& y, std::vector<at::Tensor>* kept);
+
+// truncate == 0: full BPTT. kept: empty to recompute, else what forward(..., kept) filled.
+// chunk_bytes caps the chunk buffers (they also stay below half of what a per-step loop keeps).
+void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
+              const at::Tensor& u, const Network& net, int64_t delay, int64_t truncate, Grads& out,
+              at::TensorList kept, int64_t chunk_bytes);
+
+}  // namespace fbfast::gemm_path
