@@ -100,15 +100,37 @@ def _gradcheck_and_gradgradcheck(delay, truncate, Du, bias):
         assert_close(a, b, torch.float64, "grad")
 
 
+# Direct operator arguments: (x0, u, weights, biases, steps, delay, truncate, activation, param).
+_OPCHECK_NETWORKS = [(1, "relu", 0.0), (2, "silu", 0.0), (3, "leaky_relu", 0.2), (4, "tanh", 0.0)]
+
+
 def _opcheck_samples():
     out = []
     for requires_grad in (False, True):
-        for Du, bias in ((0, True), (3, False)):
-            for delay, truncate in ((1, 0), (3, 2)):
-                p = make_problem(5, Du, 3, 6, 4, delay=delay, bias=bias, dtype=torch.float32,
-                                 requires_grad=requires_grad)
-                out.append((p.x0, p.u, p.w1, p.b1, p.w2, p.b2, p.steps, delay, truncate))
+        for (Du, bias), (delay, truncate), (layers, act, param) in zip(
+                ((0, True), (3, False), (0, False), (3, True)), ((1, 0), (3, 2), (2, 1), (1, 3)), _OPCHECK_NETWORKS):
+            g = torch.Generator().manual_seed(layers)
+            widths = [Du + 3] + [6, 5, 7][: layers - 1] + [3]
+            rnd = lambda *s: torch.randn(*s, generator=g).requires_grad_(requires_grad)  # noqa: E731
+            weights = [rnd(widths[l + 1], widths[l]) for l in range(layers)]
+            biases = [rnd(widths[l + 1]) if bias or l == 0 else None for l in range(layers)]
+            out.append((rnd(delay, 5, 3), rnd(4, 5, Du) if Du else None, weights, biases, 4, delay, truncate,
+                        act, param))
     return out
+
+
+def _detached(args):
+    def d(a):
+        if isinstance(a, torch.Tensor):
+            return a.detach()
+        if isinstance(a, list):
+            return [d(t) for t in a]
+        return a
+    return [d(a) for a in args]
+
+
+def _mask(u, weights, biases):
+    return [True, u is not None] + [True] * len(weights) + [b is not None for b in biases]
 
 
 @pytest.mark.parametrize("args", _opcheck_samples())
@@ -118,31 +140,32 @@ def test_opcheck_forward(args):
 
 @pytest.mark.parametrize("args", _opcheck_samples())
 def test_opcheck_backward(args):
-    x0, u, w1, b1, w2, b2, steps, delay, truncate = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    y = torch.ops.fbfast.rollout_forward.default(x0, u, w1, b1, w2, b2, steps, delay, truncate)
-    mask = [True, u is not None, True, b1 is not None, True, b2 is not None]
+    x0, u, w, b, steps, delay, truncate, act, param = _detached(args)
+    y = torch.ops.fbfast.rollout_forward.default(x0, u, w, b, steps, delay, truncate, act, param)
     torch.library.opcheck(torch.ops.fbfast.rollout_backward.default,
-                          (torch.randn_like(y), y, x0, u, w1, b1, w2, delay, truncate, mask))
+                          (torch.randn_like(y), y, x0, u, w, b, delay, truncate, act, param, _mask(u, w, b)))
 
 
 @pytest.mark.parametrize("args", _opcheck_samples())
 def test_opcheck_hidden_variants(args):
-    # The pair autograd uses on the CPU for wide layers: the forward keeps relu(z_t) of every
-    # step, the backward reads it instead of recomputing (csrc/cpu/path_rule.h).
-    x0, u, w1, b1, w2, b2, steps, delay, truncate = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(torch.ops.fbfast.rollout_forward_hidden.default, (x0, u, w1, b1, w2, b2, steps, delay))
-    y, hidden = torch.ops.fbfast.rollout_forward_hidden.default(x0, u, w1, b1, w2, b2, steps, delay)
-    assert torch.equal(y, torch.ops.fbfast.rollout_forward.default(x0, u, w1, b1, w2, b2, steps, delay, 0)) or \
-        torch.allclose(y, torch.ops.fbfast.rollout_forward.default(x0, u, w1, b1, w2, b2, steps, delay, 0),
-                       rtol=1e-5, atol=1e-6)
-    mask = [True, u is not None, True, b1 is not None, True, b2 is not None]
+    # The pair autograd uses on the CPU for wide layers: the forward keeps what every hidden
+    # layer's backward reads, the backward reads it instead of recomputing (csrc/cpu/path_rule.h).
+    x0, u, w, b, steps, delay, truncate, act, param = _detached(args)
+    torch.library.opcheck(torch.ops.fbfast.rollout_forward_hidden.default, (x0, u, w, b, steps, delay, act, param))
+    y, hidden = torch.ops.fbfast.rollout_forward_hidden.default(x0, u, w, b, steps, delay, act, param)
+    assert len(hidden) == len(w) - 1
+    with fbfast.kernel_options(cpu_path="blas"):
+        torch.testing.assert_close(y, torch.ops.fbfast.rollout_forward.default(x0, u, w, b, steps, delay, 0, act, param),
+                                   rtol=0, atol=0)
     gy = torch.randn_like(y)
-    args_b = (gy, y, hidden, x0, u, w1, b1, w2, delay, truncate, mask)
+    args_b = (gy, y, hidden, x0, u, w, b, delay, truncate, act, param, _mask(u, w, b))
     torch.library.opcheck(torch.ops.fbfast.rollout_backward_hidden.default, args_b)
     with fbfast.kernel_options(cpu_path="blas"):
-        expected = torch.ops.fbfast.rollout_backward.default(gy, y, x0, u, w1, b1, w2, delay, truncate, mask)
-    for a, b in zip(torch.ops.fbfast.rollout_backward_hidden.default(*args_b), expected):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        expected = torch.ops.fbfast.rollout_backward.default(gy, y, x0, u, w, b, delay, truncate, act, param,
+                                                             _mask(u, w, b))
+    got = torch.ops.fbfast.rollout_backward_hidden.default(*args_b)
+    for a, e in zip([got[0], got[1], *got[2], *got[3]], [expected[0], expected[1], *expected[2], *expected[3]]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("path", ["tile", "blas", "auto"])
@@ -169,9 +192,10 @@ def test_wide_training_keeps_hidden_only_on_the_blas_path(path):
 def test_backward_masks_return_empty_for_unwanted():
     p = make_problem(4, 2, 3, 5, 6, delay=2, requires_grad=False)
     y = p.run("cpp")
-    out = torch.ops.fbfast.rollout_backward.default(
-        torch.ones_like(y), y, p.x0, p.u, p.w1, p.b1, p.w2, 2, 0, [False, True, False, False, True, False])
-    assert [tuple(t.shape) for t in out] == [(0,), tuple(p.u.shape), (0,), (0,), tuple(p.w2.shape), (0,)]
+    gx0, gu, gw, gb = torch.ops.fbfast.rollout_backward.default(
+        torch.ones_like(y), y, p.x0, p.u, [p.w1, p.w2], [p.b1, p.b2], 2, 0, "relu", 0.0,
+        [False, True, False, True, False, False])
+    assert [tuple(t.shape) for t in (gx0, gu, *gw, *gb)] == [(0,), tuple(p.u.shape), (0,), tuple(p.w2.shape), (0,), (0,)]
 
 
 class _Rollout(torch.nn.Module):
@@ -298,10 +322,12 @@ def test_empty_result_with_huge_steps_does_not_loop():
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_backward_hidden_refuses_a_wrong_hidden(device):
     p = make_problem(4, 2, 3, 5, 6, requires_grad=False)
-    y, hidden = torch.ops.fbfast.rollout_forward_hidden.default(p.x0, p.u, p.w1, p.b1, p.w2, p.b2, 6, 1)
-    args = [torch.ones_like(y), y, hidden[:, :, :4], p.x0, p.u, p.w1, p.b1, p.w2, 1, 0, [True] * 6]
-    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-    with pytest.raises(RuntimeError, match=r"hidden must be \(T=6, B=4, H=5\), got \[6, 4, 4\]"):
+    w, b = [p.w1, p.w2], [p.b1, p.b2]
+    y, hidden = torch.ops.fbfast.rollout_forward_hidden.default(p.x0, p.u, w, b, 6, 1, "relu", 0.0)
+    to = lambda t: t.to(device)  # noqa: E731
+    args = [to(torch.ones_like(y)), to(y), [to(hidden[0][:, :, :4])], to(p.x0), to(p.u), [to(t) for t in w],
+            [to(t) for t in b], 1, 0, "relu", 0.0, [True] * 6]
+    with pytest.raises(RuntimeError, match=r"hidden\[0\] must be \(T=6, B=4, 5\), got \[6, 4, 4\]"):
         torch.ops.fbfast.rollout_backward_hidden.default(*args)
 
 
@@ -326,6 +352,7 @@ def test_hidden_activations_are_kept_only_when_a_backward_can_follow():
 def test_direct_forward_checks_truncate_and_devices_before_choosing_a_path():
     p = make_problem(8, 0, 64, 512, 5, dtype=torch.float32)
     with pytest.raises(RuntimeError, match=r"truncate must be >= 0"):
-        torch.ops.fbfast.rollout_forward.default(p.x0, None, p.w1, p.b1, p.w2, p.b2, 5, 1, -3)
+        torch.ops.fbfast.rollout_forward.default(p.x0, None, [p.w1, p.w2], [p.b1, p.b2], 5, 1, -3, "relu", 0.0)
     with pytest.raises(RuntimeError, match=r"w1 is on meta but x0 is on cpu"):
-        torch.ops.fbfast.rollout_forward.default(p.x0, None, p.w1.to("meta"), p.b1, p.w2, p.b2, 5, 1, 0)
+        torch.ops.fbfast.rollout_forward.default(p.x0, None, [p.w1.to("meta"), p.w2], [p.b1, p.b2], 5, 1, 0, "relu",
+                                                 0.0)

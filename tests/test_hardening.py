@@ -261,9 +261,9 @@ def test_failed_allocation_names_the_sizes():
         vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (vm + 64 * 2**20, resource.RLIM_INFINITY))
         messages = []
-        for call in (lambda: torch.ops.fbfast.rollout_forward(x0, None, w1, None, w2, None, 2, 1, 0),
-                     lambda: torch.ops.fbfast.rollout_forward(x0, None, w1[:4], None, w2[:, :4], None,
-                                                               2**27, 1, 0)):
+        for call in (lambda: torch.ops.fbfast.rollout_forward(x0, None, [w1, w2], [None, None], 2, 1, 0, "relu", 0.0),
+                     lambda: torch.ops.fbfast.rollout_forward(x0, None, [w1[:4], w2[:, :4]], [None, None],
+                                                               2**27, 1, 0, "relu", 0.0)):
             try:
                 call()
                 messages.append("no error")
@@ -273,7 +273,7 @@ def test_failed_allocation_names_the_sizes():
     """, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     packed, result = proc.stdout.strip().splitlines()[-2:]
-    assert "out of memory" in packed and "packed weights" in packed and "H=30000000" in packed, packed
+    assert "out of memory" in packed and "packed weights" in packed and "widths 1 -> 30000000 -> 1" in packed, packed
     assert "available now" in packed and "cpu_path='blas'" in packed, packed
     assert "could not allocate" in result and "the result Y" in result and "134217728, 2, 1" in result, result
 

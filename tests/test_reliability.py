@@ -358,9 +358,10 @@ def test_meta_tensors_on_cpp_are_a_clear_error():
 
 def test_meta_tensors_through_the_operator_use_the_fake_kernel():
     x0, w1, b1, w2, b2, u = _meta_args()
-    y = torch.ops.fbfast.rollout_forward.default(x0, u, w1, b1, w2, b2, 6, 2, 0)
+    y = torch.ops.fbfast.rollout_forward.default(x0, u, [w1, w2], [b1, b2], 6, 2, 0, "relu", 0.0)
     assert y.device.type == "meta" and y.shape == (6, 4, 2)
-    grads_ = torch.ops.fbfast.rollout_backward.default(torch.empty_like(y), y, x0, u, w1, b1, w2, 2, 0,
-                                                       [True] * 6)
+    gx0, gu, gw, gb = torch.ops.fbfast.rollout_backward.default(torch.empty_like(y), y, x0, u, [w1, w2], [b1, b2], 2,
+                                                                0, "relu", 0.0, [True] * 6)
+    grads_ = [gx0, gu, gw[0], gb[0], gw[1], gb[1]]
     assert [tuple(g.shape) for g in grads_] == [tuple(x0.shape), tuple(u.shape), tuple(w1.shape), tuple(b1.shape),
                                                 tuple(w2.shape), tuple(b2.shape)]
