@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -17,7 +17,8 @@ SEED = 0
 
 @dataclass(frozen=True)
 class Case:
-    """One rollout shape: batch ``B``, exogenous ``Du``, output ``O``, hidden ``H``, steps ``T``."""
+    """One rollout shape: batch ``B``, exogenous ``Du``, output ``O``, hidden ``H``, steps ``T``,
+    and the network: ``layers`` hidden layers of width ``H`` with ``activation`` after each."""
 
     name: str
     B: int
@@ -27,19 +28,32 @@ class Case:
     T: int
     delay: int = 1
     truncate: Optional[int] = None
+    layers: int = 1
+    activation: str = "relu"
 
     @property
     def shape(self) -> str:
         extra = (f" k={self.delay}" if self.delay != 1 else "") + (f" K={self.truncate}" if self.truncate else "")
+        if (self.layers, self.activation) != (1, "relu"):
+            extra += f" {self.layers}x{self.activation}"
         return f"({self.B}, {self.Du}, {self.O}, {self.H}, {self.T}){extra}"
+
+    def widths(self) -> List[int]:
+        """Every layer's width, input first: ``[Du + O, H, ..., H, O]``."""
+        return [self.Du + self.O] + [self.H] * self.layers + [self.O]
+
+    def step_macs(self) -> int:
+        """Multiply-adds of one step per batch row: ``sum_l in_l out_l``."""
+        w = self.widths()
+        return sum(a * b for a, b in zip(w[:-1], w[1:]))
 
     @property
     def label(self) -> str:
         return f"{self.name} {self.shape}"
 
     def forward_flops(self) -> int:
-        """Multiply-adds x 2 of the whole forward rollout: ``2 B T (H (Du + O) + O H)``."""
-        return 2 * self.B * self.T * (self.H * (self.Du + self.O) + self.O * self.H)
+        """Multiply-adds x 2 of the whole forward rollout: ``2 B T sum_l in_l out_l``."""
+        return 2 * self.B * self.T * self.step_macs()
 
     def train_flops(self) -> int:
         """A training step as about 3x the forward (forward + two GEMMs per GEMM backward)."""
@@ -55,6 +69,9 @@ CASES = (
     Case("large", 4096, 0, 256, 512, 20),
     Case("delay3", 64, 0, 16, 32, 100, delay=3),
     Case("trunc10", 64, 0, 16, 32, 100, truncate=10),
+    # Deeper networks with the activations of model-based RL and learned simulators.
+    Case("silu", 32, 0, 32, 64, 100, activation="silu"),
+    Case("gelu3", 128, 4, 16, 128, 50, layers=3, activation="gelu"),
 )
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -68,7 +85,7 @@ COMPILE_SKIP: Dict[str, str] = {}
 
 @dataclass
 class CaseInputs:
-    """Inputs of one case: the same weights in a `FeedbackMLP` and in a seed `RecurrentNetwork`."""
+    """Inputs of one case: the same weights in a `FeedbackMLP` and in a seed-style `RecurrentNetwork`."""
 
     case: Case
     x0: Tensor  # (B, O) when delay == 1, else (delay, B, O)
@@ -89,6 +106,10 @@ class CaseInputs:
     def truncate(self) -> Optional[int]:
         return self.case.truncate
 
+    @property
+    def activation(self) -> str:
+        return self.case.activation
+
     def params(self, backend: str):
         """The parameters a training step of ``backend`` updates."""
         return list((self.seed_net if backend == "seed-loop" else self.fb_net).parameters())
@@ -99,8 +120,10 @@ def make_inputs(case: Case, *, seed: int = SEED, dtype: torch.dtype = torch.floa
     """Seeded inputs of ``case``; both networks hold bitwise identical weights."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    fb_net = fbfast.FeedbackMLP(case.Du + case.O, case.H, case.O, dtype=dtype)
-    seed_net = RecurrentNetwork(case.Du + case.O, case.H, case.O).to(dtype)
+    fb_net = fbfast.FeedbackMLP(case.Du + case.O, case.H, case.O, hidden_layers=case.layers,
+                                activation=case.activation, dtype=dtype)
+    seed_net = RecurrentNetwork(case.Du + case.O, case.H, case.O, hidden_layers=case.layers,
+                                activation=case.activation).to(dtype)
     seed_net.load_state_dict(fb_net.state_dict())
     fb_net.to(device)
     seed_net.to(device)

@@ -27,17 +27,33 @@ __all__ = ["RecurrentNetwork", "seed_loop", "rollout_fn", "forward_step", "train
 BACKENDS = ("seed-loop", "eager", "compile", "cpp")
 
 
-class RecurrentNetwork(nn.Module):
-    """The seed's network: ``fc2(relu(fc1(x)))``, one step per call."""
+# The nn module a user writes for each activation name of fbfast.rollout (docs/spec.md §1.1).
+ACTIVATION_MODULES = {
+    "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "mish": nn.Mish,
+}
 
-    def __init__(self, in_features: int = 10, hidden_features: int = 5, out_features: int = 2) -> None:
+
+class RecurrentNetwork(nn.Module):
+    """The seed's network, ``fc2(relu(fc1(x)))``, one step per call; with ``hidden_layers`` and
+    ``activation``, the deeper network of the same style: ``fc1 .. fcL`` with the activation
+    between them, as model-based RL and system-identification code writes it."""
+
+    def __init__(self, in_features: int = 10, hidden_features: int = 5, out_features: int = 2,
+                 hidden_layers: int = 1, activation: str = "relu") -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.relu = nn.ReLU()
-        self.fc2 = nn.Linear(hidden_features, out_features)
+        widths = [in_features] + [hidden_features] * hidden_layers + [out_features]
+        self.layers = len(widths) - 1
+        for l in range(self.layers):
+            setattr(self, f"fc{l + 1}", nn.Linear(widths[l], widths[l + 1]))
+        self.act = ACTIVATION_MODULES[activation]()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.relu(self.fc1(x)))
+        for l in range(1, self.layers + 1):
+            x = getattr(self, f"fc{l}")(x)
+            if l < self.layers:
+                x = self.act(x)
+        return x
 
 
 def seed_loop(net: nn.Module, x0: Tensor, u: Optional[Tensor], steps: int, delay: int = 1,
@@ -74,9 +90,10 @@ def rollout_fn(backend: str, inputs) -> Callable[[], Tensor]:
     if backend == "seed-loop":
         net = inputs.seed_net
         return lambda: seed_loop(net, x0, u, steps, delay, truncate)
-    fc1, fc2 = inputs.fb_net.fc1, inputs.fb_net.fc2
-    return lambda: fbfast.rollout(x0, fc1.weight, fc1.bias, fc2.weight, fc2.bias, steps=steps,
-                                  u=u, delay=delay, truncate=truncate, backend=backend)
+    params = [t for fc in inputs.fb_net.layers for t in (fc.weight, fc.bias)]
+    activation = getattr(inputs, "activation", "relu")
+    return lambda: fbfast.rollout(x0, *params, steps=steps, u=u, delay=delay, truncate=truncate,
+                                  activation=activation, backend=backend)
 
 
 def forward_step(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:

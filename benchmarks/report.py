@@ -144,15 +144,14 @@ def first_call(fn: Callable[[], object]) -> float:
 
 
 def mm_step(case: Case, inputs) -> Callable[[], object]:
-    """The two GEMMs of one step at the case's shape: ``(B, Du+O) -> H`` and ``(B, H) -> O``."""
-    w1, w2 = inputs.fb_net.fc1.weight.detach(), inputs.fb_net.fc2.weight.detach()
+    """The GEMMs of one step at the case's shape, one per layer: ``(B, in_l) x (in_l, out_l)``."""
+    weights = [fc.weight.detach() for fc in inputs.fb_net.layers]
     gen = torch.Generator().manual_seed(1)
-    xin = torch.randn(case.B, case.Du + case.O, generator=gen)
-    h = torch.randn(case.B, case.H, generator=gen)
+    acts = [torch.randn(case.B, w.shape[1], generator=gen) for w in weights]
 
     def step():
-        torch.mm(xin, w1.t())
-        torch.mm(h, w2.t())
+        for a, w in zip(acts, weights):
+            torch.mm(a, w.t())
     return step
 
 
@@ -195,7 +194,7 @@ def run_case(case: Case, args, backends: List[str], log) -> Dict:
         print(f"WARNING: {case.label}: cpp parameter gradients differ from the seed loop's by "
               f"{check['grad']:.3g} (max relative error, tolerance {CHECK_GRAD_RTOL:g})", flush=True)
     mm = measure(mm_step(case, inputs), target_s=args.target, runs=args.runs, patience=args.patience)
-    out["mm"] = dict(mm, gflops=2 * case.B * case.H * (case.Du + 2 * case.O) / mm["median_s"] / 1e9)
+    out["mm"] = dict(mm, gflops=2 * case.B * case.step_macs() / mm["median_s"] / 1e9)
     torch._dynamo.reset()
     for mode in MODES:
         steps = {}
@@ -345,8 +344,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           "across the backends of a row. "
           "fwd: rollout under torch.no_grad() for every backend. train: zero grads + rollout + "
           "sum over steps of per-step MSE + backward (no optimizer step). float32, identical weights. "
-          "torch.mm GFLOP/s: the two GEMMs of one step, (B, Du+O)x(Du+O, H) and (B, H)x(H, O). "
-          "cpp GFLOP/s: 2·B·T·(H·(Du+O) + O·H) for fwd, 3x that for train (nominal dense flop counts).")
+          "Networks: one hidden layer of H with ReLU unless the case names more (3xgelu: three hidden "
+          "layers of H with GELU). torch.mm GFLOP/s: the GEMMs of one step, one per layer, "
+          "(B, in_l)x(in_l, out_l). cpp GFLOP/s: 2·B·T·sum_l in_l·out_l for fwd, 3x that for train "
+          "(nominal dense flop counts).")
     print()
     print(markdown_table(results, backends))
     busy = max(float(info["load_average"].split()[0]), float(info["load_average_end"].split()[0]))
