@@ -11,8 +11,12 @@ Backends, all float32 with bitwise identical weights (benchmarks.cases.make_inpu
 * ``rnn``        ``nn.RNN(nonlinearity="relu")`` (cuDNN) through the identity
                  ``W_ih = W1[:, :Du]``, ``W_hh = W1[:, Du:] W2``, ``b = W1[:, Du:] b2 + b1``, with
                  ``h_0 = relu(W1 [u_0; x0] + b1)`` as the first step and ``Y = W2 H + b2`` as one
-                 GEMM over all steps (delay 1 only; a zero input column when Du = 0);
+                 GEMM over all steps (version 1's network only: one ReLU hidden layer, delay 1; a
+                 zero input column when Du = 0);
 * ``fbfast``     ``fbfast.rollout(..., backend="cuda")``.
+
+The cases are version 1's network at growing widths, then deeper networks with the smooth
+activations of model-based RL (SiLU, GELU), which no cuDNN RNN computes.
 
 Modes: ``fwd`` (the rollout under no_grad) and ``train`` (zero grads, rollout, sum over steps
 of the per-step MSE, backward). Each (case, backend, mode) gets a warm-up, then ``--runs``
@@ -54,6 +58,8 @@ GPU_CASES = (
     Case("small", 64, 0, 32, 64, 1000),
     Case("medium", 4096, 0, 64, 256, 100),
     Case("large", 16384, 0, 256, 512, 20),
+    Case("silu3", 256, 4, 16, 64, 200, layers=2, activation="silu"),
+    Case("gelu4", 1024, 0, 32, 64, 100, layers=3, activation="gelu"),
 )
 CASES_BY_NAME = {c.name: c for c in GPU_CASES}
 BACKENDS = ("fbfast", "eager", "compile-ro", "rnn", "compile")
@@ -108,6 +114,11 @@ def measure(fn: Callable[[], object], *, target_s: float, runs: int, warmup: int
 # ---------------------------------------------------------------------------------------------
 # Backends
 
+def rnn_applies(case: Case) -> bool:
+    """Whether `RnnBaseline` computes this case's rollout: one ReLU hidden layer, delay 1."""
+    return case.layers == 1 and case.activation == "relu" and case.delay == 1
+
+
 class RnnBaseline(torch.nn.Module):
     """The rollout (delay 1) as a cuDNN ReLU RNN over h, with the same weights."""
 
@@ -150,9 +161,9 @@ class RnnBaseline(torch.nn.Module):
 def rollout_callable(backend: str, inputs, cache: Dict) -> Callable[[], torch.Tensor]:
     x0, u, steps = inputs.x0, inputs.u, inputs.steps
     if backend == "fbfast":
-        fc1, fc2 = inputs.fb_net.fc1, inputs.fb_net.fc2
-        return lambda: fbfast.rollout(x0, fc1.weight, fc1.bias, fc2.weight, fc2.bias, steps=steps,
-                                      u=u, delay=1, backend="cuda")
+        params = [t for fc in inputs.fb_net.layers for t in (fc.weight, fc.bias)]
+        return lambda: fbfast.rollout(x0, *params, steps=steps, u=u, delay=1, activation=inputs.activation,
+                                      backend="cuda")
     if backend == "eager":
         net = inputs.seed_net
         return lambda: seed_loop(net, x0, u, steps)
@@ -181,16 +192,15 @@ def params_of(backend: str, inputs, cache: Dict):
 
 
 def mm_gflops(case: Case, inputs, deadline: float) -> Dict:
-    """torch.mm throughput on the two GEMMs of one step: (B, Du+O)x(Du+O, H) and (B, H)x(H, O)."""
-    w1, w2 = inputs.fb_net.fc1.weight.detach(), inputs.fb_net.fc2.weight.detach()
-    xin = torch.randn(case.B, case.Du + case.O, device="cuda")
-    h = torch.randn(case.B, case.H, device="cuda")
+    """torch.mm throughput on the GEMMs of one step: (B, in_l) x (in_l, out_l) for every layer."""
+    weights = [fc.weight.detach() for fc in inputs.fb_net.layers]
+    ins = [torch.randn(case.B, w.shape[1], device="cuda") for w in weights]
 
     def step():
-        torch.mm(xin, w1.t())
-        torch.mm(h, w2.t())
+        for a, w in zip(ins, weights):
+            torch.mm(a, w.t())
     res = measure(step, target_s=0.2, runs=5, warmup=3, deadline=deadline)
-    res["gflops"] = 2 * case.B * case.H * (case.Du + 2 * case.O) / res["median_s"] / 1e9
+    res["gflops"] = 2 * case.B * case.step_macs() / res["median_s"] / 1e9
     return res
 
 
@@ -246,6 +256,8 @@ def run_backend(case: Case, state: Dict, backend: str, args, deadline: float) ->
         skip = None
         if time.perf_counter() > deadline:
             skip = "overall time budget spent"
+        elif backend == "rnn" and not rnn_applies(case):
+            skip = "not applicable: nn.RNN computes one ReLU hidden layer with delay 1"
         elif backend.startswith("compile") and deadline - time.perf_counter() < args.compile_reserve:
             skip = f"less than {args.compile_reserve:.0f} s left for a compile"
         elif time.perf_counter() > entry_deadline:
@@ -312,7 +324,7 @@ def targets(results: List[Dict]) -> List[Dict]:
                          "value": ratio(fb, median_of(r, mode, "compile-ro")), "need": TARGET_VS_RO})
     for r in results:
         case = CASES_BY_NAME[r["case"]]
-        if case.H > 256:
+        if case.H > 256 or not rnn_applies(case):
             continue
         for mode in MODES:
             rows.append({"target": f"{r['case']} {mode}: >= {TARGET_VS_RNN:g}x nn.RNN (cuDNN)",
@@ -343,7 +355,8 @@ def markdown(info: Dict, results: List[Dict], args, elapsed: float) -> str:
              f"~{args.target:g} s, after warm-up. float32. fwd: rollout under no_grad. train: zero "
              "grads + rollout + sum over steps of per-step MSE + backward. eager: the seed's "
              "per-step loop; compile / compile-ro: that loop with torch.compile(net) in default / "
-             "reduce-overhead mode; rnn: nn.RNN(relu) via cuDNN with the equivalent weights.", "",
+             "reduce-overhead mode; rnn: nn.RNN(relu) via cuDNN with the equivalent weights (one ReLU "
+             "hidden layer only).", "",
              "| case (B, Du, O, H, T) | mode | " + " | ".join(BACKENDS)
              + " | vs eager | vs compile-ro | vs rnn | fbfast GFLOP/s |",
              "|---|---|" + "---:|" * (len(BACKENDS) + 4)]
@@ -369,7 +382,7 @@ def markdown(info: Dict, results: List[Dict], args, elapsed: float) -> str:
     mm = [r for r in results if "mm" in r]
     if mm:
         lines += ["", f"torch.mm on one step's two GEMMs at {mm[0]['case']} {mm[0]['shape']}: "
-                  f"{mm[0]['mm']['gflops']:.4g} GFLOP/s (fbfast GFLOP/s counts 2·B·T·(H·(Du+O) + O·H) "
+                  f"{mm[0]['mm']['gflops']:.4g} GFLOP/s (fbfast GFLOP/s counts 2·B·T·Σ_l in_l·out_l "
                   "for fwd and 3x that for train)."]
     lines += ["", "Correctness (outside timing), fbfast vs eager, max relative error: "
               + "; ".join(f"{r['case']} Y {r['check']['y']:.1e}, grads {r['check']['grad']:.1e}" for r in results)
@@ -404,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out", help="folder for gpu_report.md and gpu_report.json")
-    p.add_argument("--cases", nargs="+", choices=list(CASES_BY_NAME), help="cases (default: all four)")
+    p.add_argument("--cases", nargs="+", choices=list(CASES_BY_NAME), help="cases (default: all)")
     p.add_argument("--budget", type=float, default=240, help="overall seconds; later entries are skipped")
     p.add_argument("--entry-budget", type=float, default=45, help="seconds per (case, backend), both modes")
     p.add_argument("--compile-reserve", type=float, default=30,

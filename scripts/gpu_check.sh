@@ -6,8 +6,9 @@
 #   build      120 s  setup.py build_ext --inplace; nvcc for this GPU's arch only (from
 #                     nvidia-smi's compute_cap, else torch), MAX_JOBS=16
 #   smoke       30 s  scripts/gpu_smoke.py in its own process under CUDA_LAUNCH_BLOCKING=1: one
-#                     case per launch plan, each named before it runs, so a device fault names
-#                     its case instead of cascading through a pytest run
+#                     case per launch plan (and per depth 1-4, z-keeping activations, bf16 deep),
+#                     each named before it runs, so a device fault names its case instead of
+#                     cascading through a pytest run
 #   sanitizer   30 s  the smoke's fused cases under compute-sanitizer memcheck (when installed),
 #                     only in time that the later steps' full caps do not need
 #   tests       90 s  tests/test_cuda.py (FBFAST_CUDA_TESTS=quick; each test at most
@@ -59,7 +60,8 @@ START=$(date +%s)
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16}
 export FBFAST_FORCE_CUDA=1
-# The GPU run trims opcheck to 2 samples (tests/test_cuda.py) and stops any test at 60 s.
+# The GPU run trims opcheck to 2 samples and the general path's activation-by-depth cases to one
+# depth (tests/test_cuda.py), and stops any test at 60 s.
 export FBFAST_CUDA_TESTS=${FBFAST_CUDA_TESTS:-quick}
 export FBFAST_CUDA_TEST_TIMEOUT=${FBFAST_CUDA_TEST_TIMEOUT:-60}
 # A crashing process must not spend the budget writing a core file of its CUDA context.

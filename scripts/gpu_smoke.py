@@ -37,7 +37,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 if __name__ == "__main__":
     # Read by the driver when the CUDA context is created: every launch then returns only once
@@ -60,6 +60,7 @@ K_MAX_ROWS = 64
 K_MAX_CHUNK = 32
 K_STAGE_BUDGET_FLOATS = 8192
 K_BLOCKS_PER_SM = 2
+K_MAX_LAYERS = 8
 DEFAULT_SMEM_BYTES = 48 * 1024  # a launch above this needs cudaFuncAttributeMaxDynamicSharedMemorySize
 
 
@@ -75,26 +76,42 @@ def _ceil_div(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def make_layout(steps: int, du: int, o: int, h: int, delay: int, rows: int, chunk: int,
+# The activations whose derivative reads the pre-activation z (act_needs_z in
+# csrc/common/act_kind.h): the fused backward keeps z of every hidden layer for them.
+NEEDS_Z = {"leaky_relu", "elu", "silu", "gelu", "gelu_tanh", "mish"}
+
+
+def make_layout(steps: int, du: int, widths: Sequence[int], delay: int, activation: str, rows: int, chunk: int,
                 backward: bool) -> Dict[str, int]:
-    """SmemLayout's widths and total (in floats) of make_layout()."""
-    slots = min(delay, steps)
-    du_pad, o_pad, h_pad = _round_up4(du), _round_up4(o), _round_up4(h)
-    ld1, ld2 = _weight_ld(du_pad + o_pad), _weight_ld(h_pad)
+    """SmemLayout's slots and total (in floats) of make_layout(); widths are out_0 .. out_{L-1}."""
+    L, o = len(widths), widths[-1]
+    fed = min(delay, steps)
+    slots = fed + 1 if not backward and L == 1 and delay < steps else fed
+    du_pad, o_pad = _round_up4(du), _round_up4(o)
+    in_pad = [du_pad + o_pad] + [_round_up4(w) for w in widths[:-1]]
+    out_pad = [_round_up4(w) for w in widths]
+    act_pad = max([out_pad[l] for l in range(L) if backward or l < L - 1], default=0)
+    act_buffers = min(L, 2) if backward else min(L - 1, 2)
     R, S, bw = rows, chunk, int(backward)
-    total = (slots * R * o_pad + S * R * du_pad + bw * 2 * S * R * o_pad + R * h_pad
-             + bw * (R * o_pad + R * h_pad) + h_pad * ld1 + o_pad * ld2 + h_pad
-             + (1 - bw) * o_pad + bw * (h_pad * ld1 + h_pad + o_pad * ld2 + o_pad))
+    keep_pre = int(backward and activation in NEEDS_Z)
+    total = slots * R * o_pad + S * R * du_pad + bw * 2 * S * R * o_pad + act_buffers * R * act_pad
+    for l in range(L):
+        hidden = int(l < L - 1)
+        weights = out_pad[l] * _weight_ld(in_pad[l])
+        total += (bw + keep_pre) * hidden * R * out_pad[l] + weights + (1 - bw * (1 - hidden)) * out_pad[l]
+        total += bw * (weights + out_pad[l])
     return {"rows": rows, "chunk": chunk, "slots": slots, "total": total}
 
 
-def plan_rollout(B: int, steps: int, du: int, o: int, h: int, delay: int, backward: bool,
+def plan_rollout(B: int, steps: int, du: int, widths: Sequence[int], delay: int, activation: str, backward: bool,
                  num_sms: int, smem_limit_bytes: int) -> Optional[Dict[str, int]]:
     """The fused plan of plan_rollout(), or None where it takes the general path."""
+    if len(widths) > K_MAX_LAYERS:
+        return None
     limit = smem_limit_bytes // 4
 
     def fits(rows: int, chunk: int) -> bool:
-        return make_layout(steps, du, o, h, delay, rows, chunk, backward)["total"] <= limit
+        return make_layout(steps, du, widths, delay, activation, rows, chunk, backward)["total"] <= limit
 
     rows = _ceil_div(B, num_sms if num_sms > 0 else 1)
     rows = max(1, min(K_MAX_ROWS, rows))
@@ -105,6 +122,7 @@ def plan_rollout(B: int, steps: int, du: int, o: int, h: int, delay: int, backwa
             return None
         rows = (rows // 2) & ~3 if rows > 4 else rows // 2
 
+    o = widths[-1]
     stage_per_step = rows * (_round_up4(du) + 2 * _round_up4(o) if backward else _round_up4(du))
     chunk = 1
     if stage_per_step > 0:
@@ -114,17 +132,15 @@ def plan_rollout(B: int, steps: int, du: int, o: int, h: int, delay: int, backwa
             chunk //= 2
 
     rows_per_item = 4 if rows % 4 == 0 else 1
-    k1 = du + o
-    widest = max(h, o)
-    if backward and k1 > widest:
-        widest = k1
+    ins = [du + o] + list(widths[:-1])
+    widest = max(max(widths), max(ins) if backward else 0)
     work = (rows // rows_per_item) * widest
     if backward:
-        work = max(work, (o * h + h * k1) // 8)
+        work = max(work, sum(w * i for w, i in zip(widths, ins)) // 8)
     work = (work + 31) // 32 * 32
     tiles = _ceil_div(B, rows)
-    lay = make_layout(steps, du, o, h, delay, rows, chunk, backward)
-    return {"rows": rows, "rows_per_item": rows_per_item, "chunk": chunk,
+    lay = make_layout(steps, du, widths, delay, activation, rows, chunk, backward)
+    return {"rows": rows, "rows_per_item": rows_per_item, "chunk": chunk, "slots": lay["slots"],
             "threads": max(32, min(K_MAX_THREADS, work)), "tiles": tiles,
             "blocks": min(tiles, max(num_sms, 1) * K_BLOCKS_PER_SM), "smem_bytes": 4 * lay["total"]}
 
@@ -147,6 +163,9 @@ def device_limits(device=None) -> Dict[str, int]:
 
 @dataclasses.dataclass
 class Shape:
+    """A rollout's sizes: ``layers`` linear layers, every hidden one ``H`` wide, with
+    ``activation`` (a name of csrc/common/act_kind.h) after each."""
+
     B: int
     Du: int
     O: int
@@ -155,10 +174,17 @@ class Shape:
     delay: int = 1
     truncate: Optional[int] = None
     bias: bool = True
+    layers: int = 2
+    activation: str = "relu"
+
+    @property
+    def widths(self) -> List[int]:
+        """out_l of every layer: H for the hidden ones, then O."""
+        return [self.H] * (self.layers - 1) + [self.O]
 
 
 def plans_of(s: Shape, sms: int, smem: int):
-    args = (s.B, s.T, s.Du, s.O, s.H, s.delay)
+    args = (s.B, s.T, s.Du, s.widths, s.delay, s.activation)
     return plan_rollout(*args, False, sms, smem), plan_rollout(*args, True, sms, smem)
 
 
@@ -187,19 +213,26 @@ def forward_smem_above_48k(sms: int, smem: int) -> Optional[Shape]:
     return None  # a device with no opt-in beyond 48 KB
 
 
-def backward_smem_near_limit(sms: int, smem: int) -> Optional[Shape]:
+def backward_smem_near_limit(sms: int, smem: int, layers: int = 2, activation: str = "relu") -> Optional[Shape]:
     """The widest hidden width (multiple of 32) whose fused backward plan still fits the opt-in
     shared memory, with a batch that asks for 64-row tiles: the rows are halved until one fits."""
     if smem <= DEFAULT_SMEM_BYTES:
         return None
     best = None
     for H in range(32, 4096, 32):
-        s = Shape(B=K_MAX_ROWS * sms, Du=0, O=8, H=H, T=5, delay=1, truncate=None)
+        s = Shape(B=K_MAX_ROWS * sms, Du=0, O=8, H=H, T=5, delay=1, truncate=None, layers=layers,
+                  activation=activation)
         _, bwd = plans_of(s, sms, smem)
         if bwd is None:
             break
         best = s
     return best
+
+
+def deep_backward_smem_near_limit(sms: int, smem: int) -> Optional[Shape]:
+    """The same for three layers and GELU, whose backward also keeps every hidden layer's z: the
+    largest layout of the fused backward, with both weight buffers and all per-layer ones."""
+    return backward_smem_near_limit(sms, smem, layers=3, activation="gelu")
 
 
 # What each sized problem must give on the device (checked on the mirrored plans).
@@ -208,6 +241,7 @@ PLAN_SHAPES: Dict[str, Callable[[int, int], Optional[Shape]]] = {
     "persistent-blocks": persistent_blocks,
     "forward-smem-above-48k": forward_smem_above_48k,
     "backward-smem-near-limit": backward_smem_near_limit,
+    "deep-gelu-backward-smem-near-limit": deep_backward_smem_near_limit,
 }
 
 
@@ -228,7 +262,7 @@ def plan_shape_problem(kind: str, sms: int, smem: int):
         assert fwd["tiles"] > fwd["blocks"] and bwd is not None and bwd["tiles"] > bwd["blocks"], why
     elif kind == "forward-smem-above-48k":
         assert fwd["smem_bytes"] > DEFAULT_SMEM_BYTES, why
-    elif kind == "backward-smem-near-limit":
+    elif kind in ("backward-smem-near-limit", "deep-gelu-backward-smem-near-limit"):
         assert bwd is not None and bwd["rows"] < K_MAX_ROWS and bwd["smem_bytes"] > DEFAULT_SMEM_BYTES, why
     return s, fwd, bwd
 
@@ -261,21 +295,50 @@ def smoke_cases(sms: int, smem: int) -> List[Case]:
         Case("fused-backward-f32-chunked-T70", Shape(B=3, Du=5, O=4, H=9, T=70, delay=2)),
         Case("fused-backward-bf16", small, dtype=torch.bfloat16),
         Case("fused-backward-f16", small, dtype=torch.float16),
+        # Other depths and activations: no hidden layer (the forward's extra ring slot), the
+        # layer loop with both activation buffers, z kept per layer, and a bf16 deep network.
+        Case("fused-backward-f32-tanh-L1", Shape(B=6, Du=2, O=3, H=0, T=11, delay=2, truncate=3, layers=1,
+                                                 activation="tanh")),
+        Case("fused-backward-f32-silu-L3-blocks", Shape(B=2 * sms + 5, Du=3, O=4, H=24, T=15, delay=2, truncate=4,
+                                                        layers=3, activation="silu")),
+        Case("fused-backward-f32-gelu-L4-chunked-T50", Shape(B=9, Du=0, O=3, H=9, T=50, delay=3, layers=4,
+                                                             activation="gelu")),
+        Case("fused-backward-f32-gelu-L3-smem-near-limit", deep_backward_smem_near_limit(sms, smem)),
+        Case("fused-backward-bf16-mish-L3", Shape(B=33, Du=4, O=3, H=8, T=20, delay=2, layers=3, activation="mish"),
+             dtype=torch.bfloat16),
         Case("general-backward-f32", Shape(B=5, Du=2, O=3, H=7, T=6, delay=2, truncate=3), path="general",
              expect="general"),
+        Case("general-backward-f32-elu-L3", Shape(B=5, Du=2, O=3, H=7, T=6, delay=2, truncate=3, layers=3,
+                                                  activation="elu"), path="general", expect="general"),
         Case("auto-general-large-width-f32", Shape(B=3, Du=2, O=300, H=700, T=4, delay=2, truncate=3), path="auto",
              expect="general"),
+        Case("auto-general-9-layers-f32", Shape(B=4, Du=2, O=3, H=6, T=5, layers=K_MAX_LAYERS + 1,
+                                                activation="sigmoid"), path="auto", expect="general"),
     ]
     return [c for c in cases if c.shape is not None]  # a device without the opt-in has no >48 KB case
 
 
 # ---------------------------------------------------------------------------------------------
-# Instances whose ReLUs stay away from their kink. With millions of pre-activations (B H T of
-# the large plans), a few land within float32 rounding (~1e-7) of zero, where float32 and the
-# float64 reference take different branches: that unit's gradient then differs by O(|W|) and an
-# elementwise check fails for no fault of the kernel. b1 = +-1 and rows of W1 of norm 0.05 keep
-# |z| >= 1 - 0.05 |[u; x]| (about 0.6 here), and `min_abs_preactivation` confirms it. The
-# feedback still matters: a wrong fed-back x moves y by ~1e-2, far above the tolerances.
+# Instances whose kinked activations stay away from their kink. With millions of
+# pre-activations (B H T of the large plans), a few land within float32 rounding (~1e-7) of
+# zero, where float32 and the float64 reference take different branches: that unit's gradient
+# then differs by O(|W|) and an elementwise check fails for no fault of the kernel. b1 = +-1 and
+# rows of W1 of norm 0.05 keep the first layer's |z| >= 1 - 0.05 |[u; x]| (about 0.6 here), and
+# `min_abs_preactivation` confirms it. The feedback still matters: a wrong fed-back x moves y by
+# ~1e-2, far above the tolerances. Only the first layer is steered: the large and deep cases
+# use smooth activations, and the small ones with kinks have too few units to meet one.
+
+# The activations with a kink at 0 (elu's derivative jumps unless alpha == 1).
+KINKED = {"relu", "leaky_relu", "elu"}
+# The torch function of each activation at its default parameter (docs/spec.md §1.1), for the
+# margins below.
+ACT_FN = {
+    "relu": torch.relu, "leaky_relu": torch.nn.functional.leaky_relu, "elu": torch.nn.functional.elu,
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu, "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+    "mish": torch.nn.functional.mish,
+}
+
 
 def away_from_kinks(w1: torch.Tensor, b1: torch.Tensor):
     """(w1, b1) rescaled as above, in their own dtype and device."""
@@ -285,48 +348,56 @@ def away_from_kinks(w1: torch.Tensor, b1: torch.Tensor):
     return w.to(w1.dtype), signs.to(b1.dtype)
 
 
-def min_abs_preactivation(x0, u, w1, b1, y, delay: int) -> float:
+def min_abs_preactivation(x0, u, weights, biases, y, delay: int, activation: str = "relu") -> float:
     """min |z_t| over every step, row and hidden unit of a rollout, from its output y (float64)."""
-    x0, w1, y = x0.detach().double(), w1.detach().double(), y.detach().double()
-    b1 = None if b1 is None else b1.detach().double()
+    x0, y = x0.detach().double(), y.detach().double()
+    weights = [w.detach().double() for w in weights]
+    biases = [None if b is None else b.detach().double() for b in biases]
     worst = float("inf")
     for t in range(y.shape[0]):
         x = x0[t] if t < delay else y[t - delay]
-        xin = x if u is None else torch.cat([u[t].detach().double(), x], -1)
-        if w1.shape[0]:
-            worst = min(worst, torch.nn.functional.linear(xin, w1, b1).abs().min().item())
+        h = x if u is None else torch.cat([u[t].detach().double(), x], -1)
+        for w, b in zip(weights[:-1], biases[:-1]):
+            z = torch.nn.functional.linear(h, w, b)
+            if z.numel():
+                worst = min(worst, z.abs().min().item())
+            h = ACT_FN[activation](z)
     return worst
+
+
+def layer_names(layers: int) -> List[str]:
+    """w1, b1, ..., wL, bL: the order `fbfast.rollout` takes the layers in after x0."""
+    return [f"{kind}{l + 1}" for l in range(layers) for kind in "wb"]
 
 
 def _problem(s: Shape, dtype: torch.dtype, seed: int = 0):
     """Inputs drawn in float64 on the CPU (weights ~ 1/sqrt(fan_in), as tests/testing.py does;
-    with a bias, kept away from the ReLU kinks), rounded to `dtype` once: the same values feed
-    the kernel and the float64 reference."""
+    with a bias and a kinked activation, the first layer kept away from the kinks), rounded to
+    `dtype` once: the same values feed the kernel and the float64 reference."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
-    t = {"x0": rnd(s.delay, s.B, s.O), "u": rnd(s.T, s.B, s.Du) if s.Du else None,
-         "w1": rnd(s.H, s.Du + s.O, scale=0.9 / max(1, s.Du + s.O) ** 0.5),
-         "b1": rnd(s.H, scale=0.1) if s.bias else None,
-         "w2": rnd(s.O, s.H, scale=0.9 / max(1, s.H) ** 0.5),
-         "b2": rnd(s.O, scale=0.1) if s.bias else None}
-    if s.bias:
+    t = {"x0": rnd(s.delay, s.B, s.O), "u": rnd(s.T, s.B, s.Du) if s.Du else None}
+    fan_in = s.Du + s.O
+    for l, out in enumerate(s.widths):
+        t[f"w{l + 1}"] = rnd(out, fan_in, scale=0.9 / max(1, fan_in) ** 0.5)
+        t[f"b{l + 1}"] = rnd(out, scale=0.1) if s.bias else None
+        fan_in = out
+    if s.bias and s.activation in KINKED and s.layers > 1:
         t["w1"], t["b1"] = away_from_kinks(t["w1"], t["b1"])
     return t
 
 
-NAMES = ("x0", "u", "w1", "b1", "w2", "b2")
-
-
 def _rollout(fn, t: Dict, s: Shape, backward: bool, grad_y: torch.Tensor, **kw):
     leaves = {n: (v.requires_grad_(backward) if v is not None else None) for n, v in t.items()}
-    y = fn(leaves["x0"], leaves["w1"], leaves["b1"], leaves["w2"], leaves["b2"], steps=s.T, u=leaves["u"],
-           delay=s.delay, truncate=s.truncate, **kw)
+    params = [leaves[n] for n in layer_names(s.layers)]
+    y = fn(leaves["x0"], *params, steps=s.T, u=leaves["u"], delay=s.delay, truncate=s.truncate,
+           activation=s.activation, **kw)
     out = {"Y": y.detach()}
     if backward:
-        wanted = [n for n in NAMES if leaves[n] is not None]
+        wanted = [n for n in ["x0", "u"] + layer_names(s.layers) if leaves[n] is not None]
         got = torch.autograd.grad(y, [leaves[n] for n in wanted], grad_y.to(device=y.device, dtype=y.dtype))
         out.update({f"d{n}": g for n, g in zip(wanted, got)})
     return out
@@ -335,10 +406,8 @@ def _rollout(fn, t: Dict, s: Shape, backward: bool, grad_y: torch.Tensor, **kw):
 def _reference(t: Dict, s: Shape, backward: bool, grad_y: torch.Tensor, device: str, dtype: torch.dtype):
     import fbfast
 
-    def ref(x0, w1, b1, w2, b2, *, steps, u, delay, truncate):
-        return fbfast.rollout_reference(x0, w1, b1, w2, b2, steps, u, delay, truncate)
     conv = {n: None if v is None else v.detach().to(device=device, dtype=dtype) for n, v in t.items()}
-    return _rollout(ref, conv, s, backward, grad_y)
+    return _rollout(fbfast.rollout_reference, conv, s, backward, grad_y)
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> Dict[str, float]:
@@ -364,7 +433,9 @@ def run_case(case: Case, log: Callable[[str], None], device: str = "cuda") -> Di
     g = torch.Generator().manual_seed(1)
     grad_y = torch.randn(s.T, s.B, s.O, generator=g, dtype=torch.float64).to(dtype)
     exact = _reference(t_cpu, s, case.backward, grad_y.double(), "cpu", torch.float64)
-    margin = min_abs_preactivation(t_cpu["x0"], t_cpu["u"], t_cpu["w1"], t_cpu["b1"], exact["Y"], s.delay)
+    weights = [t_cpu[f"w{l + 1}"] for l in range(s.layers)]
+    biases = [t_cpu[f"b{l + 1}"] for l in range(s.layers)]
+    margin = min_abs_preactivation(t_cpu["x0"], t_cpu["u"], weights, biases, exact["Y"], s.delay, s.activation)
     t_dev = {n: None if v is None else v.to(device) for n, v in t_cpu.items()}
     if device == "cuda":
         backend, options = "cuda", fbfast.kernel_options(cuda_path=case.path)

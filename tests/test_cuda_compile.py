@@ -6,10 +6,11 @@
 2. Every ``csrc/cuda/*.cpp`` (host code, compiled by the C++ compiler into the extension)
    passes ``g++ -fsyntax-only -Wall -Wextra`` with the CUDA headers, warning-free.
 3. The kernels themselves, compiled for the host by ``csrc/cuda/emulation/`` (one thread per
-   CUDA thread, a barrier per block, ThreadSanitizer when the compiler has it), match the
-   float64 reference in every mode, through the same launch plan as on a GPU, and report no
-   data race, no unbalanced barrier and no shared-memory overrun. This is what lets the
-   kernels' indexing be tested on the project's GPU-less machines; the real-GPU checks are in
+   CUDA thread, a barrier per block, ThreadSanitizer when the compiler has it), match a float64
+   reference for every activation and depths 1-4, in every mode (delay, truncate, u, biases,
+   output masks, 16-bit dtypes), through the same launch plan as on a GPU, and report no data
+   race, no unbalanced barrier and no shared-memory overrun. This is what lets the kernels'
+   indexing be tested on the project's GPU-less machines; the real-GPU checks are in
    tests/test_cuda.py.
 
 The CPU torch wheel lacks the generated ``c10/cuda/impl/cuda_cmake_macros.h``; a two-line
@@ -18,10 +19,13 @@ stand-in is put on the include path.
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -29,10 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils import cpp_extension
-
-import fbfast
-from testing import grads, make_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SRC = ROOT / "csrc" / "cuda"
@@ -128,10 +130,89 @@ def test_host_file_syntax(source, stand_in_includes):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. the kernels under host emulation, against the reference
+# 3. the kernels under host emulation, against a float64 reference
 
 EMULATION = CUDA_SRC / "emulation" / "emulate_rollout.cpp"
+ACTIVATION_HEADER = ROOT / "csrc" / "common" / "act_kind.h"
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# Every activation of docs/spec.md §1.1 with the parameter these tests give it (leaky_relu's
+# slope, elu's alpha) and its torch function f(z, param).
+ACTIVATIONS = {
+    "relu": (0.0, lambda z, a: F.relu(z)),
+    "leaky_relu": (0.2, lambda z, a: F.leaky_relu(z, a)),
+    "elu": (0.7, lambda z, a: F.elu(z, a)),
+    "tanh": (0.0, lambda z, a: torch.tanh(z)),
+    "sigmoid": (0.0, lambda z, a: torch.sigmoid(z)),
+    "silu": (0.0, lambda z, a: F.silu(z)),
+    "gelu": (0.0, lambda z, a: F.gelu(z)),
+    "gelu_tanh": (0.0, lambda z, a: F.gelu(z, approximate="tanh")),
+    "mish": (0.0, lambda z, a: F.mish(z)),
+}
+
+
+def _activation_codes() -> dict:
+    """name -> the kernels' fbfast::Act value: the index in kActNames of csrc/common/act_kind.h."""
+    match = re.search(r"kActNames\[kNumActs\]\s*=\s*\{([^}]*)\}", ACTIVATION_HEADER.read_text())
+    assert match, f"no kActNames table in {ACTIVATION_HEADER}"
+    return {name: i for i, name in enumerate(re.findall(r'"(\w+)"', match.group(1)))}
+
+
+ACT_CODES = _activation_codes()
+
+
+def test_activation_table_matches_the_header():
+    assert set(ACT_CODES) == set(ACTIVATIONS)
+
+
+class Net:
+    """A random rollout problem: x0 (delay, B, O), u (T, B, Du) or None, weights[l] (out_l, in_l)
+    scaled ~1/sqrt(in_l) so that long rollouts stay bounded, biases[l] (out_l,) or None; every
+    tensor rounded to `dtype` once, so the kernel and the float64 reference see the same values."""
+
+    def __init__(self, B, Du, widths, T, delay=1, truncate=None, bias=True, activation="relu",
+                 dtype=torch.float32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+
+        def rnd(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+        widths = tuple(widths)
+        O = widths[-1]
+        ins = (Du + O,) + widths[:-1]
+        has_bias = bias if isinstance(bias, tuple) else (bias,) * len(widths)
+        self.x0 = rnd(delay, B, O)
+        self.u = rnd(T, B, Du) if Du else None
+        self.weights = [rnd(out, n, scale=0.9 / max(1, n) ** 0.5) for out, n in zip(widths, ins)]
+        self.biases = [rnd(out, scale=0.1) if b else None for out, b in zip(widths, has_bias)]
+        self.widths, self.steps, self.delay, self.truncate = widths, T, delay, truncate
+        self.activation, self.dtype = activation, dtype
+
+    def tensors(self):
+        """x0, u, w_1 .. w_L, b_1 .. b_L: the order of the operator's output_mask."""
+        return [self.x0, self.u, *self.weights, *self.biases]
+
+
+def _reference(net: Net, tensors, dtype) -> torch.Tensor:
+    """Y of docs/spec.md §1.2 (one lag), computed in `dtype` from `tensors` (Net.tensors order)."""
+    L = len(net.widths)
+    x0, u, weights, biases = tensors[0], tensors[1], tensors[2:2 + L], tensors[2 + L:]
+    param, fn = ACTIVATIONS[net.activation]
+    ys = []
+    for t in range(net.steps):
+        if t < net.delay:
+            x = x0[t]
+        else:
+            x = ys[t - net.delay]
+            if net.truncate and t % net.truncate == 0:
+                x = x.detach()
+        h = x if u is None else torch.cat([u[t], x], -1)
+        for l, (w, b) in enumerate(zip(weights, biases)):
+            h = F.linear(h, w, b)
+            if l < L - 1:
+                h = fn(h, param)
+        ys.append(h)
+    return torch.stack(ys).to(dtype)
 
 
 def _sanitizer_flags(tmp: Path) -> list[str]:
@@ -157,18 +238,22 @@ def emulator(tmp_path_factory) -> Path:
     return exe
 
 
-def _emulate(exe: Path, p, grad_y: torch.Tensor, mask, num_sms: int, smem: int, dtype):
-    """Runs the emulated forward + backward; returns (y, [grad or None] * 6) as float32 and the plan."""
-    k, B, O = p.x0.shape
-    H, T = p.w2.shape[1], p.steps
-    du = p.u.shape[2] if p.u is not None else 0
-    header = [_DTYPE_CODE[dtype], B, T, du, O, H, p.delay, p.truncate or 0, p.u is not None,
-              p.b1 is not None, p.b2 is not None, num_sms, smem, *map(int, mask)]
-    tensors = (p.x0, p.u, p.w1, p.b1, p.w2, p.b2)
+def _emulate(exe: Path, net: Net, grad_y: torch.Tensor, mask, num_sms: int, smem: int):
+    """Runs the emulated forward + backward; returns y, the gradients in Net.tensors order (None
+    where not asked for), as float32, and the plans the emulator printed."""
+    k, B, O = net.x0.shape
+    T, L = net.steps, len(net.widths)
+    du = net.u.shape[2] if net.u is not None else 0
+    header = [_DTYPE_CODE[net.dtype], ACT_CODES[net.activation], B, T, du, L, net.delay, net.truncate or 0,
+              net.u is not None, num_sms, smem]
+    tail = [*net.widths, *(b is not None for b in net.biases), *map(int, mask)]
+    tensors = net.tensors()
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         with open(src, "wb") as f:
             f.write(np.asarray(header, dtype=np.int64).tobytes())
+            f.write(np.asarray([ACTIVATIONS[net.activation][0]], dtype=np.float64).tobytes())
+            f.write(np.asarray(tail, dtype=np.int64).tobytes())
             for t in (*tensors, grad_y):
                 if t is not None:
                     f.write(t.detach().to(torch.float32).contiguous().numpy().tobytes())
@@ -187,67 +272,68 @@ def _emulate(exe: Path, p, grad_y: torch.Tensor, mask, num_sms: int, smem: int, 
     return y, got, out.stdout
 
 
+def _load_gpu_smoke():
+    """scripts/gpu_smoke.py, by path (scripts/ is no package): its Python mirror of plan_rollout
+    sizes the GPU tests' problems, and is checked here against the plans the kernels' own header
+    computes (the emulator prints them)."""
+    path = ROOT / "scripts" / "gpu_smoke.py"
+    spec = importlib.util.spec_from_file_location("fbfast_gpu_smoke", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+smoke = _load_gpu_smoke()
+
+
+def _check_plan_mirror(net: Net, num_sms: int, smem: int, printed: str):
+    """The emulator's "forward rows=4 rows_per_item=4 ..." lines equal the mirror's plans."""
+    du = net.u.shape[2] if net.u is not None else 0
+    for line in printed.splitlines():
+        direction, *fields = line.split()
+        got = {k: int(v) for k, v in (f.split("=") for f in fields)}
+        want = smoke.plan_rollout(net.x0.shape[1], net.steps, du, net.widths, net.delay, net.activation,
+                                  direction == "backward", num_sms, smem)
+        assert want is not None and got == {k: want[k] for k in got}, (
+            f"scripts/gpu_smoke.py's plan_rollout disagrees with csrc/cuda/rollout_params.h ({direction}): "
+            f"mirror {want}, header {got}")
+
+
 def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if b.numel() == 0:
         return 0.0
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-6)).item()
 
 
-# (B, Du, O, H, T, delay, truncate, bias, num_sms, smem_bytes): the pretend device picks the
-# plan, so the cases cover one-row tiles (rows_per_item 1) and 4-row blocking with a partial last
-# tile, persistent blocks that take several tiles, staging chunks shorter than T, delay > T,
-# H = 0, and the multi-block gradient reduction.
-EMULATED_CASES = [
-    (1, 8, 2, 5, 7, 1, None, True, 4, 48 << 10),      # the seed's NARX shape, one block
-    (7, 0, 3, 5, 9, 2, 3, True, 1, 48 << 10),         # 8-row tile, 7 valid rows
-    (130, 3, 3, 6, 6, 3, 1, True, 1, 48 << 10),       # 64-row tiles, 2 blocks for 3 tiles
-    (13, 5, 4, 9, 40, 1, 3, False, 3, 48 << 10),      # T > chunk (32)
-    (20, 2, 6, 33, 70, 2, None, True, 5, 24 << 10),   # small smem: 4-row tiles, chunk 16
-    (9, 2, 5, 7, 3, 5, None, True, 2, 48 << 10),      # delay > steps
-    (9, 0, 5, 0, 5, 2, None, True, 2, 48 << 10),      # H = 0: y = b2
-    (5, 0, 3, 6, 8, 1, None, True, 8, 48 << 10),      # one-row tiles, several blocks
-]
-
-
-@pytest.mark.parametrize("case", EMULATED_CASES, ids=lambda c: "B{}-Du{}-O{}-H{}-T{}-k{}-K{}".format(*c[:7]))
-def test_emulated_kernels_match_reference(emulator, case):
-    B, Du, O, H, T, delay, truncate, bias, num_sms, smem = case
-    _check_emulated(emulator, B, Du, O, H, T, delay, truncate, bias, num_sms, smem, torch.float32)
-
-
-@pytest.mark.parametrize("mask", [(0, 1, 0, 1, 1, 0), (1, 0, 1, 0, 0, 1), (0,) * 6])
-def test_emulated_output_mask(emulator, mask):
-    _check_emulated(emulator, 8, 1, 2, 3, 5, 2, 2, True, 2, 48 << 10, torch.float32, mask=mask)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_emulated_low_precision(emulator, dtype):
-    _check_emulated(emulator, 33, 4, 3, 8, 10, 2, None, True, 4, 48 << 10, dtype)
-
-
-def _check_emulated(exe, B, Du, O, H, T, delay, truncate, bias, num_sms, smem, dtype,
-                    mask=(1, 1, 1, 1, 1, 1)):
-    # Inputs rounded to `dtype` once; the reference then runs them in float64 (exact).
-    p = make_problem(B, Du, O, H, T, delay=delay, truncate=truncate, bias=bias,
-                     dtype=dtype, requires_grad=False)
+def _check_emulated(exe, net: Net, num_sms: int, smem: int, mask=None):
+    tensors = net.tensors()
+    mask = tuple(bool(m) and t is not None for m, t in zip(mask or (1,) * len(tensors), tensors))
     gen = torch.Generator().manual_seed(1)
-    grad_y = torch.randn(T, B, O, generator=gen).to(dtype)
-    mask = tuple(m and t is not None for m, t in zip(mask, (p.x0, p.u, p.w1, p.b1, p.w2, p.b2)))
-    y, got, plan = _emulate(exe, p, grad_y, mask, num_sms, smem, dtype)
+    grad_y = torch.randn(net.steps, *net.x0.shape[1:], generator=gen).to(net.dtype)
+    y, got, plan = _emulate(exe, net, grad_y, mask, num_sms, smem)
+    _check_plan_mirror(net, num_sms, smem, plan)
 
-    def run(run_dtype):
-        ins = [None if t is None else t.to(run_dtype).requires_grad_(bool(m))
-               for t, m in zip((p.x0, p.u, p.w1, p.b1, p.w2, p.b2), mask)]
-        y_ref = fbfast.rollout_reference(ins[0], ins[2], ins[3], ins[4], ins[5], T, ins[1], delay, truncate)
+    def run(dtype):
+        ins = [None if t is None else t.to(dtype).requires_grad_(m) for t, m in zip(tensors, mask)]
+        y_ref = _reference(net, ins, dtype)
         wanted = [t for t in ins if t is not None and t.requires_grad]
-        g = iter(grads(y_ref, wanted, grad_y.to(run_dtype)) if wanted else ())
-        return [y_ref.detach()] + [next(g) if t is not None and t.requires_grad else None for t in ins]
+        g = iter(torch.autograd.grad(y_ref, wanted, grad_y.to(dtype), allow_unused=True) if wanted else ())
+        out = [y_ref.detach()]
+        for t in ins:
+            if t is not None and t.requires_grad:
+                d = next(g)
+                out.append(torch.zeros_like(t) if d is None else d)
+            else:
+                out.append(None)
+        return out
 
     exact = run(torch.float64)
     # float32: a fixed bound; 16-bit: at most twice the error of the eager reference run in that
     # dtype (the rule of tests/test_cuda.py), plus a little slack for tiny problems.
-    eager = run(dtype) if dtype != torch.float32 else None
-    names = ("y", "x0", "u", "w1", "b1", "w2", "b2")
+    eager = run(net.dtype) if net.dtype != torch.float32 else None
+    L = len(net.widths)
+    names = ["y", "x0", "u"] + [f"w{l + 1}" for l in range(L)] + [f"b{l + 1}" for l in range(L)]
     for i, (name, a, b) in enumerate(zip(names, [y] + got, exact)):
         if b is None:
             assert a is None, f"{name}: not asked for, but returned"
@@ -258,4 +344,77 @@ def _check_emulated(exe, B, Du, O, H, T, delay, truncate, bias, num_sms, smem, d
             assert err < 1e-4, f"{name}: relative error {err:.2e}\n{plan}"
         else:
             bound = 2 * _max_rel_err(eager[i], b) + 2e-3
-            assert err <= bound, f"{name}: error {err:.2e} > {bound:.2e} ({dtype})\n{plan}"
+            assert err <= bound, f"{name}: error {err:.2e} > {bound:.2e} ({net.dtype})\n{plan}"
+
+
+# (B, Du, widths, T, delay, truncate, bias, num_sms, smem_bytes): the pretend device picks the
+# plan, so the cases cover one-row tiles (rows_per_item 1) and 4-row blocking with a partial last
+# tile, persistent blocks that take several tiles, staging chunks shorter than T, delay > T, a
+# zero-width hidden layer, and the multi-block gradient reduction. Version 1's network (one
+# hidden ReLU layer).
+PLAN_CASES = [
+    (1, 8, (5, 2), 7, 1, None, True, 4, 48 << 10),      # the seed's NARX shape, one block
+    (7, 0, (5, 3), 9, 2, 3, True, 1, 48 << 10),         # 8-row tile, 7 valid rows
+    (130, 3, (6, 3), 6, 3, 1, True, 1, 48 << 10),       # 64-row tiles, 2 blocks for 3 tiles
+    (13, 5, (9, 4), 40, 1, 3, False, 3, 48 << 10),      # T > chunk (32)
+    (20, 2, (33, 6), 70, 2, None, True, 5, 24 << 10),   # small smem: 4-row tiles, chunk 16
+    (9, 2, (7, 5), 3, 5, None, True, 2, 48 << 10),      # delay > steps
+    (9, 0, (0, 5), 5, 2, None, True, 2, 48 << 10),      # H = 0: y = b2
+    (5, 0, (6, 3), 8, 1, None, True, 8, 48 << 10),      # one-row tiles, several blocks
+]
+
+
+def _plan_id(c):
+    return "B{}-Du{}-W{}-T{}-k{}-K{}".format(c[0], c[1], "x".join(map(str, c[2])), *c[3:6])
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=_plan_id)
+def test_emulated_plans_match_reference(emulator, case):
+    B, Du, widths, T, delay, truncate, bias, num_sms, smem = case
+    _check_emulated(emulator, Net(B, Du, widths, T, delay, truncate, bias), num_sms, smem)
+
+
+# One shape per depth, each with odd widths, a bias missing in some layer and its own plan kind:
+# L = 1 (no hidden layer; the forward's extra ring slot) with 3-row tiles; L = 2 with a partial
+# 4-row tile and 2 blocks; L = 3 with one 12-row tile and delay 3; L = 4 with T past the staging
+# chunk, 2-row tiles and 3 blocks.
+DEPTHS = {
+    1: dict(B=6, Du=2, widths=(3,), T=11, delay=2, truncate=3, bias=(True,), num_sms=2),
+    2: dict(B=7, Du=3, widths=(5, 3), T=9, delay=1, truncate=None, bias=(False, True), num_sms=2),
+    3: dict(B=9, Du=0, widths=(7, 5, 2), T=12, delay=3, truncate=4, bias=(True, False, True), num_sms=1),
+    4: dict(B=5, Du=4, widths=(9, 6, 7, 3), T=37, delay=2, truncate=5, bias=(True, True, False, True), num_sms=3),
+}
+
+
+@pytest.mark.parametrize("depth", sorted(DEPTHS), ids=lambda L: f"L{L}")
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_emulated_activation_and_depth(emulator, activation, depth):
+    c = dict(DEPTHS[depth])
+    num_sms = c.pop("num_sms")
+    _check_emulated(emulator, Net(**c, activation=activation), num_sms, 48 << 10)
+
+
+# The mode grid of the foundation (tests/testing.py's MODE_GRID: u on/off, delay 1/2/3, truncate
+# None/1/3, bias on/off) for an activation whose derivative reads h (tanh), two layers, 4-row
+# tiles with a partial one, and for one that reads z (gelu), three layers, one-row tiles.
+MODE_GRID = list(itertools.product((0, 3), (1, 2, 3), (None, 1, 3), (True, False)))
+
+
+@pytest.mark.parametrize("activation,widths,B", [("tanh", (5, 3), 7), ("gelu", (5, 4, 3), 1)],
+                         ids=["tanh-L2-B7", "gelu-L3-B1"])
+def test_emulated_mode_grid(emulator, activation, widths, B):
+    for Du, delay, truncate, bias in MODE_GRID:
+        _check_emulated(emulator, Net(B, Du, widths, 5, delay, truncate, bias, activation), 2, 48 << 10)
+
+
+@pytest.mark.parametrize("mask", [(0, 1, 0, 1, 1, 1, 0, 1), (1, 0, 1, 0, 0, 0, 1, 0), (0,) * 8])
+def test_emulated_output_mask(emulator, mask):
+    net = Net(8, 1, (4, 5, 2), 5, 2, 2, True, "silu")
+    _check_emulated(emulator, net, 2, 48 << 10, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("activation,widths", [("relu", (8, 3)), ("mish", (8, 6, 3))], ids=["relu-L2", "mish-L3"])
+def test_emulated_low_precision(emulator, activation, widths, dtype):
+    net = Net(33, 4, widths, 10, 2, None, True, activation, dtype=dtype)
+    _check_emulated(emulator, net, 4, 48 << 10)

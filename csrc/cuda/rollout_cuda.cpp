@@ -1,37 +1,35 @@
 // CUDA host code of the fused rollout: argument checks, layout, the choice between the fused
-// kernels and the general path, dtype dispatch, and the registration of both operators for the
-// CUDA dispatch key.
+// kernels and the general path, and the registration of both operators for the CUDA dispatch
+// key (rollout_forward_hidden / rollout_backward_hidden are CPU and meta only: the fused
+// backward recomputes the hidden layers on chip, and the general path does in chunks).
 //
 //  * fused path (forward_kernel.cuh, backward_kernel.cuh): one persistent launch runs all T
-//    steps; a block owns a tile of batch rows, with the weights and the tile's state in shared
-//    memory. Taken whenever the plan fits the device's opt-in shared memory (plan_rollout).
-//  * general path (general_path.cpp): per-step cuBLAS GEMMs through ATen, for any size.
+//    steps; a block owns a tile of batch rows, with the weights of every layer and the tile's
+//    state in shared memory. Taken whenever the network has at most kMaxLayers layers and the
+//    plan fits the device's opt-in shared memory (plan_rollout, rollout_params.h).
+//  * general path (csrc/gemm_path.h): per-step cuBLAS GEMMs through ATen, for any size; the
+//    same code serves the CPU's wide layers.
 // cuda_path='fused'|'general' (fbfast.set_kernel_options, or FBFAST_CUDA_PATH read at load)
 // overrides the rule (the tests run both paths).
 // Everything runs on the current stream of the tensors' device, under a device guard.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
-#include <string>
 #include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
+#include "../gemm_path.h"
 #include "../rollout_checks.h"
-#include "general_path.h"
 #include "rollout_launch.h"
 #include "rollout_params.h"
 
@@ -41,6 +39,8 @@ namespace {
 
 constexpr const char* kForwardOp = "fbfast::rollout_forward (CUDA)";
 constexpr const char* kBackwardOp = "fbfast::rollout_backward (CUDA)";
+// The general path's backward keeps its chunk buffers below this size.
+constexpr int64_t kChunkBytes = int64_t(256) << 20;
 
 void check_dtype(const char* op, const at::Tensor& x0) {
   const auto dtype = x0.scalar_type();
@@ -125,148 +125,176 @@ std::vector<std::string> cuda_options(const std::optional<std::string>& path) {
   return previous;
 }
 
+// The layers, contiguous, as the general path takes them (csrc/gemm_path.h).
+gemm_path::Network make_network(at::TensorList weights, const BiasList& biases, Act act, double param, int64_t du) {
+  gemm_path::Network net;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    net.w.push_back(weights[l].contiguous());
+    net.b.push_back(opt_or_undefined(biases.get(l)));
+  }
+  net.act = act;
+  net.param = param;
+  net.du = du;
+  return net;
+}
+
 // Widths beyond this never fit in shared memory; checking first keeps them out of Dims' ints.
 constexpr int64_t kMaxFusedWidth = int64_t(1) << 20;
 
-Plan choose_plan(const Dims& d, bool backward, c10::DeviceIndex device, const char* op) {
+// "Du=2, O=3, widths 16x16x3, delay=2": the sizes that decide whether the fused path fits.
+std::string describe(const gemm_path::Network& net, int64_t delay) {
+  std::string widths;
+  for (const auto& w : net.w) widths += (widths.empty() ? "" : "x") + std::to_string(w.size(0));
+  return "Du=" + std::to_string(net.du) + ", O=" + std::to_string(net.w.back().size(0)) + ", widths " + widths +
+         ", delay=" + std::to_string(delay);
+}
+
+// The fused plan of one call (plan.fused == false: the general path), and in `dims` the problem
+// as the fused kernels see it.
+Plan choose_plan(const gemm_path::Network& net, int64_t steps, int64_t batch, int64_t delay, int64_t truncate,
+                 bool backward, c10::DeviceIndex device, const char* op, Dims& dims) {
   const PathChoice choice = path_override();
   if (choice == PathChoice::kGeneral) return Plan{};
+  const int64_t L = net.layers();
+  if (L > kMaxLayers) {
+    TORCH_CHECK(choice != PathChoice::kFused, op, ": the fused path is pinned (cuda_path='fused'), but the network "
+                "has ", L, " layers and the fused kernels hold at most ", kMaxLayers,
+                "; set cuda_path='auto' to take the general path");
+    return Plan{};
+  }
+  bool small = net.du < kMaxFusedWidth;
+  for (const auto& w : net.w) small = small && w.size(0) < kMaxFusedWidth;
   const DeviceLimits limits = device_limits(device);
-  Plan plan = plan_rollout(d, backward, limits.sms, limits.smem_optin);
+  Plan plan;
+  if (small) {
+    std::vector<int> widths;
+    for (const auto& w : net.w) widths.push_back(static_cast<int>(w.size(0)));
+    dims = make_dims(steps, batch, static_cast<int>(net.du), static_cast<int>(L), widths.data(), delay, truncate);
+    plan = plan_rollout(dims, backward, net.act, limits.sms, limits.smem_optin);
+  }
   TORCH_CHECK(plan.fused || choice != PathChoice::kFused, op,
-              ": the fused path is pinned (cuda_path='fused'), but the weights (H=", d.h, ", Du=", d.du, ", O=", d.o,
-              ", delay=", d.delay, ") do not fit in the ", limits.smem_optin,
+              ": the fused path is pinned (cuda_path='fused'), but the weights (", describe(net, delay),
+              ") do not fit in the ", limits.smem_optin,
               " bytes of shared memory per block of this GPU; set cuda_path='auto' to take the "
               "general path, or reduce the widths");
   return plan;
 }
 
-bool widths_fit(int64_t du, int64_t o, int64_t h) {
-  return du < kMaxFusedWidth && o < kMaxFusedWidth && h < kMaxFusedWidth;
-}
-
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
+Dtype dtype_of(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kHalf: return fn(c10::Half{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    default: TORCH_CHECK(false, "fbfast::rollout (CUDA kernel): unsupported dtype ", dtype);
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    default: return Dtype::kFloat32;  // check_dtype admits no other
   }
 }
 
+std::vector<const void*> weight_pointers(const gemm_path::Network& net) {
+  std::vector<const void*> w;
+  for (const auto& t : net.w) w.push_back(t.data_ptr());
+  return w;
+}
+
+std::vector<const void*> bias_pointers(const gemm_path::Network& net) {
+  std::vector<const void*> b;
+  for (const auto& t : net.b) b.push_back(data_or_null(t));
+  return b;
+}
+
 at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in,
-                                const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in,
-                                const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
-                                int64_t steps, int64_t delay, int64_t truncate) {
-  const RolloutSizes sizes = check_rollout_args(kForwardOp, x0_in, u_in, w1_in, b1_in, w2_in, b2_in, steps, delay, truncate);
+                                at::TensorList weights, const BiasList& biases, int64_t steps, int64_t delay,
+                                int64_t truncate, c10::string_view activation, double activation_param) {
+  const RolloutSizes sizes =
+      check_rollout_args(kForwardOp, x0_in, u_in, weights, biases, steps, delay, truncate, activation);
   check_dtype(kForwardOp, x0_in);
   const c10::cuda::CUDAGuard guard(x0_in.device());
   check_result_fits(kForwardOp, sizes, x0_in.element_size(), device_memory(x0_in.get_device()));
-  const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
-  const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in), b2 = opt_or_undefined(b2_in);
-  const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
-  const int64_t du = u.defined() ? u.size(2) : 0;
+  const at::Tensor x0 = read_x0(x0_in, steps), u = opt_or_undefined(u_in);
+  const int64_t B = x0.size(1), O = x0.size(2), du = u.defined() ? u.size(2) : 0;
+  const gemm_path::Network net = make_network(weights, biases, sizes.act, activation_param, du);
   at::Tensor y = checked_empty(kForwardOp, "the result Y", {steps, B, O}, x0.options(),
                                "use fewer steps or a smaller batch, or run the rollout in chunks");
   if (steps == 0 || B == 0 || O == 0) return y;
 
-  Plan plan;
-  Dims d{steps, B, static_cast<int>(du), static_cast<int>(O), static_cast<int>(H), delay, truncate};
-  if (widths_fit(du, O, H)) plan = choose_plan(d, false, x0.get_device(), "fbfast::rollout_forward");
+  Dims dims{};
+  const Plan plan = choose_plan(net, steps, B, delay, truncate, false, x0.get_device(), kForwardOp, dims);
   if (!plan.fused) {
-    forward_general(x0, u, w1, b1, w2, b2, delay, y);
+    gemm_path::forward(kForwardOp, x0, u, net, delay, y, nullptr);
     return y;
   }
-  ForwardParams p{};
-  p.dims = d;
-  p.lay = plan.lay;
-  p.rows_per_item = plan.rows_per_item;
-  p.threads = plan.threads;
-  p.tiles = plan.tiles;
-  p.blocks = plan.blocks;
-  p.x0 = x0.data_ptr();
-  p.u = data_or_null(u);
-  p.w1 = w1.data_ptr();
-  p.b1 = data_or_null(b1);
-  p.w2 = w2.data_ptr();
-  p.b2 = data_or_null(b2);
-  p.y = y.data_ptr();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x0.get_device()).stream();
-  dispatch_dtype(x0.scalar_type(), [&](auto tag) { launch_rollout_forward<decltype(tag)>(p, stream); });
+  RolloutParams p{};
+  set_rollout_params(p, dims, plan, dtype_of(x0.scalar_type()), static_cast<float>(net.param),
+                     x0.data_ptr(), data_or_null(u), weight_pointers(net).data(), bias_pointers(net).data(),
+                     y.data_ptr());
+  launch_rollout_forward(p, c10::cuda::getCurrentCUDAStream(x0.get_device()).stream());
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-rollout_backward_cuda(const at::Tensor& grad_y_in, const at::Tensor& y_in, const at::Tensor& x0_in,
-                      const std::optional<at::Tensor>& u_in, const at::Tensor& w1_in,
-                      const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in,
-                      int64_t delay, int64_t truncate, std::array<bool, 6> output_mask) {
-  check_backward_args(kBackwardOp, grad_y_in, y_in, x0_in, u_in, w1_in, b1_in, w2_in, delay, truncate);
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> rollout_backward_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& y_in, const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in,
+    at::TensorList weights, const BiasList& biases, int64_t delay, int64_t truncate, c10::string_view activation,
+    double activation_param, const c10::List<bool>& output_mask) {
+  const RolloutSizes sizes = check_backward_args(kBackwardOp, grad_y_in, y_in, x0_in, u_in, weights, biases, delay,
+                                                 truncate, activation, output_mask);
   check_dtype(kBackwardOp, x0_in);
   const int64_t steps = y_in.size(0);
   const c10::cuda::CUDAGuard guard(x0_in.device());
-  const at::Tensor x0 = read_x0(x0_in, steps), w1 = w1_in.contiguous(), w2 = w2_in.contiguous();
+  const at::Tensor x0 = read_x0(x0_in, steps), u = opt_or_undefined(u_in);
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
-  const at::Tensor u = opt_or_undefined(u_in), b1 = opt_or_undefined(b1_in);
-  const int64_t B = x0.size(1), O = x0.size(2), H = w2.size(1);
-  const int64_t du = u.defined() ? u.size(2) : 0;
+  const int64_t B = x0.size(1), O = x0.size(2), du = u.defined() ? u.size(2) : 0;
+  const gemm_path::Network net = make_network(weights, biases, sizes.act, activation_param, du);
+  const int64_t L = net.layers();
   const bool empty_problem = steps == 0 || B == 0 || O == 0;
+  Dims dims{};
+  const Plan plan =
+      empty_problem ? Plan{} : choose_plan(net, steps, B, delay, truncate, true, x0.get_device(), kBackwardOp, dims);
 
-  // x0's gradient starts at zero (slots t >= steps get none); the others are written in full,
-  // unless nothing runs, when every gradient is zero.
+  // The general path accumulates into zero-filled gradients, and so does the fused kernel into
+  // x0's (slots t >= steps get none); the fused kernel writes the others in full.
   const auto opts = x0.options();
-  auto wanted = [&](bool want, at::IntArrayRef shape, bool zero) {
+  auto wanted = [&](bool want, const std::string& what, at::IntArrayRef shape, bool written_in_full) {
     if (!want) return at::Tensor();
-    return zero || empty_problem ? at::zeros(shape, opts) : at::empty(shape, opts);
+    at::Tensor t = checked_empty(kBackwardOp, what.c_str(), shape, opts, "split the batch into smaller parts");
+    return plan.fused && written_in_full ? t : t.zero_();
   };
-  Gradients g{wanted(output_mask[0], x0_in.sizes(), true),
-              wanted(output_mask[1] && u.defined(), u.defined() ? u.sizes() : at::IntArrayRef(), false),
-              wanted(output_mask[2], w1.sizes(), false),
-              wanted(output_mask[3] && b1.defined(), {H}, false),
-              wanted(output_mask[4], w2.sizes(), false),
-              wanted(output_mask[5], {O}, false)};
+  gemm_path::Grads g;
+  g.x0 = wanted(output_mask[0], "the gradient of x0", x0_in.sizes(), false);
+  g.u = wanted(output_mask[1] && u.defined(), "the gradient of u", u.defined() ? u.sizes() : at::IntArrayRef(), true);
+  for (int64_t l = 0; l < L; ++l) {
+    g.w.push_back(wanted(output_mask[2 + l], "the gradient of " + layer_arg('w', l), net.w[l].sizes(), true));
+    g.b.push_back(wanted(output_mask[2 + L + l] && net.b[l].defined(), "the gradient of " + layer_arg('b', l),
+                         net.w[l].size(0), true));
+  }
 
-  if (!empty_problem) {
-    Plan plan;
-    Dims d{steps, B, static_cast<int>(du), static_cast<int>(O), static_cast<int>(H), delay, truncate};
-    if (widths_fit(du, O, H)) plan = choose_plan(d, true, x0.get_device(), "fbfast::rollout_backward");
-    if (!plan.fused) {
-      backward_general(grad_y, y, x0, u, w1, b1, w2, delay, truncate, g);
-    } else {
-      BackwardParams p{};
-      p.dims = d;
-      p.lay = plan.lay;
-      p.rows_per_item = plan.rows_per_item;
-      p.threads = plan.threads;
-      p.tiles = plan.tiles;
-      p.blocks = plan.blocks;
-      p.grad_y = grad_y.data_ptr();
-      p.y = y.data_ptr();
-      p.x0 = x0.data_ptr();
-      p.u = data_or_null(u);
-      p.w1 = w1.data_ptr();
-      p.b1 = data_or_null(b1);
-      p.w2 = w2.data_ptr();
-      p.grad_x0 = mutable_data_or_null(g.x0);
-      p.grad_u = mutable_data_or_null(g.u);
-      p.grad_w1 = mutable_data_or_null(g.w1);
-      p.grad_b1 = mutable_data_or_null(g.b1);
-      p.grad_w2 = mutable_data_or_null(g.w2);
-      p.grad_b2 = mutable_data_or_null(g.b2);
-      // Several blocks: per-block fp32 partials, summed in block order by a second kernel.
-      at::Tensor workspace;
-      const bool any_weight = g.w1.defined() || g.b1.defined() || g.w2.defined() || g.b2.defined();
-      if (plan.blocks > 1 && any_weight) {
-        workspace = at::empty({plan.blocks, grad_offsets(d).total}, opts.dtype(at::kFloat));
-        p.workspace = workspace.data_ptr<float>();
-      }
-      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x0.get_device()).stream();
-      dispatch_dtype(x0.scalar_type(), [&](auto tag) { launch_rollout_backward<decltype(tag)>(p, stream); });
+  if (!empty_problem && !plan.fused) {
+    gemm_path::backward(kBackwardOp, grad_y, y, x0, u, net, delay, truncate, g, {}, kChunkBytes);
+  } else if (!empty_problem) {
+    std::vector<void*> grad_w, grad_b;
+    bool any_weight = false;
+    for (int64_t l = 0; l < L; ++l) {
+      grad_w.push_back(mutable_data_or_null(g.w[l]));
+      grad_b.push_back(mutable_data_or_null(g.b[l]));
+      any_weight = any_weight || g.w[l].defined() || g.b[l].defined();
     }
+    // Several blocks: per-block fp32 partials, summed in block order by a second kernel.
+    at::Tensor workspace;
+    if (plan.blocks > 1 && any_weight)
+      workspace = checked_empty(kBackwardOp, "the per-block weight gradients", {plan.blocks, grad_elements(dims)},
+                                opts.dtype(at::kFloat), "split the batch into smaller parts");
+    BackwardParams p{};
+    set_backward_params(p, dims, plan, dtype_of(x0.scalar_type()), static_cast<float>(net.param),
+                        x0.data_ptr(), data_or_null(u), weight_pointers(net).data(), bias_pointers(net).data(),
+                        y.data_ptr(), grad_y.data_ptr(), mutable_data_or_null(g.x0), mutable_data_or_null(g.u),
+                        grad_w.data(), grad_b.data(),
+                        workspace.defined() ? workspace.data_ptr<float>() : nullptr);
+    launch_rollout_backward(p, c10::cuda::getCurrentCUDAStream(x0.get_device()).stream());
   }
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
-  return {or_empty(g.x0), or_empty(g.u), or_empty(g.w1), or_empty(g.b1), or_empty(g.w2), or_empty(g.b2)};
+  std::vector<at::Tensor> grad_w, grad_b;
+  for (int64_t l = 0; l < L; ++l) {
+    grad_w.push_back(or_empty(g.w[l]));
+    grad_b.push_back(or_empty(g.b[l]));
+  }
+  return {or_empty(g.x0), or_empty(g.u), grad_w, grad_b};
 }
 
 }  // namespace

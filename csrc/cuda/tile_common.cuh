@@ -1,10 +1,14 @@
 // Device helpers shared by the fused forward and backward kernels: the tile GEMM that runs
-// every step's matrix products out of shared memory, and the loaders that fill shared memory.
+// every step's matrix products out of shared memory, the loaders that fill shared memory, and
+// the conversions between a call's dtype and the fp32 the kernels compute in.
 //
 // Thread-block conventions: every helper is called by all threads of the block with the same
 // arguments and splits its work by threadIdx.x / blockDim.x; none of them synchronises, so the
 // kernels place every __syncthreads() themselves.
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
@@ -17,6 +21,36 @@ __device__ __forceinline__ float4 load_float4(const float* p) {
   return *reinterpret_cast<const float4*>(p);
 }
 
+// Element i of a global tensor of the call's dtype, widened to fp32. The dtype is uniform over
+// the grid, so the branch costs no divergence; these run at global loads and stores only.
+__device__ __forceinline__ float load_element(const void* base, int64_t i, Dtype dtype) {
+  switch (dtype) {
+    case Dtype::kFloat16: return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
+    case Dtype::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
+    case Dtype::kFloat32: break;
+  }
+  return static_cast<const float*>(base)[i];
+}
+
+// v rounded to the call's dtype (and widened back): the value a stored element holds.
+__device__ __forceinline__ float round_to(Dtype dtype, float v) {
+  switch (dtype) {
+    case Dtype::kFloat16: return static_cast<float>(static_cast<c10::Half>(v));
+    case Dtype::kBFloat16: return static_cast<float>(static_cast<c10::BFloat16>(v));
+    case Dtype::kFloat32: break;
+  }
+  return v;
+}
+
+__device__ __forceinline__ void store_element(void* base, int64_t i, Dtype dtype, float v) {
+  switch (dtype) {
+    case Dtype::kFloat16: static_cast<c10::Half*>(base)[i] = static_cast<c10::Half>(v); return;
+    case Dtype::kBFloat16: static_cast<c10::BFloat16*>(base)[i] = static_cast<c10::BFloat16>(v); return;
+    case Dtype::kFloat32: break;
+  }
+  static_cast<float*>(base)[i] = v;
+}
+
 // How the tile GEMM reads W(k, n), the weight linking input k to output n, from shared memory.
 enum class WeightLayout {
   kRowPerOutput,  // w[n * ldw + k]: a weight as nn.Linear stores it, read for x -> x W^T
@@ -24,12 +58,12 @@ enum class WeightLayout {
 };
 
 // out(r, n) = bias[n] + sum_k A(r, k) W(k, n) for the rows of one tile, with A given as up to
-// two k segments (z = W1 [u ; x] without concatenating u and x). All widths are zero-padded
+// two k segments (z_0 = W_0 [u ; x] without concatenating u and x). All widths are zero-padded
 // multiples of 4 and every A row starts 16-byte aligned.
 struct TileGemm {
   const float* a[2];  // rows of each k segment of A (shared memory)
   int lda[2];         // row stride of each segment
-  int k[2];           // width of each segment (0: unused)
+  int k[2];           // padded width of each segment (0: unused)
   const float* w;     // weights (shared memory); segment 1 continues segment 0's k index
   int ldw;
   const float* bias;  // (n) or null
@@ -64,7 +98,8 @@ __device__ __forceinline__ void accumulate_segment(float (&acc)[kRB][4], const f
 // so their weight reads fall in distinct banks and their A reads are broadcasts. Four partial
 // sums per output (k mod 4) keep four independent FMA chains per row. The summation order of an
 // output depends only on its own inputs, never on kRB or the thread count, so the backward's
-// recomputation of z reproduces the forward's bit for bit (and with it every ReLU decision).
+// recomputation of every layer's z reproduces the forward's bit for bit (and with it every
+// activation's branch).
 // epilogue(r, n, value) is called once per output.
 template <int kRB, WeightLayout kLayout, typename Epilogue>
 __device__ __forceinline__ void tile_gemm(const TileGemm& g, Epilogue&& epilogue) {
@@ -86,13 +121,32 @@ __device__ __forceinline__ void tile_gemm(const TileGemm& g, Epilogue&& epilogue
   }
 }
 
-// dst[(s * rows + r) * pitch + c] = step_rows(t0 + s)[(row0 + r) * width + c] for s < count,
-// r < rows, c < pitch; zero for the padding c >= width and for rows past the batch.
-// step_rows(t) returns the (batch, width) matrix of step t in global memory. Consecutive threads
-// read consecutive elements, so each staged step is one coalesced sweep.
-template <typename scalar_t, typename StepRows>
-__device__ __forceinline__ void stage_rows(float* dst, StepRows&& step_rows, int64_t t0, int count,
-                                           int64_t row0, int rows, int64_t batch, int width,
+// z_l = W_l h_l + b_l for the rows of one tile, W_l and b_l in shared memory (`smem`): h_0 is
+// [u_t ; x_t], two segments of pitch Du_pad and O_pad; h_l for l > 0 the rows of h, pitch ldh.
+__device__ __forceinline__ TileGemm layer_gemm(const Dims& d, const SmemLayout& lay, const float* smem, int l,
+                                               const float* u_t, const float* x_t, const float* h, int ldh) {
+  const LayerLayout& layer = lay.layer[l];
+  if (l == 0)
+    return TileGemm{{u_t, x_t}, {lay.du_pad, lay.o_pad}, {lay.du_pad, lay.o_pad}, smem + layer.w, layer.ld,
+                    smem + layer.b, lay.rows, d.width[0]};
+  return TileGemm{{h, nullptr}, {ldh, 0}, {layer.in_pad, 0}, smem + layer.w, layer.ld, smem + layer.b, lay.rows,
+                  d.width[l]};
+}
+
+// Where step t's (batch, width) matrix starts in a global tensor: element (row, c) of the step
+// is base[first + row * width + c].
+struct StepRows {
+  const void* base;
+  int64_t first;
+};
+
+// dst[(s * rows + r) * pitch + c] = step_rows(t0 + s)(row0 + r, c) for s < count, r < rows,
+// c < pitch; zero for the padding c >= width and for rows past the batch. step_rows(t) returns
+// the StepRows of step t. Consecutive threads read consecutive elements, so each staged step is
+// one coalesced sweep.
+template <typename StepFn>
+__device__ __forceinline__ void stage_rows(float* dst, StepFn&& step_rows, Dtype dtype, int64_t t0,
+                                           int count, int64_t row0, int rows, int64_t batch, int width,
                                            int pitch) {
   const int total = count * rows * pitch;
   for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
@@ -102,49 +156,52 @@ __device__ __forceinline__ void stage_rows(float* dst, StepRows&& step_rows, int
     const int s = sr / rows;
     float v = 0.f;
     if (c < width && row0 + r < batch) {
-      const scalar_t* src = step_rows(t0 + s);
-      v = static_cast<float>(src[(row0 + r) * width + c]);
+      const StepRows src = step_rows(t0 + s);
+      v = load_element(src.base, src.first + (row0 + r) * width + c, dtype);
     }
     dst[idx] = v;
   }
 }
 
-// The weights in their shared-memory layout (rollout_params.h). Shared memory must have been
-// zero-filled (and synchronised) before: only the real elements are written here.
-// w1 (H, Du + O) -> w1s[j * ld1 + c'] with c' = c for u columns, Du_pad + (c - Du) for x columns.
-template <typename scalar_t>
-__device__ __forceinline__ void load_w1(float* w1s, const scalar_t* w1, const Dims& d,
-                                        const SmemLayout& L) {
-  const int k1 = d.du + d.o;
-  const int total = d.h * k1;
-  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int j = idx / k1;
-    const int c = idx - j * k1;
-    const int cp = c < d.du ? c : L.du_pad + (c - d.du);
-    w1s[j * L.ld1 + cp] = static_cast<float>(w1[idx]);
-  }
+// Where the columns of W_l sit in its shared-memory rows: input column c at c, except in the
+// first layer, whose x columns (c >= Du) start at Du_pad (rollout_params.h).
+struct ColumnMap {
+  int split, split_pad;  // layer 0: Du, Du_pad; others: 0, 0
+
+  __device__ __forceinline__ int operator()(int c) const { return c < split ? c : split_pad + (c - split); }
+};
+
+__device__ __forceinline__ ColumnMap column_map(const Dims& d, const SmemLayout& s, int l) {
+  return l == 0 ? ColumnMap{d.du, s.du_pad} : ColumnMap{0, 0};
 }
 
-// w2 (O, H) -> w2s[o * ld2 + j].
-template <typename scalar_t>
-__device__ __forceinline__ void load_w2(float* w2s, const scalar_t* w2, const Dims& d,
-                                        const SmemLayout& L) {
-  const int total = d.o * d.h;
+// Layer l's weight (out_l, in_l) in its shared-memory layout. Shared memory must have been
+// zero-filled (and synchronised) before: only the real elements are written here.
+__device__ __forceinline__ void load_weight(float* dst, const void* src, Dtype dtype, int out, int in, int ld,
+                                            ColumnMap col) {
+  const int total = out * in;
   for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-    const int o = idx / d.h;
-    w2s[o * L.ld2 + (idx - o * d.h)] = static_cast<float>(w2[idx]);
+    const int j = idx / in;
+    dst[j * ld + col(idx - j * in)] = load_element(src, idx, dtype);
   }
 }
 
 // A bias vector (n) or, when absent, nothing: its zero-filled buffer then adds exactly 0.
-template <typename scalar_t>
-__device__ __forceinline__ void load_vector(float* dst, const scalar_t* src, int n) {
+__device__ __forceinline__ void load_vector(float* dst, const void* src, Dtype dtype, int n) {
   if (!src) return;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = static_cast<float>(src[i]);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = load_element(src, i, dtype);
 }
 
 __device__ __forceinline__ void zero_fill(float* dst, int64_t n) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = 0.f;
+}
+
+// Columns [from, to) of `rows` rows of pitch `pitch` set to zero: the pad of a buffer that
+// layers of different widths take turns in, which the next GEMM reads against zero weights (a
+// stale Inf there would turn into NaN).
+__device__ __forceinline__ void clear_columns(float* buf, int rows, int pitch, int from, int to) {
+  const int width = to - from;
+  for (int i = threadIdx.x; i < rows * width; i += blockDim.x) buf[(i / width) * pitch + from + i % width] = 0.f;
 }
 
 // The index pair (row, col) of the elements idx = first, first + stride, ... of a row-major
