@@ -1,4 +1,4 @@
-"""fbfast: fused rollouts of feedback MLPs (``y_t = W2 relu(W1 [u_t; x_t] + b1) + b2``).
+"""fbfast: fused rollouts of feedback MLPs (``y_t = W_L act(... act(W_1 [u_t; x_t] + b_1) ...) + b_L``).
 
 `rollout` runs all T steps, forward and backward, in one compiled operator where one is built
 (`backends()` says), else in pure PyTorch. docs/spec.md gives the exact maths.

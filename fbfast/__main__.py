@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fbfast
+import fbfast.testing
 from fbfast import ops
 
 # (B, Du, O, H, T, delay, truncate): in-step, delayed, truncated, no u, and one case wide
@@ -40,11 +41,8 @@ CHECK_CASES = (
     (4, 2, 2, 5, 9, 3, 2),
     (3, 0, 64, 520, 4, 1, None),
 )
-# (rtol, atol) against the float64 reference, as in the test-suite (tests/testing.py).
-TOLERANCES = {
-    torch.float64: {"out": (1e-10, 1e-10), "grad": (1e-9, 1e-9)},
-    torch.float32: {"out": (1e-4, 1e-5), "grad": (1e-3, 1e-4)},
-}
+# (rtol, atol) against the float64 reference: the test-suite's table.
+TOLERANCES = fbfast.testing.TOLERANCES
 KERNEL_DEVICE = {"cpp": "cpu", "cuda": "cuda"}
 KERNEL_CHECK_DTYPES = {"cpp": (torch.float32, torch.float64), "cuda": (torch.float32,)}
 # (B, Du, O, H, T): the seed's own network (Linear(10, 5) -> ReLU -> Linear(5, 2), 5 steps)

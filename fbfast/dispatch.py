@@ -74,7 +74,7 @@ def _status() -> Dict[str, BackendStatus]:
             cuda_why = "built, but torch.cuda.is_available() is False on this machine"
     out["cuda"] = BackendStatus("cuda", cuda_ok, cuda_why, ("cuda",), _dtype_names(_KERNEL_DTYPES["cuda"]))
     out["cpp"] = BackendStatus("cpp", cpp_ok, cpp_why, ("cpu",), _dtype_names(_KERNEL_DTYPES["cpp"]))
-    out["compile"] = BackendStatus("compile", True, "torch.compile of the reference (compiles an unrolled loop per steps/delay/truncate)", ("cpu", "cuda"), floats)
+    out["compile"] = BackendStatus("compile", True, "torch.compile of the reference (compiles an unrolled loop per steps, delay, truncate, depth and activation)", ("cpu", "cuda"), floats)
     out["eager"] = BackendStatus("eager", True, "pure-PyTorch reference", ("any",), floats)
     return out
 

@@ -9,21 +9,19 @@ are C++ (`csrc/meta.cpp`) and run the same argument checks as the real kernels
 `rollout_forward` is one `rollout_backward` call, and the Python autograd.Function it replaces
 cost more than the whole rollout at small shapes.
 
-If the extension is missing or fails to load, `LOAD_ERROR` says why and nothing is registered:
-`import fbfast` still works on the pure-PyTorch backends.
+If the extension is missing, fails to load, or was built from other sources (its schemas are
+not the ones called here), `LOAD_ERROR` says why and `LOADED` is False: the compiled backends
+are reported missing, and `import fbfast` still works on the pure-PyTorch backends.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
-
-
-
 import glob
 import os
 import sys
+from typing import Optional
+
+import torch
 
 # Whether a built library is present at all: "not built" and "built but broken" (say, against
 # another torch) are different problems with different messages.
@@ -68,6 +66,32 @@ except Exception as exc:  # ImportError, or an undefined symbol from a build aga
                       "`pip install --no-build-isolation -e .`")
     else:
         LOAD_ERROR = "fbfast._C is not built (no compiled library in the package)"
+
+# The argument names of the schemas this Python code calls (csrc/fbfast.cpp). A library built
+# from older sources (an editable install pulled without a rebuild) still loads and registers
+# its own schemas; calling them with these arguments would fail inside the dispatcher with a
+# message about argument counts. Reported instead as a library that needs a rebuild.
+EXPECTED_ARGUMENTS = {
+    "rollout_forward": ("x0", "u", "weights", "biases", "steps", "delay", "truncate", "activation",
+                        "activation_param"),
+    "rollout_backward": ("grad_y", "y", "x0", "u", "weights", "biases", "delay", "truncate", "activation",
+                         "activation_param", "output_mask"),
+}
+
+
+def _schema_mismatch() -> Optional[str]:
+    for name, expected in EXPECTED_ARGUMENTS.items():
+        packet = getattr(torch.ops.fbfast, name, None)
+        found = None if packet is None else tuple(a.name for a in packet.default._schema.arguments)
+        if found != expected:
+            have = "no such operator" if found is None else f"fbfast::{name}({', '.join(found)})"
+            return (f"the compiled library was built from other sources than this Python package: it "
+                    f"has {have}, this fbfast calls fbfast::{name}({', '.join(expected)})")
+    return None
+
+
+if LOAD_ERROR is None:
+    LOAD_ERROR = _schema_mismatch()
 
 LOADED = LOAD_ERROR is None
 

@@ -208,26 +208,45 @@ BACKEND_CASES: Dict[str, Case] = {
 
 
 # Direct calls of the operators: what the C++ checks (and the fake kernels) do with bad input.
-def _op_inputs(dtype=F64):
-    return dict(x0=_rnd(1, B, O, dtype=dtype), u=_rnd(T, B, DU, dtype=dtype), w1=_rnd(H, DU + O, dtype=dtype),
-                b1=_rnd(H, dtype=dtype), w2=_rnd(O, H, dtype=dtype), b2=_rnd(O, dtype=dtype))
+# Arguments as in csrc/fbfast.cpp: (x0, u, weights, biases, steps, delay, truncate, activation,
+# activation_param); the layers are given as w1, b1, w2, b2, ... and gathered into the lists.
+def _op_inputs(dtype=F64, layers=2):
+    widths = [DU + O] + [H] * (layers - 1) + [O]
+    a = dict(x0=_rnd(1, B, O, dtype=dtype), u=_rnd(T, B, DU, dtype=dtype))
+    for l in range(layers):
+        a[f"w{l + 1}"] = _rnd(widths[l + 1], widths[l], dtype=dtype)
+        a[f"b{l + 1}"] = _rnd(widths[l + 1], dtype=dtype)
+    return a
 
 
-def _forward(steps=T, delay=1, truncate=0, dtype=F64, **over):
-    a = _op_inputs(dtype)
+def _lists(a):
+    """(weights, biases) of ``a``: w1, w2, ... and b1, b2, ... in order (a bias given as
+    ``_MISSING`` is left out of the list, to make a list one entry short)."""
+    layers = sum(1 for k in a if k[0] == "w" and k[1:].isdigit())
+    weights = [a[f"w{l + 1}"] for l in range(layers)]
+    biases = [a[f"b{l + 1}"] for l in range(layers) if a.get(f"b{l + 1}") is not _MISSING]
+    return weights, biases
+
+
+_MISSING = object()
+
+
+def _forward(steps=T, delay=1, truncate=0, dtype=F64, layers=2, activation="relu", param=0.0, **over):
+    a = _op_inputs(dtype, layers)
     a.update(over)
     op = torch.ops.fbfast.rollout_forward.default
-    return lambda: op(a["x0"], a["u"], a["w1"], a["b1"], a["w2"], a["b2"], steps, delay, truncate)
+    return lambda: op(a["x0"], a["u"], *_lists(a), steps, delay, truncate, activation, param)
 
 
-def _backward(delay=1, truncate=0, mask=(True,) * 6, **over):
-    a = _op_inputs()
-    y = torch.ops.fbfast.rollout_forward.default(a["x0"], a["u"], a["w1"], a["b1"], a["w2"], a["b2"], T, 1, 0)
+def _backward(delay=1, truncate=0, mask=None, layers=2, activation="relu", param=0.0, **over):
+    a = _op_inputs(layers=layers)
+    y = torch.ops.fbfast.rollout_forward.default(a["x0"], a["u"], *_lists(a), T, 1, 0, "relu", 0.0)
     a.update(grad_y=torch.ones_like(y), y=y)
     a.update(over)
+    mask = [True] * (2 + 2 * layers) if mask is None else mask
     op = torch.ops.fbfast.rollout_backward.default
-    return lambda: op(a["grad_y"], a["y"], a["x0"], a["u"], a["w1"], a["b1"], a["w2"], delay, truncate, list(mask))
-
+    return lambda: op(a["grad_y"], a["y"], a["x0"], a["u"], *_lists(a), delay, truncate, activation, param,
+                      list(mask))
 
 
 def _on_meta(make):
@@ -279,11 +298,32 @@ OP_FORWARD_CASES: Dict[str, Case] = {
     "mixed_u_float32": Case(lambda: _forward(u=_rnd(T, B, DU, dtype=F32)), RuntimeError, [r"\bu\b", r"Float"]),
     "mixed_w2_float32": Case(lambda: _forward(w2=_rnd(O, H, dtype=F32)), RuntimeError, [r"\bw2\b", r"Float"]),
     "w1_on_meta": Case(lambda: _forward(w1=_rnd(H, DU + O).to("meta")), RuntimeError, [r"\bw1\b", r"\bmeta\b"]),
-    "x0_on_meta": Case(lambda: _forward(x0=_rnd(1, B, O).to("meta")), RuntimeError, [r"\bw1\b", r"\bmeta\b"]),
+    "x0_on_meta": Case(lambda: _forward(x0=_rnd(1, B, O).to("meta")), RuntimeError,
+                       [r"\bx0 is on meta\b", r"\bcpu\b", r"one device"]),
     "x0_sparse": Case(lambda: _forward(x0=_rnd(1, B, O).to_sparse()), RuntimeError,
                       [r"fbfast::rollout_forward", r"\bx0\b", r"Sparse", r"dense"]),
     "u_nested": Case(lambda: _forward(u=torch.nested.nested_tensor([_rnd(B, DU)] * T)), RuntimeError,
                      [r"fbfast::rollout_forward", r"\bu\b", r"nested"]),
+    # layers as lists, and the activation (csrc/rollout_checks.h)
+    "layers_do_not_chain": Case(lambda: _forward(layers=3, w3=_rnd(O, H + 1)), RuntimeError,
+                                [r"layer sizes do not chain", r"\bw3\b", r"\[2, 6\]", r"6 input columns", r"\bw2\b",
+                                 r"\[5, 5\]", r"5 outputs"]),
+    "meta_layers_do_not_chain": Case(lambda: _on_meta(lambda: _forward(layers=3, w2=_rnd(H, H - 1))), RuntimeError,
+                                     [r"layer sizes do not chain", r"\bw2\b", r"\[5, 4\]", r"\bw1\b"]),
+    "w3_1d": Case(lambda: _forward(layers=3, w3=_rnd(O * H)), RuntimeError, [r"\bw3\b", r"2-D", r"\[10\]"]),
+    "b3_wrong_length": Case(lambda: _forward(layers=3, b3=_rnd(O + 1)), RuntimeError, [r"\bb3\b", r"\(2,\)", r"\[3\]"]),
+    "w3_float32": Case(lambda: _forward(layers=3, w3=_rnd(O, H, dtype=F32)), RuntimeError, [r"\bw3\b", r"Float"]),
+    "biases_one_short": Case(lambda: _forward(b2=_MISSING), RuntimeError,
+                             [r"\bbiases\b", r"weights has 2 layers", r"biases has 1 entries"]),
+    "meta_biases_one_short": Case(lambda: _on_meta(lambda: _forward(layers=3, b3=_MISSING)), RuntimeError,
+                                  [r"\bbiases\b", r"3 layers", r"2 entries"]),
+    "no_layers": Case(lambda: lambda: torch.ops.fbfast.rollout_forward.default(_rnd(1, B, O), None, [], [], T, 1, 0,
+                                                                                "relu", 0.0),
+                      RuntimeError, [r"\bweights\b", r"at least one layer", r"got none"]),
+    "unknown_activation": Case(lambda: _forward(activation="swish"), RuntimeError,
+                               [r"\bactivation\b", r"'relu'", r"'gelu_tanh'", r"'mish'", r"got 'swish'"]),
+    "meta_unknown_activation": Case(lambda: _on_meta(lambda: _forward(activation="ReLU")), RuntimeError,
+                                    [r"\bactivation\b", r"got 'ReLU'"]),
 }
 
 OP_BACKWARD_CASES: Dict[str, Case] = {
@@ -314,7 +354,18 @@ OP_BACKWARD_CASES: Dict[str, Case] = {
                         RuntimeError, [r"dtype", r"Long"]),
     "grad_y_float32": Case(lambda: _backward(grad_y=torch.ones(T, B, O, dtype=F32)), RuntimeError,
                            [r"\bgrad_y\b", r"Float"]),
-    "output_mask_too_short": Case(lambda: _backward(mask=(True,) * 5), RuntimeError, [r"5 elements", r"size 6"]),
+    "output_mask_too_short": Case(lambda: _backward(mask=(True,) * 5), RuntimeError,
+                                  [r"\boutput_mask\b", r"2 \+ 2 L = 6 entries", r"got 5"]),
+    "output_mask_for_two_layers_of_three": Case(lambda: _backward(layers=3, mask=(True,) * 6), RuntimeError,
+                                                [r"\boutput_mask\b", r"2 \+ 2 L = 8 entries", r"got 6"]),
+    "meta_output_mask_too_long": Case(lambda: _on_meta(lambda: _backward(mask=(True,) * 7)), RuntimeError,
+                                      [r"\boutput_mask\b", r"= 6 entries", r"got 7"]),
+    "layers_do_not_chain": Case(lambda: _backward(layers=3, w2=_rnd(H + 1, H), b2=_rnd(H + 1)), RuntimeError,
+                                [r"layer sizes do not chain", r"\bw3\b", r"\bw2\b", r"\[6, 5\]"]),
+    "biases_one_short": Case(lambda: _backward(b1=_MISSING), RuntimeError, [r"\bbiases\b", r"1 entries"]),
+    "unknown_activation": Case(lambda: _backward(activation="swish"), RuntimeError,
+                               [r"\bactivation\b", r"'relu'", r"got 'swish'"]),
+    "b3_on_meta": Case(lambda: _backward(layers=3, b3=_rnd(O).to("meta")), RuntimeError, [r"\bb3\b", r"\bmeta\b"]),
     "grad_y_on_meta": Case(lambda: _backward(grad_y=torch.ones(T, B, O, dtype=F64, device="meta")), RuntimeError,
                            [r"\bgrad_y\b", r"\bmeta\b"]),
 }

@@ -153,9 +153,10 @@ def test_from_module_returns_feedback_mlp_unchanged():
     assert fbfast.from_module(fb) is fb
 
 
-def test_from_module_rejects_tanh_sequential():
-    with pytest.raises(TypeError, match=r"Sequential\(Linear, Tanh, Linear\)"):
-        fbfast.from_module(nn.Sequential(nn.Linear(10, 5), nn.Tanh(), nn.Linear(5, 2)))
+def test_from_module_rejects_softplus_sequential():
+    with pytest.raises(TypeError, match=r"Sequential\(Linear, Softplus, Linear\)"):
+        fbfast.from_module(nn.Sequential(nn.Linear(10, 5), nn.Softplus(), nn.Linear(5, 2)))
+    assert fbfast.from_module(nn.Sequential(nn.Linear(10, 5), nn.Tanh(), nn.Linear(5, 2))).activation == "tanh"
 
 
 def test_from_module_rejects_module_without_fc1_fc2():
@@ -278,3 +279,217 @@ def test_compile_backend_matches_eager():
     torch.testing.assert_close(yc, ye)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b)
+
+
+# --- deeper networks and other activations (docs/spec.md §1.1, §3) -----------------------------
+
+
+def _loop(module, x0, u):
+    """The module's own forward, called once per step: what its rollout must reproduce."""
+    x, ys = x0, []
+    for t in range(u.shape[0]):
+        x = module(torch.cat([u[t], x], -1))
+        ys.append(x)
+    return torch.stack(ys)
+
+
+def test_feedback_mlp_deep_silu_rolls_out_and_trains():
+    torch.manual_seed(8)
+    fb = fbfast.FeedbackMLP(6, 9, 2, hidden_layers=3, activation="silu", dtype=torch.float64)
+    assert fb.num_layers == 4 and [type(m) for m in fb.layers] == [nn.Linear] * 4
+    assert [(m.in_features, m.out_features) for m in fb.layers] == [(6, 9), (9, 9), (9, 9), (9, 2)]
+    assert set(fb.state_dict()) == {f"fc{l}.{p}" for l in range(1, 5) for p in ("weight", "bias")}
+    assert (fb.activation, fb.activation_param, fb.exo_features) == ("silu", 0.0, 4)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    u = torch.randn(7, 3, 4, generator=g, dtype=torch.float64)
+    target = torch.randn(7, 3, 2, generator=g, dtype=torch.float64)
+
+    # The rollout is the module's own forward fed back, with the same gradients.
+    want = _loop(fb, x0, u)
+    for backend in ["eager", "compile"] + (["cpp"] if CPP.available else []):
+        fb.zero_grad()
+        y = fb.rollout(x0, u=u, backend=backend)
+        torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+        y.square().sum().backward()
+        got = [p.grad.clone() for p in fb.parameters()]
+        fb.zero_grad()
+        want.square().sum().backward(retain_graph=True)
+        for a, p in zip(got, fb.parameters()):
+            torch.testing.assert_close(a, p.grad, rtol=1e-9, atol=1e-11)
+
+    # And it trains: twenty SGD steps through the rollout lower the loss.
+    opt = torch.optim.SGD(fb.parameters(), lr=0.05)
+    losses = []
+    for _ in range(20):
+        loss = F.mse_loss(fb.rollout(x0, u=u, truncate=3), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("activation, name, param", [
+    (nn.LeakyReLU(0.2), "leaky_relu", 0.2), ("leaky_relu", "leaky_relu", 0.01), (nn.ELU(alpha=0.5), "elu", 0.5),
+    ("elu", "elu", 1.0), (nn.GELU(approximate="tanh"), "gelu_tanh", 0.0), (nn.GELU(), "gelu", 0.0),
+    (nn.Mish(), "mish", 0.0), ("sigmoid", "sigmoid", 0.0),
+], ids=["LeakyReLU(0.2)", "leaky_relu", "ELU(0.5)", "elu", "GELU(tanh)", "GELU", "Mish", "sigmoid"])
+def test_feedback_mlp_honours_the_activation_and_its_parameter(activation, name, param):
+    torch.manual_seed(9)
+    fb = fbfast.FeedbackMLP(5, 6, 3, hidden_layers=2, activation=activation, dtype=torch.float64)
+    assert (fb.activation, fb.activation_param) == (name, param)
+    assert name in repr(fb)
+    act = activation if isinstance(activation, nn.Module) else {
+        "leaky_relu": nn.LeakyReLU(), "elu": nn.ELU(), "sigmoid": nn.Sigmoid()}[activation]
+    seq = nn.Sequential(fb.fc1, act, fb.fc2, act, fb.fc3)
+    x = torch.randn(4, 5, dtype=torch.float64) * 3
+    torch.testing.assert_close(fb(x), seq(x), rtol=0, atol=0)
+    x0, u = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 4, 2, dtype=torch.float64)
+    torch.testing.assert_close(fb.rollout(x0, u=u, backend="eager"), _loop(seq, x0, u), rtol=1e-12, atol=1e-12)
+    assert fbfast.from_module(fb) is fb
+
+
+def test_feedback_mlp_without_hidden_layers_is_one_linear():
+    fb = fbfast.FeedbackMLP(5, 100, 3, hidden_layers=0, dtype=torch.float64)
+    assert fb.num_layers == 1 and (fb.fc1.in_features, fb.fc1.out_features) == (5, 3) and not hasattr(fb, "fc2")
+    x0, u = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 4, 2, dtype=torch.float64)
+    y = fb.rollout(x0, u=u)
+    torch.testing.assert_close(y[0], F.linear(torch.cat([u[0], x0], -1), fb.fc1.weight, fb.fc1.bias))
+    torch.testing.assert_close(y[1], F.linear(torch.cat([u[1], y[0]], -1), fb.fc1.weight, fb.fc1.bias))
+
+
+@pytest.mark.parametrize("kwargs, exc, says", [
+    (dict(hidden_layers=-1), ValueError, r"FeedbackMLP: hidden_layers must be >= 0, got -1"),
+    (dict(hidden_layers=2.0), TypeError, r"FeedbackMLP: hidden_layers must be an int, got float 2\.0"),
+    (dict(hidden_layers=True), TypeError, r"hidden_layers must be an int, got bool"),
+    (dict(activation="swish"), ValueError, r"FeedbackMLP: activation must be one of the names 'relu', .*'swish'"),
+    (dict(activation=nn.Softplus()), TypeError, r"FeedbackMLP: activation .*Softplus"),
+    (dict(activation=nn.LeakyReLU), TypeError, r"the class LeakyReLU itself, not an instance.*nn\.LeakyReLU\(\)"),
+], ids=["hidden_layers_negative", "hidden_layers_float", "hidden_layers_bool", "unknown_activation",
+        "unsupported_module", "module_class"])
+def test_feedback_mlp_refuses_bad_arguments(kwargs, exc, says):
+    with pytest.raises(exc, match=says):
+        fbfast.FeedbackMLP(4, 3, 2, **kwargs)
+
+
+def test_rollout_takes_the_activation_as_a_name_or_a_module():
+    g = torch.Generator().manual_seed(10)
+    x0 = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    params = [torch.randn(4, 2, generator=g, dtype=torch.float64), None,
+              torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64),
+              torch.randn(2, 4, generator=g, dtype=torch.float64), None]
+
+    def run(activation):
+        return fbfast.rollout(x0, *params, steps=5, activation=activation, backend="eager")
+
+    torch.testing.assert_close(run("leaky_relu"), run(nn.LeakyReLU()), rtol=0, atol=0)
+    torch.testing.assert_close(run("gelu_tanh"), run(nn.GELU(approximate="tanh")), rtol=0, atol=0)
+    assert not torch.allclose(run(nn.LeakyReLU(0.2)), run("leaky_relu"))
+    assert not torch.allclose(run("gelu"), run("gelu_tanh"))
+    assert not torch.allclose(run("relu"), run("leaky_relu"))
+
+
+def test_compile_backend_for_a_deeper_network():
+    """Three layers, gelu_tanh, one bias missing; and the cache keys everything the unrolled
+    graph depends on: another activation parameter compiles another graph."""
+    from fbfast import functional
+    d = torch.float64
+
+    def inputs():
+        g = torch.Generator().manual_seed(11)
+        shapes = [(2, 3, 2), (4, 3, 2), (5, 4), (5,), (3, 5), None, (2, 3), (2,)]
+        return [None if s is None else torch.randn(*s, generator=g, dtype=d).requires_grad_(True) for s in shapes]
+
+    grad_y = torch.randn(4, 3, 2, dtype=d, generator=torch.Generator().manual_seed(12))
+    results = []
+    for backend in ("compile", "eager"):
+        x0, u, *params = ins = inputs()
+        y = fbfast.rollout(x0, *params, u=u, delay=2, truncate=3, activation="gelu_tanh", backend=backend)
+        present = [t for t in ins if t is not None]
+        results.append((y, torch.autograd.grad(y, present, grad_y)))
+    (yc, gc), (ye, ge) = results
+    assert _grad_fn_name(yc) != "StackBackward0"  # it really ran something else than eager
+    torch.testing.assert_close(yc, ye)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+    x0, u, *params = [None if t is None else t.detach() for t in inputs()]
+    before = len(functional._COMPILED)
+    for slope in (0.1, 0.1, 0.3):
+        y = fbfast.rollout(x0, *params, u=u, delay=2, activation=nn.LeakyReLU(slope), backend="compile")
+        want = fbfast.rollout(x0, *params, u=u, delay=2, activation=nn.LeakyReLU(slope), backend="eager")
+        torch.testing.assert_close(y, want)
+    assert len(functional._COMPILED) == before + 2
+
+
+def test_rollout_reference_takes_version_1_positional_form_and_keywords():
+    g = torch.Generator().manual_seed(13)
+    d = torch.float64
+    x0, u = torch.randn(2, 3, 2, generator=g, dtype=d), torch.randn(5, 3, 3, generator=g, dtype=d)
+    w1, b1 = torch.randn(4, 5, generator=g, dtype=d), torch.randn(4, generator=g, dtype=d)
+    w2, b2 = torch.randn(2, 4, generator=g, dtype=d), torch.randn(2, generator=g, dtype=d)
+    keyword = fbfast.rollout_reference(x0, w1, b1, w2, b2, steps=5, u=u, delay=2, truncate=2)
+    for positional in (fbfast.rollout_reference(x0, w1, b1, w2, b2, 5, u, 2, 2),
+                       fbfast.rollout_reference(x0, w1, b1, w2, b2, 5, u, delay=2, truncate=2),
+                       fbfast.rollout_reference(x0, w1, b1, w2, b2, u=u, delay=2, truncate=2)):
+        torch.testing.assert_close(positional, keyword, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"rollout_reference: got delay both positionally .* and as a keyword"):
+        fbfast.rollout_reference(x0, w1, b1, w2, b2, 5, u, 2, delay=3)
+    with pytest.raises(TypeError, match=r"at most steps, u, delay, truncate; got 5 arguments from steps=5"):
+        fbfast.rollout_reference(x0, w1, b1, w2, b2, 5, u, 2, 2, 1)
+    with pytest.raises(ValueError, match=r"^fbfast\.rollout_reference: u has batch size 3"):
+        fbfast.rollout_reference(x0[:, :2], w1, b1, w2, b2, 5, u, 2)
+
+
+def test_rollout_refuses_positional_steps_with_a_hint():
+    x0, w1, _, w2, _ = _small_case()
+    with pytest.raises(TypeError, match=r"w3 must be a Tensor, got int .*keyword arguments: steps="):
+        fbfast.rollout(x0, w1, None, w2, None, 4)
+
+
+# --- fbfast.testing, the package's test helpers --------------------------------------------------
+
+
+def test_make_problem_keeps_two_layer_draws_and_names_layers():
+    import dataclasses
+
+    from fbfast.testing import make_problem
+    p = make_problem(3, 2, 4, 5, 6, delay=2, seed=3)
+    # The draws of the generator version 1's tests were written against, in its order.
+    g = torch.Generator().manual_seed(3)
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    want = [rnd(2, 3, 4), rnd(6, 3, 2), rnd(5, 6) * (0.9 / 6 ** 0.5), rnd(5) * 0.1, rnd(4, 5) * (0.9 / 5 ** 0.5),
+            rnd(4) * 0.1]
+    got = [p.x0, p.u, p.w1, p.b1, p.w2, p.b2]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert p.names == ["x0", "u", "w1", "b1", "w2", "b2"] and p.params == [p.w1, p.b1, p.w2, p.b2]
+    with pytest.raises(AttributeError, match=r"2 layers: no attribute 'w3'"):
+        p.w3
+    q = dataclasses.replace(p, w1=p.w1.detach() * 2, x0=p.x0.detach())
+    assert torch.equal(q.w1, p.w1.detach() * 2) and q.w2 is p.w2 and p.w1.requires_grad
+    q.b2 = None  # assigning a layer's tensor changes what the problem runs
+    assert q.biases[1] is None and q.params[3] is None and "b2" not in q.names
+    torch.testing.assert_close(q.run("eager"), fbfast.rollout(q.x0, q.w1, q.b1, q.w2, None, u=q.u, delay=2,
+                                                              backend="eager"), rtol=0, atol=0)
+    deep = make_problem(2, 0, 3, 99, 4, layers=(7, 5), bias=(True, False, True), activation="mish")
+    assert [tuple(w.shape) for w in deep.weights] == [(7, 3), (5, 7), (3, 5)] and deep.b2 is None
+    assert deep.names == ["x0", "w1", "b1", "w2", "w3", "b3"]
+    torch.testing.assert_close(deep.run("eager"), deep.reference(), rtol=0, atol=0)
+
+
+def test_layers_may_be_named_as_version_1_allowed():
+    x0, w1, _, w2, _ = _small_case(torch.float64, requires_grad=False)
+    b2 = torch.randn(2, dtype=torch.float64)
+    want = fbfast.rollout(x0, w1, None, w2, b2, steps=3, backend="eager")
+    for got in (fbfast.rollout(x0, w1=w1, w2=w2, b2=b2, steps=3, backend="eager"),
+                fbfast.rollout_reference(x0, w1=w1, w2=w2, b2=b2, steps=3)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'trunate'"):
+        fbfast.rollout(x0, w1, None, w2, None, steps=3, trunate=2)
+    with pytest.raises(TypeError, match=r"got w1, w3 as keywords but not w2"):
+        fbfast.rollout(x0, w1=w1, w3=w2, steps=3)
+    with pytest.raises(TypeError, match=r"both positionally and as keywords \(w2\)"):
+        fbfast.rollout(x0, w1, None, w2=w2, steps=3)

@@ -154,9 +154,10 @@ def test_opcheck_hidden_variants(args):
     torch.library.opcheck(torch.ops.fbfast.rollout_forward_hidden.default, (x0, u, w, b, steps, delay, act, param))
     y, hidden = torch.ops.fbfast.rollout_forward_hidden.default(x0, u, w, b, steps, delay, act, param)
     assert len(hidden) == len(w) - 1
+    # The same ATen calls, writing into buffers of another alignment: MKL may round differently.
     with fbfast.kernel_options(cpu_path="blas"):
         torch.testing.assert_close(y, torch.ops.fbfast.rollout_forward.default(x0, u, w, b, steps, delay, 0, act, param),
-                                   rtol=0, atol=0)
+                                   rtol=1e-5, atol=1e-6)
     gy = torch.randn_like(y)
     args_b = (gy, y, hidden, x0, u, w, b, delay, truncate, act, param, _mask(u, w, b))
     torch.library.opcheck(torch.ops.fbfast.rollout_backward_hidden.default, args_b)

@@ -1,10 +1,11 @@
 """Property tests: the compiled "cpp" backend equals the reference on random problems.
 
-Hypothesis draws B, Du, O, H, T, delay, truncate, which biases exist, which inputs require grad,
-the memory layout of every tensor (contiguous, transposed, strided slice, stride-0 expansion),
-float32/float64, and the kernel variant (cpu_path tile/blas/auto x cpu_isa
+Hypothesis draws B, Du, O, the depth (1 to 4 layers) and every hidden width, T, delay, truncate,
+which biases exist, the activation (leaky_relu's slope and elu's alpha too), which inputs
+require grad, the memory layout of every tensor (contiguous, transposed, strided slice, stride-0
+expansion), float32/float64, and the kernel variant (cpu_path tile/blas/auto x cpu_isa
 base/avx2/auto, read per call by the C++ host). Y and every requested gradient must match
-``fbfast.rollout_reference`` within the tolerances of tests/testing.py.
+``fbfast.rollout_reference`` within the tolerances of fbfast/testing.py.
 
 `make test` runs a fixed (derandomized) set of examples; `make test-long` (``-m slow``) runs many
 more with fresh random draws.
@@ -13,28 +14,36 @@ more with fresh random draws.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fbfast
-from testing import CPP, TOLERANCES, assert_close, cpu_variant, grads
+from fbfast._spec import ACTIVATIONS, NAMES as ACTIVATION_NAMES, ResolvedActivation
+from testing import CPP, CPP_REASON, TOLERANCES, assert_close, cpu_variant, grads
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not CPP, reason="the C++ kernel is not built")
+pytestmark = pytest.mark.skipif(not CPP, reason=CPP_REASON)
 
-NAMES = ("x0", "u", "w1", "b1", "w2", "b2")
 LAYOUTS = ("contiguous", "transposed", "strided", "expanded")
-# float32 only: examples whose float64 pre-activations come closer than this to ReLU's kink are
-# skipped. There the float32 rounding of the kernel and of the float32 reference may fall on
-# opposite sides of 0, a legitimate difference of a whole hidden unit's gradient.
+# Parameters drawn for the activations that take one: the default, and others of both signs.
+PARAMS = {"leaky_relu": (0.01, 0.2, -0.5), "elu": (1.0, 0.5, 2.0)}
+# Activations with a kink at 0: relu and leaky_relu change slope there, elu does too unless
+# alpha is 1. float32 only: examples whose float64 pre-activations come closer than this to a
+# kink are skipped. There the float32 rounding of the kernel and of the float32 reference may
+# fall on opposite sides of 0, a legitimate difference of a whole hidden unit's gradient.
+KINKED = ("relu", "leaky_relu", "elu")
 KINK_MARGIN_F32 = 2e-5
+
+
+def layer_names(layers: int) -> List[str]:
+    return ["x0", "u"] + [f"{k}{l + 1}" for l in range(layers) for k in "wb"]
 
 
 @dataclass
@@ -42,31 +51,48 @@ class Drawn:
     B: int
     Du: int
     O: int
-    H: int
     T: int
     delay: int
     truncate: Optional[int]
-    bias1: bool
-    bias2: bool
     dtype: torch.dtype
-    layouts: Dict[str, str]
-    wants_grad: Dict[str, bool]
     path: str
     isa: str
     seed: int
+    widths: Tuple[int, ...] = (5,)  # hidden widths: L - 1 of them
+    biases: Tuple[bool, ...] = (True, True)  # one per layer
+    activation: str = "relu"
+    param: float = 0.0
+    layouts: Dict[str, str] = field(default_factory=dict)  # name -> layout; contiguous when absent
+    wants_grad: Dict[str, bool] = field(default_factory=dict)  # name -> requires grad; True when absent
+
+    @property
+    def layers(self) -> int:
+        return len(self.widths) + 1
+
+    @property
+    def names(self) -> List[str]:
+        return layer_names(self.layers)
+
+    def act(self) -> ResolvedActivation:
+        return ResolvedActivation(self.activation, self.param)
 
 
 @st.composite
 def problems(draw) -> Drawn:
+    layers = draw(st.integers(1, 4))
+    activation = draw(st.sampled_from(ACTIVATION_NAMES))
+    names = layer_names(layers)
     return Drawn(
         B=draw(st.integers(0, 20)), Du=draw(st.integers(0, 40)), O=draw(st.integers(1, 40)),
-        H=draw(st.integers(0, 40)), T=draw(st.integers(0, 12)), delay=draw(st.integers(1, 4)),
-        truncate=draw(st.none() | st.integers(1, 6)), bias1=draw(st.booleans()), bias2=draw(st.booleans()),
+        T=draw(st.integers(0, 12)), delay=draw(st.integers(1, 4)), truncate=draw(st.none() | st.integers(1, 6)),
         dtype=draw(st.sampled_from([torch.float64, torch.float32])),
-        layouts={n: draw(st.sampled_from(LAYOUTS)) for n in NAMES},
-        wants_grad={n: draw(st.booleans()) for n in NAMES},
         path=draw(st.sampled_from(["auto", "tile", "blas"])), isa=draw(st.sampled_from(["auto", "avx2", "base"])),
-        seed=draw(st.integers(0, 2**31 - 1)))
+        seed=draw(st.integers(0, 2**31 - 1)),
+        widths=tuple(draw(st.integers(0, 40)) for _ in range(layers - 1)),
+        biases=tuple(draw(st.booleans()) for _ in range(layers)),
+        activation=activation, param=draw(st.sampled_from(PARAMS.get(activation, (0.0,)))),
+        layouts={n: draw(st.sampled_from(LAYOUTS)) for n in names},
+        wants_grad={n: draw(st.booleans()) for n in names})
 
 
 def _laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:
@@ -83,48 +109,57 @@ def _laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def build(d: Drawn):
-    """The problem's inputs, as leaves with the drawn layouts (None for absent ones)."""
+    """The problem's inputs by name (x0, u, w1, b1, ...), as leaves with the drawn layouts
+    (None for absent ones)."""
     g = torch.Generator().manual_seed(d.seed)
 
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
 
-    values = {
-        "x0": rnd(d.delay, d.B, d.O),
-        "u": rnd(d.T, d.B, d.Du) if d.Du else None,
-        "w1": rnd(d.H, d.Du + d.O, scale=0.9 / max(1, d.Du + d.O) ** 0.5),
-        "b1": rnd(d.H, scale=0.1) if d.bias1 else None,
-        "w2": rnd(d.O, d.H, scale=0.9 / max(1, d.H) ** 0.5),
-        "b2": rnd(d.O, scale=0.1) if d.bias2 else None,
-    }
+    sizes = [d.Du + d.O, *d.widths, d.O]
+    values = {"x0": rnd(d.delay, d.B, d.O), "u": rnd(d.T, d.B, d.Du) if d.Du else None}
+    for l in range(d.layers):
+        values[f"w{l + 1}"] = rnd(sizes[l + 1], sizes[l], scale=0.9 / max(1, sizes[l]) ** 0.5)
+        values[f"b{l + 1}"] = rnd(sizes[l + 1], scale=0.1) if d.biases[l] else None
     out = {}
     for name, v in values.items():
         if v is None:
             out[name] = None
             continue
-        t = _laid_out(v.to(d.dtype), d.layouts[name])
-        out[name] = t.requires_grad_(d.wants_grad[name])  # stays a leaf, keeps its strides
+        t = _laid_out(v.to(d.dtype), d.layouts.get(name, "contiguous"))
+        out[name] = t.requires_grad_(d.wants_grad.get(name, True))  # stays a leaf, keeps its strides
     # delay == 1 also exercises the (B, O) form of x0
-    if d.delay == 1 and d.layouts["x0"] != "expanded":
-        out["x0"] = out["x0"].detach()[0].requires_grad_(d.wants_grad["x0"])
+    if d.delay == 1 and d.layouts.get("x0") != "expanded":
+        out["x0"] = out["x0"].detach()[0].requires_grad_(d.wants_grad.get("x0", True))
     return out
 
 
+def _params(ins, layers: int) -> list:
+    return [ins[f"{k}{l + 1}"] for l in range(layers) for k in "wb"]
+
+
 def _min_abs_preactivation(ins, d: Drawn) -> float:
-    """min |z_t| over all steps, units and rows, computed in float64 (inf when there is none)."""
-    x0 = ins["x0"].detach().double()
+    """min |z| over every hidden layer's pre-activations of all steps, units and rows, computed
+    in float64 (inf when there is none)."""
+    def f64(t):
+        return None if t is None else t.detach().double()
+
+    x0 = f64(ins["x0"])
     x0 = x0.unsqueeze(0) if x0.dim() == 2 else x0
-    w1, w2 = ins["w1"].detach().double(), ins["w2"].detach().double()
-    b1 = None if ins["b1"] is None else ins["b1"].detach().double()
-    b2 = None if ins["b2"] is None else ins["b2"].detach().double()
-    u = None if ins["u"] is None else ins["u"].detach().double()
+    u = f64(ins["u"])
+    params = [f64(t) for t in _params(ins, d.layers)]
+    act = d.act().fn
     ys, smallest = [], float("inf")
     for t in range(d.T):
-        x = x0[t] if t < d.delay else ys[t - d.delay]
-        z = F.linear(x if u is None else torch.cat([u[t], x], -1), w1, b1)
-        if z.numel():
-            smallest = min(smallest, z.abs().min().item())
-        ys.append(F.linear(F.relu(z), w2, b2))
+        h = x0[t] if t < d.delay else ys[t - d.delay]
+        h = h if u is None else torch.cat([u[t], h], -1)
+        for l in range(d.layers):
+            h = F.linear(h, params[2 * l], params[2 * l + 1])
+            if l < d.layers - 1:
+                if h.numel():
+                    smallest = min(smallest, h.abs().min().item())
+                h = act(h)
+        ys.append(h)
     return smallest
 
 
@@ -144,16 +179,17 @@ def kernel_variant(path: str, isa: str):
 
 def check_cpp_equals_reference(d: Drawn) -> None:
     ins = build(d)
-    if d.dtype == torch.float32:
+    if d.dtype == torch.float32 and d.activation in KINKED:
         assume(_min_abs_preactivation(ins, d) > KINK_MARGIN_F32)
-    kw = dict(steps=d.T, u=ins["u"], delay=d.delay, truncate=d.truncate)
-    args = (ins["x0"], ins["w1"], ins["b1"], ins["w2"], ins["b2"])
+    activation = ACTIVATIONS[d.activation].make_module(d.param)
+    kw = dict(steps=d.T, u=ins["u"], delay=d.delay, truncate=d.truncate, activation=activation)
+    args = (ins["x0"], *_params(ins, d.layers))
     with kernel_variant(d.path, d.isa):
         y = fbfast.rollout(*args, backend="cpp", **kw)
     y_ref = fbfast.rollout(*args, backend="eager", **kw)
     assert y.shape == y_ref.shape == (d.T, d.B, d.O) and y.dtype == d.dtype
     assert_close(y, y_ref, d.dtype, "out", f"Y {d}")
-    wanted = [(n, ins[n]) for n in NAMES if ins[n] is not None and ins[n].requires_grad]
+    wanted = [(n, ins[n]) for n in d.names if ins[n] is not None and ins[n].requires_grad]
     if not wanted:
         assert not y.requires_grad
         return
@@ -193,9 +229,8 @@ def test_layouts_are_what_they_claim():
 
 def test_check_detects_a_wrong_kernel(monkeypatch):
     # If "cpp" returned the reference plus a tiny error, the property would catch it.
-    d = Drawn(B=3, Du=2, O=4, H=5, T=4, delay=2, truncate=None, bias1=True, bias2=True, dtype=torch.float64,
-              layouts={n: "contiguous" for n in NAMES}, wants_grad={n: True for n in NAMES},
-              path="auto", isa="auto", seed=0)
+    d = Drawn(B=3, Du=2, O=4, T=4, delay=2, truncate=None, dtype=torch.float64, path="auto", isa="auto", seed=0,
+              widths=(5, 6), biases=(True, False, True), activation="elu", param=0.5)
     check_cpp_equals_reference(d)
     real = fbfast.rollout
     tol = TOLERANCES[torch.float64]["out"][1]

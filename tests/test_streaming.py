@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import fbfast
 
@@ -26,16 +27,24 @@ def example():
     return load_example("streaming")
 
 
+# (layers, activation): version 1's network, one layer, and deeper ones with other activations.
+NETWORKS = {"2-relu": (2, "relu"), "1-linear": (1, "relu"), "3-gelu": (3, "gelu"), "4-elu0.5": (4, nn.ELU(0.5))}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("network", list(NETWORKS))
 @pytest.mark.parametrize("delay", [1, 2, 3])
 @pytest.mark.parametrize("Du", [0, 3])
-def test_chunked_rollouts_continue_one_long_rollout(backend, delay, Du):
-    p = make_problem(B=4, Du=Du, O=3, H=7, T=23, delay=delay, requires_grad=False)
+def test_chunked_rollouts_continue_one_long_rollout(backend, network, delay, Du):
+    layers, activation = NETWORKS[network]
+    p = make_problem(B=4, Du=Du, O=3, H=7, T=23, delay=delay, requires_grad=False, layers=layers,
+                     activation=activation)
     long = p.run(backend)
     pieces, x0 = [], p.x0
     for start, stop in ((0, 5), (5, 6), (6, 15), (15, 23)):  # chunks shorter and longer than delay
         u = None if p.u is None else p.u[start:stop]
-        y = fbfast.rollout(x0, p.w1, p.b1, p.w2, p.b2, steps=stop - start, u=u, delay=delay, backend=backend)
+        y = fbfast.rollout(x0, *p.params, steps=stop - start, u=u, delay=delay, activation=activation,
+                           backend=backend)
         pieces.append(y)
         x0 = y[-delay:] if stop - start >= delay else torch.cat([x0, y])[-delay:]
     torch.testing.assert_close(torch.cat(pieces), long, rtol=1e-12, atol=1e-12)

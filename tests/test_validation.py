@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 import fbfast
 
@@ -38,10 +39,44 @@ def good(dtype=F64, **over):
     return kw
 
 
+def deep(dtype=F64, **over):
+    """A valid three-layer call: w1 (H, Du + O), w2 (H, H), w3 (O, H), tanh, given as
+    ``params`` (the positional layers), with ``over`` replacing w1 .. b3 or any keyword."""
+    g = torch.Generator().manual_seed(1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=F64).to(dtype)
+
+    layers = dict(w1=rnd(H, DU + O), b1=rnd(H), w2=rnd(H, H), b2=rnd(H), w3=rnd(O, H), b3=rnd(O))
+    kw = dict(x0=rnd(B, O), u=rnd(T, B, DU), steps=None, delay=1, truncate=None, activation="tanh")
+    for name, value in over.items():
+        (layers if name in layers else kw)[name] = value
+    kw["params"] = [layers[n] for n in ("w1", "b1", "w2", "b2", "w3", "b3")]
+    return kw
+
+
+def layered(params, **over):
+    """`good`'s call with the layers replaced by ``params(good's kwargs)``, positional after x0."""
+    kw = good(**over)
+    kw["params"] = params(kw)
+    for name in ("w1", "b1", "w2", "b2"):
+        del kw[name]
+    return kw
+
+
 def call(kw, backend):
+    """fbfast.rollout on `good`'s or `deep`'s kwargs: w1 .. b2, or ``params`` for any layers."""
     kw = dict(kw)
-    return fbfast.rollout(kw.pop("x0"), kw.pop("w1"), kw.pop("b1"), kw.pop("w2"), kw.pop("b2"),
-                          backend=backend, **kw)
+    if "params" in kw:
+        params = kw.pop("params")
+    else:
+        params = [kw.pop(n) for n in ("w1", "b1", "w2", "b2")]
+    return fbfast.rollout(kw.pop("x0"), *params, backend=backend, **kw)
+
+
+class _ReLUOverridden(nn.ReLU):
+    def forward(self, x):
+        return x.clamp(min=-1)
 
 
 def _seed_case():
@@ -168,6 +203,86 @@ BAD = {
     "w1_on_other_device": (
         lambda: good(w1=torch.empty(H, DU + O, dtype=F64, device="meta")),
         ValueError, [r"\bw1\b", r"\bmeta\b", r"\bcpu\b"]),
+    # layers: count, ranks, chaining, biases (docs/spec.md §4)
+    "odd_number_of_params": (
+        lambda: layered(lambda g: [g["w1"], None, g["w2"]]),
+        TypeError, [r"\bb2\b", r"3 weight/bias arguments", r"odd number", r"\bw2\b"]),
+    "no_layers": (
+        lambda: layered(lambda g: []),
+        TypeError, [r"\bw1\b", r"at least one layer", r"got none"]),
+    "w3_not_2d": (
+        lambda: deep(w3=torch.randn(O, H, 1, dtype=F64)),
+        ValueError, [r"\bw3\b", r"2-D", r"\(2, 5, 1\)"]),
+    "w3_1d": (
+        lambda: deep(w3=torch.randn(O * H, dtype=F64)),
+        ValueError, [r"\bw3\b", r"2-D", r"\(10,\)"]),
+    "layers_do_not_chain_w2_w3": (
+        lambda: deep(w3=torch.randn(O, H + 1, dtype=F64)),
+        ValueError, [r"\bw3\b", r"do not chain", r"\(2, 6\)", r"H = 6", r"\bw2\b", r"\(5, 5\)"]),
+    "layers_do_not_chain_w1_w2": (
+        lambda: deep(w2=torch.randn(H, H + 2, dtype=F64)),
+        ValueError, [r"\bw2\b", r"do not chain", r"\(5, 7\)", r"\bw1\b", r"\(5, 5\)"]),
+    "b3_wrong_length": (
+        lambda: deep(b3=torch.randn(O + 1, dtype=F64)),
+        ValueError, [r"\bb3\b", r"\(2,\)", r"got \(3,\)", r"\bw3\b"]),
+    "b2_hidden_wrong_length": (
+        lambda: deep(b2=torch.randn(O, dtype=F64)),
+        ValueError, [r"\bb2\b", r"\(5,\)", r"got \(2,\)"]),
+    "w3_rows_not_x0_features": (
+        lambda: deep(w3=torch.randn(O + 1, H, dtype=F64), b3=None),
+        ValueError, [r"\bx0\b", r"O = 3", r"\bw3\b", r"\(3, 5\)"]),
+    "w1_columns_deep": (
+        lambda: deep(w1=torch.randn(H, DU + O + 1, dtype=F64)),
+        ValueError, [r"\bw1\b", r"6 input columns", r"Du \+ O = 5"]),
+    "w3_none": (
+        lambda: deep(w3=None),
+        TypeError, [r"\bw3\b", r"None"]),
+    "b3_list": (
+        lambda: deep(b3=[0.0, 0.0]),
+        TypeError, [r"\bb3\b", r"\blist\b"]),
+    "steps_positional_after_the_layers": (
+        lambda: layered(lambda g: [g["w1"], None, g["w2"], None, 6]),
+        TypeError, [r"\bw3\b", r"\bint\b", r"steps="]),
+    "mixed_w3_float32": (
+        lambda: deep(w3=torch.randn(O, H, dtype=F32)),
+        TypeError, [r"\bw3\b", r"torch\.float32", r"torch\.float64"]),
+    "b3_on_other_device": (
+        lambda: deep(b3=torch.empty(O, dtype=F64, device="meta")),
+        ValueError, [r"\bb3\b", r"\bmeta\b", r"\bcpu\b"]),
+    # activation (docs/spec.md §1.1)
+    "activation_unknown_name": (
+        lambda: good(activation="swish"),
+        ValueError, [r"\bactivation\b", r"'swish'", r"'relu'", r"'gelu_tanh'", r"'mish'", r"nn\.LeakyReLU"]),
+    "activation_wrong_case": (
+        lambda: good(activation="ReLU"),
+        ValueError, [r"\bactivation\b", r"'ReLU'", r"lower case: 'relu'"]),
+    "activation_unsupported_module": (
+        lambda: deep(activation=nn.Softplus()),
+        TypeError, [r"\bactivation\b", r"Softplus", r"'silu'", r"nn\.GELU\(approximate='tanh'\)"]),
+    "activation_module_class": (
+        lambda: good(activation=nn.ReLU),
+        TypeError, [r"\bactivation\b", r"class ReLU", r"nn\.ReLU\(\)"]),
+    "activation_int": (
+        lambda: good(activation=3),
+        TypeError, [r"\bactivation\b", r"\bint\b", r"'relu'"]),
+    "activation_none": (
+        lambda: good(activation=None),
+        TypeError, [r"\bactivation\b", r"NoneType"]),
+    "activation_param_str": (
+        lambda: good(activation=nn.LeakyReLU("0.2")),
+        TypeError, [r"\bactivation\b", r"negative_slope", r"\bstr\b", r"'0\.2'", r"real number"]),
+    "activation_param_bool": (
+        lambda: deep(activation=nn.ELU(alpha=True)),
+        TypeError, [r"\bactivation\b", r"\balpha\b", r"\bbool\b"]),
+    "activation_param_tensor": (
+        lambda: good(activation=nn.LeakyReLU(torch.tensor(0.2))),
+        TypeError, [r"\bactivation\b", r"negative_slope", r"Tensor"]),
+    "activation_gelu_unknown_approximate": (
+        lambda: good(activation=nn.GELU(approximate="fast")),
+        ValueError, [r"\bactivation\b", r"approximate='fast'", r"'tanh'"]),
+    "activation_subclass_overrides_forward": (
+        lambda: good(activation=_ReLUOverridden()),
+        TypeError, [r"\bactivation\b", r"_ReLUOverridden", r"overrides forward", r"'relu'"]),
 }
 
 
@@ -210,15 +325,22 @@ def test_steps_agreeing_with_u_is_fine():
 # --- valid but unusual inputs: non-contiguous and zero-size --------------------------------------
 
 
+def _params(kw):
+    return kw["params"] if "params" in kw else [kw[n] for n in ("w1", "b1", "w2", "b2")]
+
+
 def _as_inputs(kw):
-    return {n: kw[n] for n in NAMES}
+    """name -> tensor or None: x0, u, w1, b1, ..., wL, bL."""
+    params = _params(kw)
+    names = [f"{k}{l + 1}" for l in range(len(params) // 2) for k in "wb"]
+    return dict(x0=kw["x0"], u=kw["u"], **dict(zip(names, params)))
 
 
 def _reference(kw):
     x0 = kw["x0"] if kw["x0"].dim() == 3 else kw["x0"].unsqueeze(0)
     steps = kw["steps"] if kw["steps"] is not None else kw["u"].shape[0]
-    return fbfast.rollout_reference(x0, kw["w1"], kw["b1"], kw["w2"], kw["b2"], steps, kw["u"],
-                                    kw["delay"], kw["truncate"])
+    return fbfast.rollout_reference(x0, *_params(kw), steps=steps, u=kw["u"], delay=kw["delay"],
+                                    truncate=kw["truncate"], activation=kw.get("activation", "relu"))
 
 
 def _grads(y, kw, grad_y):
@@ -240,7 +362,7 @@ def _check_against_reference(kw, backend):
     got, ref = _grads(y, kw, grad_y), _grads(want, kw, grad_y)
     assert got.keys() == ref.keys()
     for name in ref:
-        assert got[name].shape == kw[name].shape, name
+        assert got[name].shape == _as_inputs(kw)[name].shape, name
         torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-11,
                                    msg=lambda m: f"d{name}: {m}")
     return y, got
@@ -326,3 +448,70 @@ def test_zero_size_inputs(case, backend):
     if steps < delay:
         # Rows of x0 that no step reads get zero gradient.
         assert got["x0"][steps:].abs().sum() == 0
+
+
+# --- the same for deeper networks ----------------------------------------------------------------
+
+
+def _deep_layout(delay, activation, seed=3):
+    """Three layers (H, H-1 wide), every tensor non-contiguous: transposed weights, strided
+    biases and x0, u expanded along T (stride 0) and x0 along B."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return torch.randn(*shape, generator=g, dtype=F64) * s
+
+    w1 = rnd(DU + O, H, s=0.6).t()
+    w2 = rnd(H, H - 1, s=0.5).t()
+    w3 = rnd(H - 1, O, s=0.5).t()
+    b1, b2, b3 = rnd(2 * H)[::2], rnd(2 * (H - 1))[::2], rnd(3 * O)[::3]
+    x0 = rnd(delay, 1, O).expand(delay, B, O)
+    u = rnd(1, B, DU).expand(T, B, DU)
+    tensors = dict(w1=w1, b1=b1, w2=w2, b2=b2, w3=w3, b3=b3)
+    assert not any(t.is_contiguous() for t in [x0, u, *tensors.values()])
+    return dict(x0=_leaf(x0), u=_leaf(u), params=[_leaf(t) for t in tensors.values()], steps=None, delay=delay,
+                truncate=2, activation=activation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["gelu", nn.LeakyReLU(0.2), "sigmoid"], ids=["gelu", "leaky0.2", "sigmoid"])
+@pytest.mark.parametrize("delay", [1, 2])
+def test_noncontiguous_and_expanded_inputs_deep(backend, activation, delay):
+    kw = _deep_layout(delay, activation)
+    assert kw["x0"].stride(1) == 0 and kw["u"].stride(0) == 0
+    _check_against_reference(kw, backend)
+    contiguous = dict(kw, x0=_leaf(kw["x0"].contiguous()), u=_leaf(kw["u"].contiguous()),
+                      params=[_leaf(t.contiguous()) for t in kw["params"]])
+    torch.testing.assert_close(call(kw, backend), call(contiguous, backend), rtol=1e-12, atol=1e-12)
+
+
+DEEP_ZERO_SIZE = {
+    # id: (batch, steps, hidden widths, with_u)
+    "B0": (0, T, (H, 3), True),
+    "steps0": (B, 0, (H, 3), False),
+    "middle_width0": (B, T, (H, 0), True),
+    "first_width0": (B, T, (0, 3, 4), False),
+    "one_layer_B0": (0, T, (), True),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(DEEP_ZERO_SIZE), ids=list(DEEP_ZERO_SIZE))
+def test_zero_size_inputs_deep(case, backend):
+    batch, steps, widths, with_u = DEEP_ZERO_SIZE[case]
+    g = torch.Generator().manual_seed(4)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=F64).requires_grad_(True)
+
+    Du = DU if with_u else 0
+    sizes = [Du + O, *widths, O]
+    params = [t for l in range(len(sizes) - 1) for t in (rnd(sizes[l + 1], sizes[l]), rnd(sizes[l + 1]))]
+    kw = dict(x0=rnd(1, batch, O), u=rnd(steps, batch, Du) if with_u else None, params=params,
+              steps=None if with_u else steps, delay=1, truncate=None, activation="silu")
+    y, got = _check_against_reference(kw, backend)
+    assert y.shape == (steps, batch, O)
+    if 0 in widths and steps > 0 and batch > 0:
+        # A zero-width layer cuts the network: the output is what the layers after it make of
+        # nothing, and no layer before it gets a gradient.
+        assert got["w1"].abs().sum() == 0 and got["x0"].abs().sum() == 0
