@@ -17,7 +17,7 @@ TORCH_LIBRARY(fbfast, m) {
   // The network of docs/spec.md §1.1 as data: weights[l] is (out_l, in_l) in nn.Linear layout,
   // biases[l] is (out_l,) or None, for L >= 1 layers; in_0 = Du + O (columns [0, Du) read u_t,
   // the rest the fed-back x_t) and out_{L-1} = O. `activation` is one of the names of
-  // csrc/common/activation.h and `activation_param` its parameter (leaky_relu's negative slope,
+  // csrc/common/act_kind.h and `activation_param` its parameter (leaky_relu's negative slope,
   // elu's alpha; ignored by the others). x0: (delay, B, O); u: (T, B, Du) or None. truncate = 0
   // means full BPTT (the forward ignores it; it is in the schema so the autograd context has
   // it). steps is a SymInt so that torch.compile and torch.export trace one graph for every T
@@ -35,7 +35,7 @@ TORCH_LIBRARY(fbfast, m) {
       "(Tensor, Tensor, Tensor[], Tensor[])");
   // The same rollout keeping, for every hidden layer l < L - 1, what its backward reads: the
   // activations act(z_t) of every step, (T, B, out_l), or the pre-activations z_t for the
-  // activations whose derivative needs them (act_needs_z in csrc/common/activation.h). What
+  // activations whose derivative needs them (act_needs_z in csrc/common/act_kind.h). What
   // autograd uses on the CPU for wide layers, where recomputing them costs GEMMs per step
   // (csrc/cpu/path_rule.h). CPU and meta kernels only.
   m.def(

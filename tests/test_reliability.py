@@ -93,6 +93,59 @@ def test_nan_and_inf_propagate_as_in_the_reference(variant, dtype):
     assert checked == 36 and reached >= 30, (checked, reached)
 
 
+# Deeper networks with every activation: the activation passes of the tile kernels
+# (csrc/cpu/vec_math.h) and ATen's on the BLAS path must let NaN and infinities through exactly
+# as torch's activations do (silu(-inf) = nan, gelu(-inf) = nan, tanh(inf) = 1, ...).
+ACTIVATIONS = ("relu", "leaky_relu", "elu", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "mish")
+
+
+def _unless_torch_disagrees_with_itself(activation, dtype, a, b):
+    """The elements of a (fbfast) and b (the reference) to compare. Two of torch's CPU
+    activation kernels give different results at the same input depending on where an element
+    falls in the tensor (their vectorised body or their scalar tail), so there the reference
+    does not define one answer: ELU's gradient at z = nan (nan, or the gradient passed through)
+    and float32 GELU at z = +inf (nan, or +inf). fbfast's tile and BLAS paths give one of the two;
+    such elements are left out, everything else must match."""
+    if activation == "elu":
+        differ = a.isnan() ^ b.isnan()
+    elif activation == "gelu" and dtype == torch.float32:
+        differ = (a.isnan() & b.isinf()) | (a.isinf() & b.isnan())
+    else:
+        return a, b
+    return a[~differ], b[~differ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", [("tile", "auto"), ("tile", "base"), ("blas", "auto")], indirect=True,
+                         ids=_variant_id)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_and_inf_propagate_through_every_activation(activation, variant, dtype):
+    p = make_problem(5, 3, 4, 6, 5, delay=2, dtype=dtype, seed=2, layers=3, activation=activation)
+    checked = 0
+    for name, value, where in itertools.product(("x0", "u", "w2", "b3"), (float("nan"), float("inf"), -float("inf")),
+                                                ("one", "all")):
+        q = make_problem(5, 3, 4, 6, 5, delay=2, dtype=dtype, seed=2, layers=3, activation=activation)
+        with torch.no_grad():
+            target = getattr(q, name)
+            if where == "one":
+                target.view(-1)[1] = value
+            else:
+                target.fill_(value)
+        y, y_ref = q.run("cpp"), q.reference()
+        grad_y = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+        label = f"{activation}: {name}[{where}] = {value}"
+        pairs = [("Y", y, y_ref, "out")] + [
+            (f"d{n}", a, b, "grad")
+            for n, a, b in zip(q.names, grads(y, q.inputs(), grad_y), grads(y_ref, q.inputs(), grad_y))]
+        for what, a, b, kind in pairs:
+            a, b = _unless_torch_disagrees_with_itself(activation, dtype, a, b)
+            rtol, atol = TOLERANCES[dtype][kind]
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m: f"{label} {what}: {m}")
+        checked += 1
+    assert checked == 24 and p.layers == 3
+
+
 def _overflowing_problem(dtype, mixed_signs):
     """Activations grow ~1e11x (float32) or ~1e100x (float64) per step: step 0 is finite and step 1
     overflows to Inf product by product, so the result does not depend on summation order.
@@ -250,18 +303,19 @@ def test_leak_measure_sees_a_small_leak():
 
 # --- threads ---------------------------------------------------------------------------------
 
-THREAD_PROBLEMS = [  # (B, Du, O, H, delay, truncate, dtype): different shapes, modes and dtypes
-    (70, 3, 8, 24, 2, None, torch.float32),
-    (33, 0, 5, 17, 1, 3, torch.float64),
-    (150, 2, 4, 40, 3, 2, torch.float32),
-    (9, 5, 3, 7, 1, 1, torch.float64),
+THREAD_PROBLEMS = [  # (B, Du, O, H, delay, truncate, dtype, layers, activation): different shapes, modes,
+    (70, 3, 8, 24, 2, None, torch.float32, 2, "relu"),      # dtypes and networks
+    (33, 0, 5, 17, 1, 3, torch.float64, 3, "silu"),
+    (150, 2, 4, 40, 3, 2, torch.float32, 4, "gelu"),
+    (9, 5, 3, 7, 1, 1, torch.float64, 1, "relu"),
+    (40, 2, 6, 12, 1, None, torch.float32, 3, "tanh"),
 ]
 
 
 @pytest.mark.parametrize("cpu_path", PATHS, indirect=True)
 def test_four_threads_match_sequential_calls(cpu_path):
-    problems = [make_problem(B, Du, O, H, 10, delay=k, truncate=K, dtype=dt, seed=i)
-                for i, (B, Du, O, H, k, K, dt) in enumerate(THREAD_PROBLEMS)]
+    problems = [make_problem(B, Du, O, H, 10, delay=k, truncate=K, dtype=dt, seed=i, layers=L, activation=act)
+                for i, (B, Du, O, H, k, K, dt, L, act) in enumerate(THREAD_PROBLEMS)]
     grad_ys = [torch.randn(10, p.x0.shape[1], p.x0.shape[2], dtype=p.x0.dtype) for p in problems]
     sequential = [_results(p, gy) for p, gy in zip(problems, grad_ys)]
     concurrent = [[] for _ in problems]
@@ -286,17 +340,21 @@ def test_four_threads_match_sequential_calls(cpu_path):
     for i, runs in enumerate(concurrent):
         assert len(runs) == 8
         for run in runs:
-            for name, a, b in zip(("y",) + NAMES, sequential[i], run):
+            for name, a, b in zip(["y"] + problems[i].names, sequential[i], run):
                 assert torch.equal(a, b), f"problem {i}, {name}: a concurrent call differs from the sequential one"
 
 
+NETWORKS = [(2, "relu"), (3, "silu"), (4, "mish")]
+
+
+@pytest.mark.parametrize("layers,activation", NETWORKS, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cpu_path", PATHS, indirect=True)
-def test_thread_count_does_not_change_results(cpu_path, dtype):
+def test_thread_count_does_not_change_results(cpu_path, dtype, layers, activation):
     # The tile path sums weight gradients in a fixed order: bitwise equal for any thread count.
     # The BLAS path inherits MKL's GEMM blocking, which may depend on the thread count: equal
     # within the documented tolerance.
-    p = make_problem(150, 3, 8, 24, 12, delay=2, truncate=5, dtype=dtype)
+    p = make_problem(150, 3, 8, 24, 12, delay=2, truncate=5, dtype=dtype, layers=layers, activation=activation)
     grad_y = torch.randn(12, 150, 8, dtype=dtype)
     default = torch.get_num_threads()
     runs = {}
@@ -307,7 +365,7 @@ def test_thread_count_does_not_change_results(cpu_path, dtype):
     finally:
         torch.set_num_threads(default)
     for n, run in runs.items():
-        for name, a, b in zip(("y",) + NAMES, runs[1], run):
+        for name, a, b in zip(["y"] + p.names, runs[1], run):
             if cpu_path == "tile":
                 assert torch.equal(a, b), f"{name}: {n} threads differ bitwise from 1 thread"
             else:
@@ -317,15 +375,16 @@ def test_thread_count_does_not_change_results(cpu_path, dtype):
 # --- determinism -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("layers,activation", NETWORKS, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype,Du", [(torch.float64, 0), (torch.float32, 3)], ids=["float64-no_u", "float32-u"])
 @pytest.mark.parametrize("cpu_path", PATHS, indirect=True)
-def test_repeated_calls_are_bitwise_identical(cpu_path, dtype, Du):
+def test_repeated_calls_are_bitwise_identical(cpu_path, dtype, Du, layers, activation):
     # 150 rows: 10 backward tiles over 8 groups, so the group split is uneven.
-    p = make_problem(150, Du, 6, 20, 8, delay=3, truncate=4, dtype=dtype, seed=7)
+    p = make_problem(150, Du, 6, 20, 8, delay=3, truncate=4, dtype=dtype, seed=7, layers=layers, activation=activation)
     grad_y = torch.randn(8, 150, 6, dtype=dtype)
     first = _results(p, grad_y)
     for _ in range(2):
-        for name, a, b in zip(("y",) + NAMES, first, _results(p, grad_y)):
+        for name, a, b in zip(["y"] + p.names, first, _results(p, grad_y)):
             assert torch.equal(a, b), f"{name} changed between identical calls"
 
 

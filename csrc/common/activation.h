@@ -6,9 +6,11 @@
 // transcription of these formulas (csrc/cpu/vec_math.h), because their translation units may
 // include no library header.
 //
-// Every formula is the one ATen uses (aten/src/ATen/native/cpu/Activation.cpp and
-// UnaryOpsKernel.cpp in PyTorch), including which side of a kink z == 0 falls on and how NaN
-// and infinities pass, so that every backend matches the reference (fbfast/reference.py).
+// Every formula is the one ATen's elementwise CUDA kernels use (aten/src/ATen/native/cuda/
+// Activation*.cu in PyTorch), including which side of a kink z == 0 falls on and how NaN and
+// infinities pass, so that the CUDA kernels match the reference run on CUDA
+// (fbfast/reference.py). ATen's vectorised CPU kernels differ at NaN in one place, ELU's
+// gradient, which csrc/cpu/vec_math.h follows instead.
 //
 // No torch or CUDA header: this is read by host code, device code and the emulator alike.
 #pragma once

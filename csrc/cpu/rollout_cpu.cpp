@@ -240,7 +240,8 @@ Net make_net(const RolloutSizes& sizes, at::TensorList weights, const BiasList& 
 
 void check_dtype(const char* op, const at::Tensor& x0) {
   const auto dtype = x0.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": dtype must be float32 or float64, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": x0 has dtype ", dtype,
+              "; the CPU kernel takes float32 or float64 (all tensors share x0's dtype)");
   TORCH_CHECK(x0.device().is_cpu(), op, ": x0 must be a CPU tensor, got ", x0.device());
 }
 

@@ -1,12 +1,13 @@
 // The "tile" path of the CPU rollout: one batch tile (a few rows) runs all T steps with its
 // state in L1, using a register-blocked small GEMM written with GCC/Clang vector extensions.
 //
-// This header is compiled twice, once per instruction set (tile_kernels_avx2.cpp with
-// `#pragma GCC target("avx2,fma")`, tile_kernels_base.cpp for plain x86-64 / aarch64), each
-// time inside its own namespace FBFAST_ISA, and the host picks one at run time (CPUID). To keep
-// the two copies from mixing (an AVX2 instantiation of a shared inline function could be chosen
-// by the linker for the baseline path), it includes no C++ library header and no torch header:
-// only raw pointers and the C allocator.
+// This header is compiled once per instruction set (tile_kernels_avx512.cpp and
+// tile_kernels_avx2.cpp under a `#pragma GCC target`, tile_kernels_base.cpp for plain x86-64 /
+// aarch64), each time inside its own namespace FBFAST_ISA, and the host picks one at run time
+// (CPUID). To keep the copies from mixing (an AVX2 instantiation of a shared inline function
+// could be chosen by the linker for the baseline path), everything it includes is included by
+// each tile_kernels_<isa>.cpp before its pragma (the include guards then make the includes
+// below no-ops), and no torch header at all: only raw pointers and the C allocator.
 //
 // Layout conventions (all row-major; the row strides are set by the host, and every packed
 // buffer and workspace has one vector of slack after its last row, so a whole-vector load that
@@ -21,7 +22,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "../common/act_kind.h"
 #include "tile_params.h"
 
 #ifndef FBFAST_ISA
@@ -180,10 +180,11 @@ void layer_forward(const TileParams<T>& p, int64_t l, int64_t rows, const T* ut,
                    T* out, int64_t ldc) {
   const TileLayer<T>& ly = p.layers[l];
   if (l == 0) {
-    const GemmArgs g{rows, ly.out, p.du, p.o, p.du, 1, ly.ld_out, p.o, ly.ld_out, 0, ldc, false};
+    const GemmArgs g{.m = rows, .n = ly.out, .k = p.du, .k2 = p.o, .as0 = p.du, .as1 = 1, .ldb = ly.ld_out,
+                     .a2s0 = p.o, .ldb2 = ly.ld_out, .ldc = ldc};
     gemm<T, E>(g, ut, ly.wt, x, ly.wt + p.du * ly.ld_out, ly.b, nullptr, out);
   } else {
-    const GemmArgs g{rows, ly.out, ly.in, 0, ly.ld_in, 1, ly.ld_out, 0, ly.ld_out, 0, ldc, false};
+    const GemmArgs g{.m = rows, .n = ly.out, .k = ly.in, .as0 = ly.ld_in, .as1 = 1, .ldb = ly.ld_out, .ldc = ldc};
     gemm<T, E>(g, in, ly.wt, in, ly.wt, ly.b, nullptr, out);
   }
 }
@@ -279,7 +280,8 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
       const TileLayer<T>& ly = p.layers[l];
       const T* h_in = h_of(l - 1);  // the layer's input, (rows, ld_in)
       if (acc.w[l]) {  // dW_l += adj^T h_{l-1}
-        const GemmArgs gw{ly.out, ly.in, rows, 0, 1, adj_ld, ly.ld_in, 0, ly.ld_in, 0, ly.ld_in, true};
+        const GemmArgs gw{.m = ly.out, .n = ly.in, .k = rows, .as0 = 1, .as1 = adj_ld, .ldb = ly.ld_in, .ldc = ly.ld_in,
+                          .accumulate = true};
         gemm<T, Epilogue::kNone>(gw, adj, h_in, adj, h_in, nullptr, nullptr, acc.w[l]);
       }
       if (acc.b[l])
@@ -287,7 +289,8 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
           for (int64_t j = 0; j < ly.out; ++j) acc.b[l][j] += adj[i * adj_ld + j];
       // dz_{l-1} = (adj W_l) * act'(z_{l-1})
       T* dz = adj_buf[l % 2];
-      const GemmArgs gd{rows, ly.in, ly.out, 0, adj_ld, 1, ly.ld_in, 0, ly.ld_in, ly.ld_in, ly.ld_in, false};
+      const GemmArgs gd{.m = rows, .n = ly.in, .k = ly.out, .as0 = adj_ld, .as1 = 1, .ldb = ly.ld_in, .ldm = ly.ld_in,
+                        .ldc = ly.ld_in};
       if (relu) {
         gemm<T, Epilogue::kMaskByH>(gd, adj, ly.w, adj, ly.w, nullptr, h_in, dz);
       } else {
@@ -302,21 +305,21 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
     const int64_t n0 = first.out, ld0 = first.ld_out;
     if (acc.w[0]) {  // dW0^T += [u_t ; x_t]^T adj
       if (Du) {
-        const GemmArgs gu{Du, n0, rows, 0, 1, Du, adj_ld, 0, adj_ld, 0, ld0, true};
+        const GemmArgs gu{.m = Du, .n = n0, .k = rows, .as0 = 1, .as1 = Du, .ldb = adj_ld, .ldc = ld0, .accumulate = true};
         gemm<T, Epilogue::kNone>(gu, ut, adj, ut, adj, nullptr, nullptr, acc.w[0]);
       }
-      const GemmArgs gx{O, n0, rows, 0, 1, O, adj_ld, 0, adj_ld, 0, ld0, true};
+      const GemmArgs gx{.m = O, .n = n0, .k = rows, .as0 = 1, .as1 = O, .ldb = adj_ld, .ldc = ld0, .accumulate = true};
       gemm<T, Epilogue::kNone>(gx, x, adj, x, adj, nullptr, nullptr, acc.w[0] + Du * ld0);
     }
     if (acc.b[0])
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t j = 0; j < n0; ++j) acc.b[0][j] += adj[i * adj_ld + j];
     if (p.grad_u && Du) {  // du_t = adj W0u
-      const GemmArgs gu{rows, Du, n0, 0, adj_ld, 1, p.ld_du, 0, p.ld_du, 0, Du, false};
+      const GemmArgs gu{.m = rows, .n = Du, .k = n0, .as0 = adj_ld, .as1 = 1, .ldb = p.ld_du, .ldc = Du};
       gemm<T, Epilogue::kNone>(gu, adj, first.w, adj, first.w, nullptr, nullptr, p.grad_u + (t * B + r0) * Du);
     }
     // dx_t = adj W0x: to y_{t-k} unless the edge is cut (truncate), or to x0[t].
-    GemmArgs gx{rows, O, n0, 0, adj_ld, 1, op, 0, op, 0, op, false};
+    GemmArgs gx{.m = rows, .n = O, .k = n0, .as0 = adj_ld, .as1 = 1, .ldb = op, .ldc = op};
     if (t >= k) {
       if (p.truncate && t % p.truncate == 0)
         std::memset(slot, 0, sizeof(T) * rows * op);

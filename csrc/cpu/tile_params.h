@@ -4,6 +4,10 @@
 
 #include <cstdint>
 
+// Included here, before the instruction-set pragma of tile_kernels_<isa>.cpp, so that its inline
+// functions are compiled for the baseline ISA only (see tile_kernels.h).
+#include "../common/act_kind.h"
+
 namespace fbfast {
 namespace cpu {
 
@@ -14,7 +18,8 @@ namespace cpu {
 template <typename T>
 struct TileLayer {
   int64_t in, out;        // W is (out, in)
-  int64_t ld_in, ld_out;  // row strides of buffers with rows of `in` and of `out` elements
+  int64_t ld_in, ld_out;  // row strides of buffers with rows of `in` and of `out` elements (the
+                          // first layer's input is u and x, with strides ld_du and ld_o instead)
   const T* wt;  // (in, ld_out) = W^T, read by the forward; layer 0: the u rows, then the x rows
   const T* w;   // (out, ld_in) = W, read by the backward (g W); layer 0: the u columns only
   const T* wx;  // layer 0 only: (out, ld_o) = W[:, Du:], the fed-back columns
@@ -28,7 +33,7 @@ struct TileParams {
   int64_t ld_du, ld_o;  // row strides of u-wide and O-wide buffers
   int64_t n_layers;
   const TileLayer<T>* layers;  // n_layers, the last one producing y
-  int act;                     // fbfast::Act (csrc/common/activation.h)
+  int act;                     // fbfast::Act (csrc/common/act_kind.h)
   T act_param;
   const T* x0;  // (min(delay, steps), B, O): only the inputs that are read
   const T* u;   // null when du == 0

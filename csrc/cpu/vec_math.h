@@ -4,11 +4,13 @@
 // ATen's formulas for each value and derivative (the same sides of the kinks, NaN and
 // infinities passing as in torch).
 //
-// Accuracy, relative to the correctly rounded result: exp within a few ulp in float32 and
-// float64; tanh and sigmoid built from it within a few ulp of 1 absolute near 0; the exact GELU
-// in float32 through an erfc approximation with a relative error below 1.2e-7 (W. H. Press et
-// al., Numerical Recipes, §6.2, "erfcc"), in float64 through the C library's erfc, lane by lane.
-// tests/test_networks.py compares every activation with torch's on every instruction set.
+// Accuracy, relative to the correctly rounded result: exp and expm1 within a few ulp in float32
+// and float64, tanh (from expm1) and sigmoid likewise; the exact GELU in float32 through an erfc
+// approximation with a relative error below 1.2e-7 (W. H. Press et al., Numerical Recipes, §6.2,
+// "erfcc"), in float64 through the C library's erfc, lane by lane. tests/test_networks.py
+// compares each activation's values and derivatives with torch's on every instruction set
+// (tiny, large, NaN and infinite arguments included); tests/test_reliability.py runs NaN and
+// infinities through whole rollouts.
 //
 // Included by tile_kernels.h inside namespace FBFAST_ISA, after Vec, load and store.
 #pragma once
@@ -60,6 +62,26 @@ inline typename Vec<T>::type pow2_halves(typename Vec<T>::type n, typename Vec<T
   return (typename Vec<T>::type)((n1 + VecBits<T>::kBias) << VecBits<T>::kMantissa);
 }
 
+// The Taylor series of exp(r) - 1 = r + r^2/2 + ... for |r| <= ln(2) / 2: degree 7 leaves 3e-9
+// (float), degree 13 leaves 4e-18 (double), relative to exp(r).
+template <typename T>
+inline typename Vec<T>::type expm1_taylor(typename Vec<T>::type r) {
+  using V = typename Vec<T>::type;
+  V q;
+  if constexpr (sizeof(T) == 4) {
+    q = splat<T>(T(1.0 / 5040));
+    const T c[] = {T(1.0 / 720), T(1.0 / 120), T(1.0 / 24), T(1.0 / 6), T(0.5), T(1)};
+    for (const T ci : c) q = q * r + ci;
+  } else {
+    q = splat<T>(T(1.0 / 6227020800.0));
+    const T c[] = {T(1.0 / 479001600.0), T(1.0 / 39916800.0), T(1.0 / 3628800.0), T(1.0 / 362880.0),
+                   T(1.0 / 40320.0),     T(1.0 / 5040.0),     T(1.0 / 720.0),     T(1.0 / 120.0),
+                   T(1.0 / 24.0),        T(1.0 / 6.0),        T(0.5),             T(1)};
+    for (const T ci : c) q = q * r + ci;
+  }
+  return q * r;
+}
+
 template <typename T>
 inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
   using V = typename Vec<T>::type;
@@ -69,20 +91,7 @@ inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
   const V n = (xc * T(1.4426950408889634) + C::kRound) - C::kRound;
   V r = xc - n * C::kLn2Hi;
   r = r - n * C::kLn2Lo;  // |r| <= ln(2) / 2
-  // Taylor series of exp(r): degree 7 leaves 3e-9 (float), degree 13 leaves 4e-18 (double).
-  V p;
-  if constexpr (sizeof(T) == 4) {
-    p = splat<T>(T(1.0 / 5040));
-    const T c[] = {T(1.0 / 720), T(1.0 / 120), T(1.0 / 24), T(1.0 / 6), T(0.5), T(1), T(1)};
-    for (const T ci : c) p = p * r + ci;
-  } else {
-    p = splat<T>(T(1.0 / 6227020800.0));
-    const T c[] = {T(1.0 / 479001600.0), T(1.0 / 39916800.0), T(1.0 / 3628800.0), T(1.0 / 362880.0),
-                   T(1.0 / 40320.0),     T(1.0 / 5040.0),     T(1.0 / 720.0),     T(1.0 / 120.0),
-                   T(1.0 / 24.0),        T(1.0 / 6.0),        T(0.5),             T(1),
-                   T(1)};
-    for (const T ci : c) p = p * r + ci;
-  }
+  const V p = expm1_taylor<T>(r) + T(1);
   V second;
   const V first = pow2_halves<T>(n, &second);
   V result = p * first * second;
@@ -90,11 +99,22 @@ inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
   return x < C::kLo ? V{} : result;
 }
 
+// exp(x) - 1 without the cancellation of vexp(x) - 1 near 0: the series itself where no range
+// reduction is needed (|x| <= ln(2) / 2), exp(x) - 1 beyond (where it loses no digits).
+template <typename T>
+inline typename Vec<T>::type vexpm1(typename Vec<T>::type x) {
+  const typename Vec<T>::type a = x < T(0) ? -x : x;
+  return a <= T(0.34657359027997264) ? expm1_taylor<T>(x) : vexp<T>(x) - T(1);
+}
+
+// tanh(a) = -expm1(-2a) / (expm1(-2a) + 2) for a = |z|: accurate to a few ulp relative, down to
+// the smallest z (1 - 2 / (exp(2a) + 1) would lose every digit below 1e-8 in float32).
 template <typename T>
 inline typename Vec<T>::type vtanh(typename Vec<T>::type z) {
   using V = typename Vec<T>::type;
   const V a = z < T(0) ? -z : z;
-  const V t = T(1) - T(2) / (vexp<T>(a + a) + T(1));
+  const V em = vexpm1<T>(T(-2) * a);
+  const V t = -em / (em + T(2));
   return z < T(0) ? -t : t;
 }
 
@@ -124,7 +144,8 @@ inline typename Vec<T>::type vnormal_cdf(typename Vec<T>::type z) {
   }
 }
 
-// h = act(z) for the activations other than ReLU (which the GEMM epilogue applies).
+// h = act(z). The tile kernels apply ReLU in the GEMM epilogue instead; it is here for
+// completeness of the table.
 template <typename T>
 inline typename Vec<T>::type vact_forward(int act, T param, typename Vec<T>::type z) {
   using V = typename Vec<T>::type;
@@ -134,7 +155,7 @@ inline typename Vec<T>::type vact_forward(int act, T param, typename Vec<T>::typ
     case Act::kLeakyRelu:
       return z > T(0) ? z : z * param;
     case Act::kElu:
-      return z > T(0) ? z : param * (vexp<T>(z) - T(1));
+      return z > T(0) ? z : param * vexpm1<T>(z);
     case Act::kTanh:
       return vtanh<T>(z);
     case Act::kSigmoid:
@@ -170,7 +191,9 @@ inline typename Vec<T>::type vact_backward(int act, T param, typename Vec<T>::ty
     case Act::kLeakyRelu:
       return z > T(0) ? g : g * param;
     case Act::kElu:
-      return z <= T(0) ? g * param * vexp<T>(z) : g;
+      // As ATen's vectorised CPU kernel: a NaN z takes the exponential branch (NaN), where
+      // its scalar formula (and CUDA's) would pass g.
+      return z > T(0) ? g : g * param * vexp<T>(z);
     case Act::kTanh:
       return g * (T(1) - h * h);
     case Act::kSigmoid:

@@ -45,7 +45,8 @@ constexpr int64_t kChunkBytes = int64_t(256) << 20;
 void check_dtype(const char* op, const at::Tensor& x0) {
   const auto dtype = x0.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": dtype must be float32, float16 or bfloat16, got ", dtype);
+              ": x0 has dtype ", dtype,
+              "; the CUDA kernel takes float32, float16 or bfloat16 (all tensors share x0's dtype)");
   TORCH_CHECK(x0.device().is_cuda(), op, ": x0 must be a CUDA tensor, got ", x0.device());
 }
 
