@@ -128,14 +128,15 @@ GradTuple call_backward_hidden(const at::Tensor& grad_y, const at::Tensor& y, at
 // checks, so every shape read here is valid.
 bool keep_hidden(const at::Tensor& x0, at::TensorList w, const c10::SymInt& steps) {
   if (!x0.device().is_cpu() || w.size() < 2) return false;
-  int64_t work = 0;
+  int64_t work = 0, widest = 0;
   for (const at::Tensor& wl : w) {
     const auto out = wl.sym_size(0).maybe_as_int(), in = wl.sym_size(1).maybe_as_int();
     if (!out || !in) return false;
     work += *out * *in;
+    widest = std::max(widest, *out * *in);
   }
   const auto batch = x0.sym_size(1).maybe_as_int(), t = steps.maybe_as_int();
-  return batch && t && cpu::saves_hidden(work, *batch, *t);
+  return batch && t && cpu::saves_hidden(work, widest, *batch, *t);
 }
 
 // The biases as the operators take them: None where has_bias is false, else the next of `given`.

@@ -9,7 +9,8 @@
 
 namespace fbfast::cpu {
 
-// work: one step's multiply-adds per batch row, the sum over layers of in_l * out_l.
-bool saves_hidden(int64_t work, int64_t batch, int64_t steps);
+// work: one step's multiply-adds per batch row, the sum over layers of in_l * out_l; widest: the
+// largest layer's in_l * out_l.
+bool saves_hidden(int64_t work, int64_t widest, int64_t batch, int64_t steps);
 
 }  // namespace fbfast::cpu

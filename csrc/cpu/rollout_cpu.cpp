@@ -64,6 +64,13 @@ constexpr int64_t kTileMaxWorkSimd = 262144;
 constexpr int64_t kTileMinTrainingRows = 256;
 constexpr int64_t kTileMinTrainingSteps = 16;
 constexpr int64_t kTileMaxWorkBase = 32768;
+// Deeper networks of narrow layers reach the same work with small per-layer GEMMs, which per-step
+// BLAS calls run badly: with 3 hidden GELU layers of 128 (Du = 4, O = 16, T = 50) the tile path
+// trained 1.8x (B = 64) and 2.4x (B = 128) faster, and still won at 192; a two-layer network with
+// a 128 x 256 layer lost on it at B = 64 (benchmarks/crossover.py --deep, and --batch 64). So a
+// network none of whose layers exceeds 128 x 128 trains on the tile path; two-layer networks
+// above kWideWork always have a larger layer, and keep the rule below.
+constexpr int64_t kNarrowLayerWork = 16384;
 // A cap on the BLAS path's backward chunk buffers (csrc/gemm_path.cpp): small beside what the
 // per-step loop keeps.
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
@@ -155,15 +162,16 @@ std::vector<std::string> cpu_options(const std::optional<std::string>& isa, cons
   return previous;
 }
 
-// work: one step's multiply-adds per batch row, sum_l in_l out_l. for_training: the path of a
-// backward, and of a forward whose backward follows (autograd asks through saves_hidden); a
-// forward alone takes the tile path at any work it wins.
-Path choose_path(int64_t work, bool for_training, int64_t batch, int64_t steps) {
+// work: one step's multiply-adds per batch row, sum_l in_l out_l; widest: the largest layer's
+// share, max_l in_l out_l. for_training: the path of a backward, and of a forward whose backward
+// follows (autograd asks through saves_hidden); a forward alone takes the tile path at any work
+// it wins.
+Path choose_path(int64_t work, int64_t widest, bool for_training, int64_t batch, int64_t steps) {
   const Path pinned = static_cast<Path>(g_path.load(std::memory_order_relaxed));
   if (pinned != Path::kAuto) return pinned;
   if (active_isa() == Isa::kBase) return work <= kTileMaxWorkBase ? Path::kTile : Path::kBlas;
   if (work > kTileMaxWorkSimd) return Path::kBlas;
-  if (!for_training || work <= kWideWork) return Path::kTile;
+  if (!for_training || work <= kWideWork || widest <= kNarrowLayerWork) return Path::kTile;
   return batch >= kTileMinTrainingRows && steps >= kTileMinTrainingSteps ? Path::kTile : Path::kBlas;
 }
 
@@ -188,10 +196,15 @@ struct Net {
   int64_t depth() const { return layers.layers(); }
   int64_t out(int64_t l) const { return layers.w[l].size(0); }
   int64_t in(int64_t l) const { return layers.w[l].size(1); }
-  // One step's multiply-adds per batch row.
+  // One step's multiply-adds per batch row, and those of its largest layer.
   int64_t work() const {
     int64_t w = 0;
     for (int64_t l = 0; l < depth(); ++l) w += in(l) * out(l);
+    return w;
+  }
+  int64_t widest() const {
+    int64_t w = 0;
+    for (int64_t l = 0; l < depth(); ++l) w = std::max(w, in(l) * out(l));
     return w;
   }
   // The sum of the hidden layers' widths.
@@ -435,7 +448,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
       for (int64_t l = 0; l + 1 < net.depth(); ++l) kept.push_back(at::empty({steps, net.batch, net.out(l)}, x0.options()));
     return {y, kept};
   }
-  if (!keep_hidden && choose_path(net.work(), /*for_training=*/false, net.batch, steps) == Path::kTile) {
+  if (!keep_hidden && choose_path(net.work(), net.widest(), /*for_training=*/false, net.batch, steps) == Path::kTile) {
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_forward_tile", [&] {
       forward_tile_path<scalar_t>(net, x0, u, steps, delay, y);
     });
@@ -596,7 +609,7 @@ GradTuple backward_impl(const char* op, const at::Tensor& grad_y_in, const at::T
 
   gemm_path::Grads g = zero_grads(op, x0_in, u, net, output_mask);
   if (steps > 0 && net.batch > 0 && net.o > 0) {
-    if (!from_kept && choose_path(net.work(), /*for_training=*/true, net.batch, steps) == Path::kTile) {
+    if (!from_kept && choose_path(net.work(), net.widest(), /*for_training=*/true, net.batch, steps) == Path::kTile) {
       AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_backward_tile", [&] {
         backward_tile_path<scalar_t>(net, grad_y, y, x0, u, delay, truncate, g);
       });
@@ -638,8 +651,8 @@ GradTuple rollout_backward_hidden_cpu(const at::Tensor& grad_y, const at::Tensor
 
 }  // namespace
 
-bool saves_hidden(int64_t work, int64_t batch, int64_t steps) {
-  return choose_path(work, true, batch, steps) == Path::kBlas;
+bool saves_hidden(int64_t work, int64_t widest, int64_t batch, int64_t steps) {
+  return choose_path(work, widest, true, batch, steps) == Path::kBlas;
 }
 
 TORCH_LIBRARY_IMPL(fbfast, CPU, m) {
