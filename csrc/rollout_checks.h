@@ -81,10 +81,13 @@ inline RolloutSizes check_rollout_args(const char* op, const at::Tensor& x0, con
               " layers, biases has ", biases.size(), " entries");
   check_dense(op, "x0", x0);
   if (u.has_value()) check_dense(op, "u", *u);
+  // The layers' biases, read out of the list once. Names ("w3") are built only for a message.
+  std::vector<std::optional<at::Tensor>> bias(L);
+  auto dense = [](const at::Tensor& t) { return !t.is_nested() && t.layout() == at::kStrided; };
   for (size_t l = 0; l < L; ++l) {
-    check_dense(op, layer_arg('w', l).c_str(), weights[l]);
-    const std::optional<at::Tensor> b = biases.get(l);
-    if (b.has_value()) check_dense(op, layer_arg('b', l).c_str(), *b);
+    if (!dense(weights[l])) check_dense(op, layer_arg('w', l).c_str(), weights[l]);
+    bias[l] = biases.get(l);
+    if (bias[l].has_value() && !dense(*bias[l])) check_dense(op, layer_arg('b', l).c_str(), *bias[l]);
   }
   TORCH_CHECK(delay >= 1, op, ": delay must be >= 1, got ", delay);
   TORCH_CHECK(truncate >= 0, op, ": truncate must be >= 0 (0 = full BPTT), got ", truncate);
@@ -110,18 +113,19 @@ inline RolloutSizes check_rollout_args(const char* op, const at::Tensor& x0, con
                 layer_arg('w', l), " is ", weights[l].sym_sizes(), " with ", weights[l].sym_size(1),
                 " input columns, but ", layer_arg('w', l - 1), " is ", weights[l - 1].sym_sizes(), " with ",
                 weights[l - 1].sym_size(0), " outputs");
+  s.widths.reserve(L);
   for (size_t l = 0; l < L; ++l) {
-    const std::optional<at::Tensor> b = biases.get(l);
+    const std::optional<at::Tensor>& b = bias[l];
     const c10::SymInt out = weights[l].sym_size(0);
     TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->sym_size(0) == out), op, ": ", layer_arg('b', l), " must be (",
                 out, ",), got ", b.has_value() ? b->sym_sizes() : c10::SymIntArrayRef());
     s.widths.push_back(out);
   }
   if (u.has_value()) check_like_x0(op, "u", *u, x0);
+  auto like_x0 = [&](const at::Tensor& t) { return t.scalar_type() == x0.scalar_type() && t.device() == x0.device(); };
   for (size_t l = 0; l < L; ++l) {
-    check_like_x0(op, layer_arg('w', l).c_str(), weights[l], x0);
-    const std::optional<at::Tensor> b = biases.get(l);
-    if (b.has_value()) check_like_x0(op, layer_arg('b', l).c_str(), *b, x0);
+    if (!like_x0(weights[l])) check_like_x0(op, layer_arg('w', l).c_str(), weights[l], x0);
+    if (bias[l].has_value() && !like_x0(*bias[l])) check_like_x0(op, layer_arg('b', l).c_str(), *bias[l], x0);
   }
   s.steps = steps;
   s.batch = B;

@@ -76,6 +76,12 @@ class ResolvedActivation(NamedTuple):
         return self.name if attr is None else f"{self.name}({attr}={self.param!r})"
 
 
+# Each name resolved with its default parameter, built once.
+_BY_NAME: Dict[str, ResolvedActivation] = {
+    a.name: ResolvedActivation(a.name, a.default_param if a.default_param is not None else 0.0)
+    for a in ACTIVATIONS.values()}
+
+
 def supported() -> str:
     """The supported activations, for messages: names and the nn modules."""
     names = ", ".join(repr(n) for n in NAMES)
@@ -127,6 +133,11 @@ def resolve_activation(activation, who: str = "fbfast.rollout") -> ResolvedActiv
     subclass that overrides ``forward``, a parameter that is not a real number), each message
     listing what is supported.
     """
+    if activation.__class__ is str:
+        # The common case, once per rollout: a known name with its default parameter.
+        resolved = _BY_NAME.get(activation)
+        if resolved is not None:
+            return resolved
     if isinstance(activation, ResolvedActivation):
         if activation.name in ACTIVATIONS and is_real(activation.param):
             return activation

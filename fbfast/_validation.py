@@ -147,10 +147,13 @@ def _split_layers(who: str, params: Sequence, x0: Tensor) -> Tuple[List, List]:
             f"{who}: needs at least one layer after x0: weights and biases alternate, "
             "(x0, w1, b1, ..., wL, bL), with None for a layer without bias; got none")
     dtype, device = x0.dtype, x0.device
-    for i, (name, t) in enumerate(zip(_param_names(len(params)), params)):
-        _check_tensor(who, name, t, optional=i % 2 == 1)
-        if t is not None:
-            _check_like_x0(who, name, t, dtype, device)
+    names = _param_names(len(params))
+    for i, t in enumerate(params):
+        if t is None and i & 1:
+            continue  # a layer without bias
+        _check_tensor(who, names[i], t, optional=False)
+        if t.dtype is not dtype or t.device != device:
+            _check_like_x0(who, names[i], t, dtype, device)
     if len(params) % 2:
         L = len(params) // 2 + 1
         raise TypeError(
@@ -178,24 +181,25 @@ def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activati
     act = resolve_activation(activation, who)
     L = len(weights)
 
-    for l, w in enumerate(weights):
+    widths = []
+    for l, (w, b) in enumerate(zip(weights, biases)):
         if w.dim() != 2:
             shape = "(O, H)" if l == L - 1 and L > 1 else "(H, Du + O)" if l == 0 and L > 1 else "(out, in)"
             raise ValueError(f"{who}: {weight_name(l)} must be 2-D {shape} like nn.Linear.weight, "
                              f"got shape {_shape(w)}")
-    widths = tuple([w.shape[0] for w in weights])
-    for l in range(1, L):
-        reads = weights[l].shape[1]
-        if reads != widths[l - 1]:
+        out, reads = w.shape
+        if l and reads != widths[-1]:
             raise ValueError(
-                f"{who}: layer sizes do not chain: {weight_name(l)} is {_shape(weights[l])}, reading "
+                f"{who}: layer sizes do not chain: {weight_name(l)} is {_shape(w)}, reading "
                 f"H = {reads} features, so {weight_name(l - 1)} must have {reads} rows, got shape "
                 f"{_shape(weights[l - 1])} (each layer's rows feed the next layer's columns, as in a "
                 "stack of nn.Linear)")
+        widths.append(out)
     for l, b in enumerate(biases):
         if b is not None and (b.dim() != 1 or b.shape[0] != widths[l]):
             raise ValueError(f"{who}: {bias_name(l)} must have shape ({widths[l]},), got {_shape(b)}: "
                              f"one entry per row of {weight_name(l)} {_shape(weights[l])}")
+    widths = tuple(widths)
     O = widths[-1]
     w1 = weights[0]
 

@@ -425,7 +425,7 @@ void forward_tile_path(const Net& net, const at::Tensor& x0, const at::Tensor& u
   });
   if (!ok)
     workspace_failed(kForwardOp, "tile workspace", net, steps,
-                     static_cast<long double>(threads) * rows * 2 * widest_of(st) * sizeof(T));
+                     static_cast<long double>(threads) * rows * (net.depth() > 2 ? 2 : 1) * widest_of(st) * sizeof(T));
 }
 
 // Both forward operators: rollout_forward (keep_hidden false: the path rule picks tile or BLAS)
@@ -477,18 +477,22 @@ using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, st
 gemm_path::Grads zero_grads(const char* op, const at::Tensor& x0_in, const at::Tensor& u, const Net& net,
                             const c10::List<bool>& mask) {
   const auto opts = x0_in.options();
-  auto zeros = [&](const std::string& what, at::IntArrayRef shape) {
-    return checked_empty(op, what.c_str(), shape, opts, "split the batch into smaller parts").zero_();
+  // The argument's name is spelled out only for the message of a failed allocation.
+  auto zeros = [&](const char* kind, int64_t l, at::IntArrayRef shape) {
+    try {
+      return at::zeros(shape, opts);
+    } catch (const std::exception&) {
+      const std::string what = std::string("the gradient of ") + (l < 0 ? std::string(kind) : layer_arg(kind[0], l));
+      return checked_empty(op, what.c_str(), shape, opts, "split the batch into smaller parts").zero_();
+    }
   };
   const int64_t L = net.depth();
   gemm_path::Grads g;
-  g.x0 = mask[0] ? zeros("the gradient of x0", x0_in.sizes()) : at::Tensor();
-  g.u = mask[1] && u.defined() ? zeros("the gradient of u", u.sizes()) : at::Tensor();
+  g.x0 = mask[0] ? zeros("x0", -1, x0_in.sizes()) : at::Tensor();
+  g.u = mask[1] && u.defined() ? zeros("u", -1, u.sizes()) : at::Tensor();
   for (int64_t l = 0; l < L; ++l) {
-    g.w.push_back(mask[2 + l] ? zeros("the gradient of " + layer_arg('w', l), net.layers.w[l].sizes()) : at::Tensor());
-    g.b.push_back(mask[2 + L + l] && net.layers.b[l].defined()
-                      ? zeros("the gradient of " + layer_arg('b', l), {net.out(l)})
-                      : at::Tensor());
+    g.w.push_back(mask[2 + l] ? zeros("w", l, net.layers.w[l].sizes()) : at::Tensor());
+    g.b.push_back(mask[2 + L + l] && net.layers.b[l].defined() ? zeros("b", l, {net.out(l)}) : at::Tensor());
   }
   return g;
 }
@@ -571,7 +575,7 @@ void backward_tile_path(const Net& net, const at::Tensor& grad_y, const at::Tens
     const int64_t z = act_needs_z(net.layers.act) ? 2 : 1;
     workspace_failed(kBackwardOp, "tile workspace", net, steps,
                      static_cast<long double>(groups) * tile_rows *
-                         (z * hidden_ld + 2 * widest_of(st) + (1 + slots) * st.ld_o) * sizeof(T));
+                         (z * hidden_ld + std::min<int64_t>(2, L - 1) * widest_of(st) + (1 + slots) * st.ld_o) * sizeof(T));
   }
   for (int64_t g = 1; g < groups; ++g)
     for (int64_t i = 0; i < per_group; ++i) acc[i] += acc[g * per_group + i];

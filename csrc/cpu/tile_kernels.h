@@ -194,9 +194,12 @@ template <typename T>
 bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
   const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, k = p.delay, L = p.n_layers;
   const bool relu = p.act == static_cast<int>(Act::kRelu);
-  // Two buffers of the widest hidden layer: layer l writes one while reading the other.
+  // Buffers of the widest hidden layer, two when hidden layers follow each other: layer l writes
+  // one while reading the other. (One for a single hidden layer keeps version 1's workspace,
+  // which stays below glibc's 128 KiB mmap threshold for 64 rows of 256 floats: a larger one is
+  // mapped and zero-filled by page faults on every call.)
   const int64_t widest = widest_hidden(p);
-  Scratch<T> buf(2 * rows * widest);
+  Scratch<T> buf((L > 2 ? 2 : 1) * rows * widest);
   if (!buf.data) return false;
   for (int64_t t = 0; t < p.steps; ++t) {
     const T* x = t < k ? p.x0 + (t * B + r0) * O : p.y + ((t - k) * B + r0) * O;
@@ -226,15 +229,16 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
   const bool relu = p.act == static_cast<int>(Act::kRelu);
   const bool keep_z = act_needs_z(static_cast<Act>(p.act));
   // Per hidden layer l: h_l (rows, ld_out_l) and, where act' reads it, z_l; g (rows, ld_o), the
-  // adjoint of y_t; two adjoint buffers of the widest hidden layer, for the walk down the
-  // layers; ring: slots of (rows, ld_o) holding the adjoint flowing into y_{t-k} from step t
+  // adjoint of y_t; adjoint buffers of the widest hidden layer for the walk down the layers (two
+  // alternating ones when hidden layers follow each other, as in the forward); ring: slots of (rows, ld_o) holding the adjoint flowing into y_{t-k} from step t
   // until step t-k consumes it. Slot t % k < min(k, steps), so a delay longer than the rollout
   // costs no memory.
   const int64_t slots = k < p.steps ? k : p.steps;
   const int64_t widest = widest_hidden(p);
   int64_t hidden = 0;
   for (int64_t l = 0; l + 1 < L; ++l) hidden += rows * p.layers[l].ld_out;
-  Scratch<T> ws((keep_z ? 2 : 1) * hidden + rows * op + 2 * rows * widest + slots * rows * op);
+  const int64_t n_adj = L > 2 ? 2 : L - 1;
+  Scratch<T> ws((keep_z ? 2 : 1) * hidden + rows * op + n_adj * rows * widest + slots * rows * op);
   if (!ws.data) return false;
   // h_l, then z_l where kept, layer after layer at the start of ws.
   auto h_of = [&](int64_t l) {
@@ -245,8 +249,8 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
   auto z_of = [&](int64_t l) { return keep_z ? h_of(l) + rows * p.layers[l].ld_out : nullptr; };
   T* next = ws.data + (keep_z ? 2 : 1) * hidden;
   T* g = next;
-  T* adj_buf[2] = {g + rows * op, g + rows * op + rows * widest};
-  T* ring = adj_buf[1] + rows * widest;
+  T* adj_buf[2] = {g + rows * op, g + rows * op + (n_adj > 1 ? rows * widest : 0)};
+  T* ring = g + rows * op + n_adj * rows * widest;
 
   for (int64_t t = p.steps - 1; t >= 0; --t) {
     const T* x = t < k ? p.x0 + (t * B + r0) * O : p.y_saved + ((t - k) * B + r0) * O;
@@ -288,7 +292,7 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < ly.out; ++j) acc.b[l][j] += adj[i * adj_ld + j];
       // dz_{l-1} = (adj W_l) * act'(z_{l-1})
-      T* dz = adj_buf[l % 2];
+      T* dz = adj_buf[(L - 1 - l) % 2];
       const GemmArgs gd{.m = rows, .n = ly.in, .k = ly.out, .as0 = adj_ld, .as1 = 1, .ldb = ly.ld_in, .ldm = ly.ld_in,
                         .ldc = ly.ld_in};
       if (relu) {
