@@ -28,18 +28,16 @@ else runs in full.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 import fbfast
-from testing import MODE_GRID, assert_close, grads, make_problem
+from testing import MODE_GRID, assert_close, grads, load_script, make_problem
 
 CUDA_KERNEL = torch.cuda.is_available() and fbfast.backends()["cuda"].available
 pytestmark = pytest.mark.skipif(not CUDA_KERNEL, reason="needs a GPU and fbfast built with its CUDA kernel")
@@ -50,12 +48,7 @@ def _load_gpu_smoke():
     """scripts/gpu_smoke.py, by path (scripts/ is no package): it holds the Python mirror of
     plan_rollout (csrc/cuda/rollout_params.h) and the problems sized from it. Importing it
     touches no GPU."""
-    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_smoke.py"
-    spec = importlib.util.spec_from_file_location("fbfast_gpu_smoke", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(pathlib.Path(__file__).resolve().parent.parent / "scripts" / "gpu_smoke.py", "fbfast_gpu_smoke")
 
 
 smoke = _load_gpu_smoke()

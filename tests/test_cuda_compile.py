@@ -19,13 +19,11 @@ stand-in is put on the include path.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import re
 import shutil
 import subprocess
-import sys
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -35,6 +33,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils import cpp_extension
+
+from testing import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SRC = ROOT / "csrc" / "cuda"
@@ -276,12 +276,7 @@ def _load_gpu_smoke():
     """scripts/gpu_smoke.py, by path (scripts/ is no package): its Python mirror of plan_rollout
     sizes the GPU tests' problems, and is checked here against the plans the kernels' own header
     computes (the emulator prints them)."""
-    path = ROOT / "scripts" / "gpu_smoke.py"
-    spec = importlib.util.spec_from_file_location("fbfast_gpu_smoke", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts" / "gpu_smoke.py", "fbfast_gpu_smoke")
 
 
 smoke = _load_gpu_smoke()

@@ -43,10 +43,16 @@ def cpu_variant(path: str = "auto", isa: str = "auto"):
         fbfast.set_kernel_options(**previous)
 
 
-def load_example(name: str):
-    """Import examples/<name>.py by path: examples/ is a folder of scripts, not a package."""
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+def load_script(path: pathlib.Path, module_name: str):
+    """Import the script at ``path`` by path (examples/ and scripts/ are folders of scripts, not
+    packages), as ``module_name``."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def load_example(name: str):
+    """Import examples/<name>.py."""
+    return load_script(EXAMPLES / f"{name}.py", f"examples_{name}")
