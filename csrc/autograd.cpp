@@ -51,75 +51,96 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
 
 // The recurrence of docs/spec.md with ATen ops, differentiable; the same steps as
 // fbfast/reference.py. b[l] undefined: no bias.
+// lags, f, residual: the feedback of docs/spec.md §1.2 (f: the fed-back outputs).
 at::Tensor reference_rollout(const at::Tensor& x0, const std::optional<at::Tensor>& u, const std::vector<at::Tensor>& w,
                              const std::vector<at::Tensor>& b, int64_t steps, int64_t delay, int64_t truncate, Act act,
-                             double p) {
-  auto network = [&](at::Tensor in) {
+                             double p, const std::vector<int64_t>& lags, int64_t f, bool residual) {
+  const int64_t O = w.back().size(0);
+  auto step = [&](const std::vector<at::Tensor>& x, const std::optional<at::Tensor>& ut) {
+    at::Tensor in = x.size() == 1 ? x[0] : at::cat(x, -1);
+    if (ut.has_value()) in = at::cat({*ut, in}, -1);
     for (size_t l = 0; l < w.size(); ++l) {
       in = at::linear(in, w[l], opt(b[l]));
       if (l + 1 < w.size()) in = activate(in, act, p);
     }
-    return in;
+    // residual: the first lag's value added to the first f outputs.
+    return residual ? in + at::constant_pad_nd(x[0], {0, O - f}) : in;
   };
-  if (steps == 0 || x0.size(1) == 0 || x0.size(2) == 0) {
+  if (steps == 0 || x0.size(1) == 0 || x0.size(2) == 0 || O == 0) {
     // Nothing to feed back: one step over an expanded input gives the (steps, B, O) result,
     // attached to every input, without looping `steps` times over empty tensors.
     const at::Tensor x = x0.narrow(0, 0, std::min<int64_t>(1, x0.size(0))).expand({steps, x0.size(1), x0.size(2)});
-    return network(u.has_value() ? at::cat({*u, x}, -1) : x);
+    return step(std::vector<at::Tensor>(lags.size(), x), u);
   }
   std::vector<at::Tensor> ys;
   ys.reserve(steps);
+  std::vector<at::Tensor> x(lags.size());
   for (int64_t t = 0; t < steps; ++t) {
-    at::Tensor x = t < delay ? x0.select(0, t) : ys[t - delay];
-    if (t >= delay && truncate && t % truncate == 0) x = x.detach();
-    ys.push_back(network(u.has_value() ? at::cat({u->select(0, t), x}, -1) : x));
+    const bool cut = truncate && t % truncate == 0;
+    for (size_t j = 0; j < lags.size(); ++j) {
+      const int64_t s = t - lags[j];
+      if (s < 0) {
+        x[j] = x0.select(0, s + delay);
+      } else {
+        x[j] = f == O ? ys[s] : ys[s].narrow(-1, 0, f);
+        if (cut) x[j] = x[j].detach();
+      }
+    }
+    ys.push_back(step(x, u.has_value() ? std::optional<at::Tensor>(u->select(0, t)) : std::nullopt));
   }
   return at::stack(ys);
 }
 
 at::Tensor call_forward(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList w, const BiasList& b,
-                        const c10::SymInt& steps, int64_t delay, int64_t truncate, c10::string_view act, double p) {
+                        const c10::SymInt& steps, int64_t delay, int64_t truncate, c10::string_view act, double p,
+                        at::IntArrayRef lags, int64_t feedback, bool residual) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fbfast::rollout_forward", "")
                        .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, at::TensorList,
-                                         const BiasList&, c10::SymInt, int64_t, int64_t, c10::string_view, double)>();
-  return op.call(x0, u, w, b, steps, delay, truncate, act, p);
+                                         const BiasList&, c10::SymInt, int64_t, int64_t, c10::string_view, double,
+                                         at::IntArrayRef, int64_t, bool)>();
+  return op.call(x0, u, w, b, steps, delay, truncate, act, p, lags, feedback, residual);
 }
 
 GradTuple call_backward(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
                         const std::optional<at::Tensor>& u, at::TensorList w, const BiasList& b, int64_t delay,
-                        int64_t truncate, c10::string_view act, double p, const c10::List<bool>& mask) {
+                        int64_t truncate, c10::string_view act, double p, const c10::List<bool>& mask,
+                        at::IntArrayRef lags, int64_t feedback, bool residual) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fbfast::rollout_backward", "")
                        .typed<GradTuple(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         const std::optional<at::Tensor>&, at::TensorList, const BiasList&, int64_t,
-                                        int64_t, c10::string_view, double, const c10::List<bool>&)>();
-  return op.call(grad_y, y, x0, u, w, b, delay, truncate, act, p, mask);
+                                        int64_t, c10::string_view, double, const c10::List<bool>&, at::IntArrayRef,
+                                        int64_t, bool)>();
+  return op.call(grad_y, y, x0, u, w, b, delay, truncate, act, p, mask, lags, feedback, residual);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> call_forward_hidden(const at::Tensor& x0,
                                                                     const std::optional<at::Tensor>& u,
                                                                     at::TensorList w, const BiasList& b,
                                                                     const c10::SymInt& steps, int64_t delay,
-                                                                    c10::string_view act, double p) {
+                                                                    c10::string_view act, double p,
+                                                                    at::IntArrayRef lags, int64_t feedback,
+                                                                    bool residual) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fbfast::rollout_forward_hidden", "")
                        .typed<std::tuple<at::Tensor, std::vector<at::Tensor>>(
                            const at::Tensor&, const std::optional<at::Tensor>&, at::TensorList, const BiasList&,
-                           c10::SymInt, int64_t, c10::string_view, double)>();
-  return op.call(x0, u, w, b, steps, delay, act, p);
+                           c10::SymInt, int64_t, c10::string_view, double, at::IntArrayRef, int64_t, bool)>();
+  return op.call(x0, u, w, b, steps, delay, act, p, lags, feedback, residual);
 }
 
 GradTuple call_backward_hidden(const at::Tensor& grad_y, const at::Tensor& y, at::TensorList hidden,
                                const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList w,
                                const BiasList& b, int64_t delay, int64_t truncate, c10::string_view act, double p,
-                               const c10::List<bool>& mask) {
+                               const c10::List<bool>& mask, at::IntArrayRef lags, int64_t feedback, bool residual) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fbfast::rollout_backward_hidden", "")
                        .typed<GradTuple(const at::Tensor&, const at::Tensor&, at::TensorList, const at::Tensor&,
                                         const std::optional<at::Tensor>&, at::TensorList, const BiasList&, int64_t,
-                                        int64_t, c10::string_view, double, const c10::List<bool>&)>();
-  return op.call(grad_y, y, hidden, x0, u, w, b, delay, truncate, act, p, mask);
+                                        int64_t, c10::string_view, double, const c10::List<bool>&, at::IntArrayRef,
+                                        int64_t, bool)>();
+  return op.call(grad_y, y, hidden, x0, u, w, b, delay, truncate, act, p, mask, lags, feedback, residual);
 }
 
 // Whether the forward should keep the hidden activations for the backward: on the CPU, for the
@@ -154,16 +175,18 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x0, const std::optional<at::Tensor>& u,
                             at::TensorList weights, at::TensorList biases_given, const std::vector<bool>& has_bias,
                             const c10::SymInt& steps, int64_t delay, int64_t truncate, const std::string& activation,
-                            double param, bool backward_follows) {
+                            double param, const std::vector<int64_t>& lags, int64_t feedback, bool residual,
+                            bool backward_follows) {
     const BiasList biases = bias_list(biases_given.vec(), has_bias);
     at::Tensor y;
     std::vector<at::Tensor> hidden;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       if (backward_follows && keep_hidden(x0, weights, steps))
-        std::tie(y, hidden) = call_forward_hidden(x0, u, weights, biases, steps, delay, activation, param);
+        std::tie(y, hidden) =
+            call_forward_hidden(x0, u, weights, biases, steps, delay, activation, param, lags, feedback, residual);
       else
-        y = call_forward(x0, u, weights, biases, steps, delay, truncate, activation, param);
+        y = call_forward(x0, u, weights, biases, steps, delay, truncate, activation, param, lags, feedback, residual);
     }
     variable_list saved{x0, u.value_or(at::Tensor()), y};
     saved.insert(saved.end(), weights.begin(), weights.end());
@@ -179,6 +202,9 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
     ctx->saved_data["truncate"] = truncate;
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["param"] = param;
+    ctx->saved_data["lags"] = lags;
+    ctx->saved_data["feedback"] = feedback;
+    ctx->saved_data["residual"] = residual;
     return y;
   }
 
@@ -198,6 +224,9 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
     const int64_t truncate = ctx->saved_data["truncate"].toInt();
     const std::string activation = ctx->saved_data["activation"].toStringRef();
     const double param = ctx->saved_data["param"].toDouble();
+    const std::vector<int64_t> lags = ctx->saved_data["lags"].toIntVector();
+    const int64_t feedback = ctx->saved_data["feedback"].toInt();
+    const bool residual = ctx->saved_data["residual"].toBool();
     at::Tensor grad_y = grad_outputs[0];
     if (!grad_y.defined()) grad_y = at::zeros_like(y);
 
@@ -212,8 +241,8 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
       if (inputs[i]->defined()) wanted[i] = ctx->needs_input_grad(edge++);
 
     // One gradient per argument of forward: x0, u, each weight, each given bias, then the
-    // 7 non-tensor arguments.
-    variable_list out(2 + L + n_bias + 7);
+    // 10 non-tensor arguments.
+    variable_list out(2 + L + n_bias + 10);
     bool differentiate_backward = at::GradMode::is_enabled() && grad_y.requires_grad();
     for (const at::Tensor* t : inputs) differentiate_backward |= at::GradMode::is_enabled() && t->defined() && t->requires_grad();
     const Act act = parse_activation("fbfast::rollout_forward", activation);
@@ -231,8 +260,10 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
       variable_list targets;
       for (size_t i = 0; i < inputs.size(); ++i)
         if (wanted[i]) targets.push_back(alias[i]);
+      const std::vector<int64_t> all_lags = lags.empty() ? std::vector<int64_t>{delay} : lags;
+      const int64_t f = feedback ? feedback : aw.back().size(0);
       const at::Tensor y_ref = reference_rollout(alias[0], opt(alias[1]), aw, ab, steps.guard_int(__FILE__, __LINE__),
-                                                 delay, truncate, act, param);
+                                                 delay, truncate, act, param, all_lags, f, residual);
       const variable_list g = torch::autograd::grad({y_ref}, targets, {grad_y}, /*retain_graph=*/true,
                                                     /*create_graph=*/true, /*allow_unused=*/true);
       size_t j = 0;
@@ -252,9 +283,9 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
     const BiasList biases = bias_list(b_given, has_bias);
     const GradTuple grads = !hidden.empty()
                                 ? call_backward_hidden(grad_y, y, hidden, x0, opt(u), w, biases, delay, truncate,
-                                                       activation, param, mask)
+                                                       activation, param, mask, lags, feedback, residual)
                                 : call_backward(grad_y, y, x0, opt(u), w, biases, delay, truncate, activation, param,
-                                                mask);
+                                                mask, lags, feedback, residual);
     if (wanted[0]) out[0] = std::get<0>(grads);
     if (wanted[1]) out[1] = std::get<1>(grads);
     for (size_t l = 0; l < L; ++l)
@@ -270,11 +301,13 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
 
 at::Tensor rollout_forward_autograd(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList weights,
                                     const BiasList& biases, c10::SymInt steps, int64_t delay, int64_t truncate,
-                                    c10::string_view activation, double param) {
+                                    c10::string_view activation, double param, at::IntArrayRef lags, int64_t feedback,
+                                    bool residual) {
   // The operator's checks first: before autograd touches the inputs (it reads their sizes,
   // which a nested tensor refuses with an internal error that names no argument), and before
   // keep_hidden reads shapes and the device.
-  check_rollout_args("fbfast::rollout_forward", x0, u, weights, biases, steps, delay, truncate, activation);
+  check_rollout_args("fbfast::rollout_forward", x0, u, weights, biases, steps, delay, truncate, activation,
+                     {lags, feedback, residual});
   std::vector<at::Tensor> given;
   std::vector<bool> has_bias;
   for (size_t l = 0; l < biases.size(); ++l) {
@@ -294,10 +327,10 @@ at::Tensor rollout_forward_autograd(const at::Tensor& x0, const std::optional<at
     // building an autograd node that could never run (about a microsecond per call, a tenth of
     // a small forward rollout).
     at::AutoDispatchBelowADInplaceOrView guard;
-    return call_forward(x0, u, weights, biases, steps, delay, truncate, activation, param);
+    return call_forward(x0, u, weights, biases, steps, delay, truncate, activation, param, lags, feedback, residual);
   }
   return RolloutFunction::apply(x0, u, weights, at::TensorList(given), has_bias, steps, delay, truncate,
-                                std::string(activation), param, backward_follows);
+                                std::string(activation), param, lags.vec(), feedback, residual, backward_follows);
 }
 
 }  // namespace

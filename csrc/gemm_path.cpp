@@ -107,11 +107,39 @@ void bias_activation(at::Tensor& z, const at::Tensor& b, Act act, double p, at::
     activation_out(z, z, act, p);
 }
 
-// z = [u ; x] W0^T for a block of rows (u undefined when Du == 0), without concatenating.
-void first_layer(at::Tensor& z, const at::Tensor& u, const at::Tensor& x, const at::Tensor& w0u,
-                 const at::Tensor& w0x) {
-  at::mm_out(z, x, w0x.t());
+// z = [u ; x_1 ; ... ; x_m] W0^T for a block of rows (u undefined when Du == 0), without
+// concatenating: x[j] is the value of lag j, w0x[j] the columns of W0 that read it.
+void first_layer(at::Tensor& z, const at::Tensor& u, const std::vector<at::Tensor>& x, const at::Tensor& w0u,
+                 const std::vector<at::Tensor>& w0x) {
+  at::mm_out(z, x[0], w0x[0].t());
+  for (size_t j = 1; j < x.size(); ++j) z.addmm_(x[j], w0x[j].t());
   if (u.defined()) z.addmm_(u, w0u.t());
+}
+
+// The columns of W0 that read each lag's value.
+std::vector<at::Tensor> lag_columns(const at::Tensor& w0, const Network& net) {
+  std::vector<at::Tensor> cols;
+  for (size_t j = 0; j < net.lags.size(); ++j) cols.push_back(w0.narrow(1, net.du + static_cast<int64_t>(j) * net.f, net.f));
+  return cols;
+}
+
+// The fed-back value of step s as step s + d reads it: the first f outputs of y_s, or x0's row
+// s + D before step 0 (x0 holds the D values before step 0, oldest first).
+at::Tensor past(const at::Tensor& x0, const at::Tensor& y, int64_t s, int64_t delay, int64_t f) {
+  if (s < 0) return x0.select(0, s + delay);
+  const at::Tensor ys = y.select(0, s);
+  return f == ys.size(1) ? ys : ys.narrow(1, 0, f);
+}
+
+// The same for steps [t0, t1) of lag d, as (t1 - t0) B rows.
+at::Tensor past_rows(const at::Tensor& x0, const at::Tensor& y, int64_t t0, int64_t t1, int64_t d, int64_t delay,
+                     int64_t f) {
+  const int64_t s0 = t0 - d, s1 = t1 - d, B = y.size(1);
+  const at::Tensor yf = f == y.size(2) ? y : y.narrow(2, 0, f);
+  if (s0 >= 0) return yf.narrow(0, s0, s1 - s0).reshape({(s1 - s0) * B, f});
+  std::vector<at::Tensor> parts{x0.narrow(0, s0 + delay, std::min<int64_t>(s1, 0) - s0)};
+  if (s1 > 0) parts.push_back(yf.narrow(0, 0, s1));
+  return at::cat(parts, 0).reshape({(s1 - s0) * B, f});
 }
 
 // acc += a b, where acc may be fp32 while a, b are 16-bit (the GEMM accumulates in fp32 inside;
@@ -136,8 +164,9 @@ void add_rows(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, at::Ten
 
 void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Network& net, int64_t delay,
              at::Tensor& y, std::vector<at::Tensor>* kept) {
-  const int64_t steps = y.size(0), B = y.size(1), O = y.size(2), L = net.layers(), du = net.du;
-  const at::Tensor w0u = net.w[0].narrow(1, 0, du), w0x = net.w[0].narrow(1, du, O);
+  const int64_t steps = y.size(0), B = y.size(1), L = net.layers(), du = net.du;
+  const at::Tensor w0u = net.w[0].narrow(1, 0, du);
+  const std::vector<at::Tensor> w0x = lag_columns(net.w[0], net);
   const bool needs_z = keeps_preactivation(net.act);
   // Per hidden layer: the buffer the GEMM writes (z, or h activated in place) and, for the
   // activations that need z, the activation h; a kept layer writes z or h into `kept`.
@@ -149,8 +178,9 @@ void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Ne
                                             y.options(), remedy));
     if (!kept || needs_z) hbuf[l] = checked_empty(op, "the hidden activations", {B, H}, y.options(), remedy);
   }
+  std::vector<at::Tensor> x(net.lags.size());
   for (const auto t : c10::irange(steps)) {
-    const at::Tensor x = t < delay ? x0.select(0, t) : y.select(0, t - delay);
+    for (size_t j = 0; j < x.size(); ++j) x[j] = past(x0, y, t - net.lags[j], delay, net.f);
     at::Tensor in;  // the activation entering layer l
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor& b = net.b[l];
@@ -164,6 +194,7 @@ void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Ne
         } else {
           at::mm_out(yt, in, net.w[l].t());
         }
+        if (net.residual) yt.narrow(1, 0, net.f).add_(x[0]);
         break;
       }
       // z goes to kept[l][t] when the backward reads z, else h is activated in place there.
@@ -182,9 +213,14 @@ void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Ne
 void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
               const at::Tensor& u, const Network& net, int64_t delay, int64_t truncate, Grads& out,
               at::TensorList kept, int64_t chunk_bytes) {
-  const int64_t steps = y.size(0), B = y.size(1), O = y.size(2), L = net.layers(), du = net.du;
+  const int64_t steps = y.size(0), B = y.size(1), O = y.size(2), L = net.layers(), du = net.du, f = net.f;
   const bool needs_z = keeps_preactivation(net.act), recompute = kept.empty();
-  const at::Tensor w0u = net.w[0].narrow(1, 0, du), w0x = net.w[0].narrow(1, du, O);
+  const at::Tensor w0u = net.w[0].narrow(1, 0, du);
+  const std::vector<at::Tensor> w0x = lag_columns(net.w[0], net);
+  const size_t m = net.lags.size();
+  // Version 1's feedback keeps its sequence of calls: the adjoint of y_{t-k} is written (not
+  // accumulated) into the slot step t has just read.
+  const bool plain = net.plain_feedback();
   int64_t hidden = 0;  // sum of the hidden widths
   for (int64_t l = 0; l + 1 < L; ++l) hidden += net.w[l].size(0);
 
@@ -207,8 +243,10 @@ void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, con
     dzbuf[l] = checked_empty(op, "the activation adjoints", {chunk, B, H}, opts, kRemedy);
   }
   at::Tensor g_buf = checked_empty(op, "the output adjoints", {chunk, B, O}, opts, kRemedy);
-  // Adjoint into y_{t-k}, slot t % k; t % k < min(k, steps), so no more slots are needed.
-  at::Tensor ring = checked_empty(op, "the feedback adjoints", {std::min(delay, steps), B, O}, opts,
+  // The adjoint of the fed-back value of step s, slot s % slots, filled by the steps that read
+  // it (s + d_j, all later) and read at step s; slots = min(D, steps) keep every live one apart.
+  const int64_t slots = std::min(delay, steps);
+  at::Tensor ring = checked_empty(op, "the feedback adjoints", {slots, B, f}, opts,
                                   "use a shorter delay or split the batch")
                         .zero_();
   // Weight and bias gradients accumulate in fp32 for 16-bit inputs and are rounded once at the end.
@@ -222,19 +260,13 @@ void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, con
     db[l] = accumulator(out.b[l]);
   }
   at::Tensor dw0u = dw[0].defined() ? dw[0].narrow(1, 0, du) : at::Tensor();
-  at::Tensor dw0x = dw[0].defined() ? dw[0].narrow(1, du, O) : at::Tensor();
+  const std::vector<at::Tensor> dw0x = dw[0].defined() ? lag_columns(dw[0], net) : std::vector<at::Tensor>();
 
   for (int64_t t1 = steps; t1 > 0; t1 -= chunk) {
     const int64_t t0 = std::max<int64_t>(0, t1 - chunk), n = t1 - t0, rows = n * B;
-    // x_t for t in [t0, t1): x0[t] while t < k, then y[t - k].
-    at::Tensor xc;
-    if (t0 >= delay) {
-      xc = y.narrow(0, t0 - delay, n).reshape({rows, O});
-    } else {
-      std::vector<at::Tensor> parts{x0.narrow(0, t0, std::min(delay, t1) - t0)};
-      if (t1 > delay) parts.push_back(y.narrow(0, 0, t1 - delay));
-      xc = at::cat(parts, 0).reshape({rows, O});
-    }
+    // Each lag's value for t in [t0, t1).
+    std::vector<at::Tensor> xc(m);
+    for (size_t j = 0; j < m; ++j) xc[j] = past_rows(x0, y, t0, t1, net.lags[j], delay, f);
     const at::Tensor uc = du ? u.narrow(0, t0, n).reshape({rows, du}) : at::Tensor();
     // The chunk's pre-activations z (where read) and activations h of every hidden layer,
     // (n, B, H_l) each: recomputed layer by layer, or read from what the forward kept.
@@ -266,9 +298,16 @@ void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, con
 
     for (int64_t t = t1 - 1; t >= t0; --t) {
       const int64_t i = t - t0;
-      at::Tensor slot = ring.select(0, t % delay);
+      at::Tensor slot = ring.select(0, t % slots);
       at::Tensor g = g_buf.select(0, i);
-      add_rows(g, grad_y.select(0, t), slot, db[L - 1]);
+      if (plain) {
+        add_rows(g, grad_y.select(0, t), slot, db[L - 1]);
+      } else {
+        g.copy_(grad_y.select(0, t));
+        g.narrow(1, 0, f).add_(slot);
+        if (db[L - 1].defined()) db[L - 1].add_(g.sum(0));
+        slot.zero_();  // read: from now on it collects the adjoint of step t - slots
+      }
       // Down the layers: the adjoint of layer l's output becomes that of layer l - 1's z.
       at::Tensor adj = g;
       for (int64_t l = L - 1; l >= 1; --l) {
@@ -279,14 +318,32 @@ void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, con
         if (db[l - 1].defined()) db[l - 1].add_(dz.sum(0));
         adj = dz;
       }
-      if (t >= delay) {
-        if (truncate && t % truncate == 0)
-          slot.zero_();
-        else
-          at::mm_out(slot, adj, w0x);
-      } else if (out.x0.defined()) {
-        at::Tensor dx0 = out.x0.select(0, t);
-        at::mm_out(dx0, adj, w0x);
+      const bool cut = truncate && t % truncate == 0;
+      if (plain) {
+        if (t >= delay) {
+          if (cut)
+            slot.zero_();
+          else
+            at::mm_out(slot, adj, w0x[0]);
+        } else if (out.x0.defined()) {
+          at::Tensor dx0 = out.x0.select(0, t);
+          at::mm_out(dx0, adj, w0x[0]);
+        }
+        continue;
+      }
+      // The adjoint of each value step t read (and, residual, of the one it added to y_t) goes to
+      // the step that produced it, unless truncate cuts the edges into step t, or to x0.
+      auto target = [&](int64_t s) {
+        return s >= 0 ? (cut ? at::Tensor() : ring.select(0, s % slots))
+                      : (out.x0.defined() ? out.x0.select(0, s + delay) : at::Tensor());
+      };
+      for (size_t j = 0; j < m; ++j) {
+        at::Tensor dst = target(t - net.lags[j]);
+        if (dst.defined()) dst.addmm_(adj, w0x[j]);
+      }
+      if (net.residual) {
+        at::Tensor dst = target(t - net.lags[0]);
+        if (dst.defined()) dst.add_(g.narrow(1, 0, f));
       }
     }
     // Weight gradients and du over the chunk's rows: GEMMs of (n B) rows.
@@ -298,7 +355,10 @@ void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, con
       if (dw[l].defined()) add_product(dw[l], adjoint(l).t(), hc[l - 1].view({rows, net.w[l - 1].size(0)}));
     const at::Tensor adj0 = adjoint(0);
     if (dw[0].defined()) {
-      add_product(dw0x, adj0.t(), xc);
+      for (size_t j = 0; j < m; ++j) {
+        at::Tensor dst = dw0x[j];
+        add_product(dst, adj0.t(), xc[j]);
+      }
       if (du) add_product(dw0u, adj0.t(), uc);
     }
     if (out.u.defined() && du) {

@@ -27,8 +27,15 @@ struct Network {
   Act act = Act::kRelu;
   double param = 0.0;
   int64_t du = 0;  // columns [0, du) of w[0] read u_t, the rest the fed-back x_t
+  // The feedback (docs/spec.md §1.2): step t reads the first f outputs of the steps
+  // t - lags[j] (x0 before step 0), in this order, as w[0]'s columns du + j f .. du + (j+1) f;
+  // residual adds the first lag's value to the first f outputs.
+  std::vector<int64_t> lags{1};
+  int64_t f = 0;
+  bool residual = false;
 
   int64_t layers() const { return static_cast<int64_t>(w.size()); }
+  bool plain_feedback() const { return lags.size() == 1 && !residual && f == w.back().size(0); }
 };
 
 // The backward's outputs. Each is undefined when it is not wanted; the caller allocates the
@@ -43,12 +50,22 @@ struct Grads {
 // z for the others.
 inline bool keeps_preactivation(Act act) { return act_needs_z(act); }
 
-// x0 (min(delay, steps), B, O) and u (T, B, Du) or undefined, contiguous; y (T, B, O) written.
+// x0 (rows of the D before step 0 that are read, B, F; read_rows) and u (T, B, Du) or undefined,
+// contiguous; y (T, B, O) written.
 // kept: null, or filled with one (T, B, out_l) tensor per hidden layer l < L - 1 (see
 // keeps_preactivation), for a backward that then need not recompute them.
 // `op` names the operator in allocation failures.
 void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Network& net, int64_t delay,
              at::Tensor& y, std::vector<at::Tensor>* kept);
+
+// How many of x0's D rows a rollout of `steps` steps reads: rows D - d_min .. are read only if
+// the rollout lasts long enough, rows from 0 always (the longest lag, at step 0).
+inline int64_t read_rows(const std::vector<int64_t>& lags, int64_t delay, int64_t steps) {
+  int64_t shortest = delay;
+  for (const int64_t d : lags) shortest = d < shortest ? d : shortest;
+  const int64_t rows = delay - shortest + steps;
+  return rows < delay ? rows : delay;
+}
 
 // truncate == 0: full BPTT. kept: empty to recompute, else what forward(..., kept) filled.
 // chunk_bytes caps the chunk buffers (they also stay below half of what a per-step loop keeps).

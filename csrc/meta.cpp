@@ -21,8 +21,10 @@ using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, st
 
 at::Tensor rollout_forward_meta(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList weights,
                                 const BiasList& biases, c10::SymInt steps, int64_t delay, int64_t truncate,
-                                c10::string_view activation, double /*param*/) {
-  const RolloutSizes s = check_rollout_args(kForwardOp, x0, u, weights, biases, steps, delay, truncate, activation);
+                                c10::string_view activation, double /*param*/, at::IntArrayRef lags,
+                                int64_t feedback, bool residual) {
+  const RolloutSizes s = check_rollout_args(kForwardOp, x0, u, weights, biases, steps, delay, truncate, activation,
+                                            {lags, feedback, residual});
   check_result_fits(kForwardOp, s, x0.element_size(), 0);
   return at::empty_symint({s.steps, s.batch, s.o}, x0.options());
 }
@@ -47,16 +49,19 @@ GradTuple backward_outputs(const at::Tensor& x0, const std::optional<at::Tensor>
 GradTuple rollout_backward_meta(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
                                 const std::optional<at::Tensor>& u, at::TensorList weights, const BiasList& biases,
                                 int64_t delay, int64_t truncate, c10::string_view activation, double /*param*/,
-                                const c10::List<bool>& mask) {
-  check_backward_args(kBackwardOp, grad_y, y, x0, u, weights, biases, delay, truncate, activation, mask);
+                                const c10::List<bool>& mask, at::IntArrayRef lags, int64_t feedback, bool residual) {
+  check_backward_args(kBackwardOp, grad_y, y, x0, u, weights, biases, delay, truncate, activation, mask,
+                      {lags, feedback, residual});
   return backward_outputs(x0, u, weights, biases, mask);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> rollout_forward_hidden_meta(
     const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList weights, const BiasList& biases,
-    c10::SymInt steps, int64_t delay, c10::string_view activation, double /*param*/) {
+    c10::SymInt steps, int64_t delay, c10::string_view activation, double /*param*/, at::IntArrayRef lags,
+    int64_t feedback, bool residual) {
   const char* op = "fbfast::rollout_forward_hidden";
-  const RolloutSizes s = check_rollout_args(op, x0, u, weights, biases, steps, delay, 0, activation);
+  const RolloutSizes s =
+      check_rollout_args(op, x0, u, weights, biases, steps, delay, 0, activation, {lags, feedback, residual});
   check_result_fits(op, s, x0.element_size(), 0);
   std::vector<at::Tensor> hidden;
   for (int64_t l = 0; l + 1 < s.layers(); ++l)
@@ -68,10 +73,11 @@ GradTuple rollout_backward_hidden_meta(const at::Tensor& grad_y, const at::Tenso
                                        const at::Tensor& x0, const std::optional<at::Tensor>& u,
                                        at::TensorList weights, const BiasList& biases, int64_t delay,
                                        int64_t truncate, c10::string_view activation, double /*param*/,
-                                       const c10::List<bool>& mask) {
+                                       const c10::List<bool>& mask, at::IntArrayRef lags, int64_t feedback,
+                                       bool residual) {
   const char* op = "fbfast::rollout_backward_hidden";
-  const RolloutSizes s =
-      check_backward_args(op, grad_y, y, x0, u, weights, biases, delay, truncate, activation, mask);
+  const RolloutSizes s = check_backward_args(op, grad_y, y, x0, u, weights, biases, delay, truncate, activation, mask,
+                                             {lags, feedback, residual});
   check_hidden(op, hidden, s, x0);
   return backward_outputs(x0, u, weights, biases, mask);
 }

@@ -16,6 +16,7 @@
 #include <c10/core/SymInt.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <new>
@@ -58,13 +59,28 @@ inline Act parse_activation(const char* op, c10::string_view name) {
   TORCH_CHECK(false, op, ": activation must be one of ", known, "; got '", std::string(name), "'");
 }
 
+// The feedback structure of a call (docs/spec.md §1.2) as the operators take it: the lags in
+// the order step t reads them (empty: the single lag `delay`), F (0: every output is fed back)
+// and whether the first lag's value is added to the first F outputs.
+struct FeedbackArgs {
+  at::IntArrayRef lags;
+  int64_t feedback = 0;
+  bool residual = false;
+};
+
 // The shapes of a rollout, once its arguments are checked.
 struct RolloutSizes {
   c10::SymInt steps, batch, du, o;
+  c10::SymInt f;                    // fed-back outputs, 1 <= F <= O
   std::vector<c10::SymInt> widths;  // out_l of every layer; widths.back() == o
+  std::vector<int64_t> lags;        // the lags, in the order read; max == delay
+  int64_t delay = 1;                // D = max(lags), x0's leading axis
+  bool residual = false;
   Act act = Act::kRelu;
 
   int64_t layers() const { return static_cast<int64_t>(widths.size()); }
+  // One lag, every output fed back, no skip: version 1's feedback.
+  bool plain_feedback() const { return lags.size() == 1 && !residual && f == o; }
 };
 
 // "w3" / "b3": the name of layer l's weight or bias in the Python API (fbfast.rollout).
@@ -72,7 +88,8 @@ inline std::string layer_arg(char kind, size_t l) { return std::string(1, kind) 
 
 inline RolloutSizes check_rollout_args(const char* op, const at::Tensor& x0, const std::optional<at::Tensor>& u,
                                        at::TensorList weights, const BiasList& biases, const c10::SymInt& steps,
-                                       int64_t delay, int64_t truncate, c10::string_view activation) {
+                                       int64_t delay, int64_t truncate, c10::string_view activation,
+                                       const FeedbackArgs& fb = {}) {
   RolloutSizes s;
   s.act = parse_activation(op, activation);
   const size_t L = weights.size();
@@ -90,24 +107,46 @@ inline RolloutSizes check_rollout_args(const char* op, const at::Tensor& x0, con
     if (bias[l].has_value() && !dense(*bias[l])) check_dense(op, layer_arg('b', l).c_str(), *bias[l]);
   }
   TORCH_CHECK(delay >= 1, op, ": delay must be >= 1, got ", delay);
+  if (fb.lags.empty()) {
+    s.lags = {delay};
+  } else {
+    int64_t longest = 0;
+    for (size_t j = 0; j < fb.lags.size(); ++j) {
+      TORCH_CHECK(fb.lags[j] >= 1, op, ": lags must be positive, got ", fb.lags);
+      for (size_t i = 0; i < j; ++i)
+        TORCH_CHECK(fb.lags[i] != fb.lags[j], op, ": lags must be distinct, got ", fb.lags);
+      longest = std::max(longest, fb.lags[j]);
+    }
+    TORCH_CHECK(longest == delay, op, ": delay must be the longest lag, max(lags) = ", longest, ", got delay = ",
+                delay, " (lags ", fb.lags, ")");
+    s.lags = fb.lags.vec();
+  }
+  s.delay = delay;
+  s.residual = fb.residual;
+  TORCH_CHECK(fb.feedback >= 0, op, ": feedback must be >= 1 (or 0: every output), got ", fb.feedback);
   TORCH_CHECK(truncate >= 0, op, ": truncate must be >= 0 (0 = full BPTT), got ", truncate);
   TORCH_CHECK(steps >= 0, op, ": steps must be >= 0, got ", steps);
   for (size_t l = 0; l < L; ++l)
     TORCH_CHECK(weights[l].dim() == 2, op, ": ", layer_arg('w', l), " must be 2-D (out, in) like nn.Linear.weight, got ",
                 weights[l].sym_sizes());
   const c10::SymInt O = weights[L - 1].sym_size(0);
-  TORCH_CHECK(x0.dim() == 3 && x0.sym_size(0) == delay, op, ": x0 must be (delay=", delay, ", B, O), got ",
+  const c10::SymInt F = fb.feedback == 0 ? O : c10::SymInt(fb.feedback);
+  TORCH_CHECK(F <= O, op, ": feedback must be at most the O = ", O, " outputs of ", layer_arg('w', L - 1), ", got ",
+              fb.feedback);
+  TORCH_CHECK(x0.dim() == 3 && x0.sym_size(0) == delay, op, ": x0 must be (delay=", delay, ", B, F), got ",
               x0.sym_sizes());
   const c10::SymInt B = x0.sym_size(1);
-  TORCH_CHECK(x0.sym_size(2) == O, op, ": x0 has ", x0.sym_size(2), " features, ", layer_arg('w', L - 1),
-              " outputs O = ", O);
+  TORCH_CHECK(x0.sym_size(2) == F, op, ": x0 has ", x0.sym_size(2), " features, but F = ", F,
+              " outputs are fed back (", layer_arg('w', L - 1), " outputs O = ", O, ")");
   // The rank of u is checked before its last axis is read.
   if (u.has_value())
     TORCH_CHECK(u->dim() == 3 && u->sym_size(0) == steps && u->sym_size(1) == B, op, ": u must be (steps=", steps,
                 ", B=", B, ", Du), got ", u->sym_sizes());
   const c10::SymInt du = u.has_value() ? u->sym_size(2) : c10::SymInt(0);
-  TORCH_CHECK(weights[0].sym_size(1) == du + O, op, ": w1 must have Du + O = ", du + O, " input columns (Du = ", du,
-              " from u, O = ", O, " fed back), got ", weights[0].sym_sizes());
+  const int64_t m = static_cast<int64_t>(s.lags.size());
+  TORCH_CHECK(weights[0].sym_size(1) == du + F * m, op, ": w1 must have Du + m F = ", du + F * m,
+              " input columns (Du = ", du, " from u, m = ", m, " lags of F = ", F, " fed-back values), got ",
+              weights[0].sym_sizes());
   for (size_t l = 1; l < L; ++l)
     TORCH_CHECK(weights[l].sym_size(1) == weights[l - 1].sym_size(0), op, ": layer sizes do not chain: ",
                 layer_arg('w', l), " is ", weights[l].sym_sizes(), " with ", weights[l].sym_size(1),
@@ -131,6 +170,7 @@ inline RolloutSizes check_rollout_args(const char* op, const at::Tensor& x0, con
   s.batch = B;
   s.du = du;
   s.o = O;
+  s.f = F;
   return s;
 }
 
@@ -141,12 +181,12 @@ inline RolloutSizes check_backward_args(const char* op, const at::Tensor& grad_y
                                         const at::Tensor& x0, const std::optional<at::Tensor>& u,
                                         at::TensorList weights, const BiasList& biases, int64_t delay,
                                         int64_t truncate, c10::string_view activation,
-                                        const c10::List<bool>& output_mask) {
+                                        const c10::List<bool>& output_mask, const FeedbackArgs& fb = {}) {
   check_dense(op, "grad_y", grad_y);
   check_dense(op, "y", y);
   TORCH_CHECK(y.dim() == 3, op, ": y must be (T, B, O), got ", y.sym_sizes());
   const RolloutSizes s =
-      check_rollout_args(op, x0, u, weights, biases, y.sym_size(0), delay, truncate, activation);
+      check_rollout_args(op, x0, u, weights, biases, y.sym_size(0), delay, truncate, activation, fb);
   TORCH_CHECK(y.sym_size(1) == s.batch && y.sym_size(2) == s.o, op, ": y must be (T, B=", s.batch, ", O=", s.o,
               "), got ", y.sym_sizes());
   TORCH_CHECK(grad_y.sym_sizes() == y.sym_sizes(), op, ": grad_y ", grad_y.sym_sizes(), " and y ", y.sym_sizes(),
@@ -194,7 +234,7 @@ inline void check_result_fits(const char* op, const RolloutSizes& s, int64_t ite
   TORCH_CHECK(bytes <= limit, op, ": steps=", *steps, " is too large: the result Y of shape (", *steps, ", ", *B,
               ", ", *O, ") needs ", format_bytes(bytes), ", more than ",
               limit_bytes > 0 ? "the device's " + format_bytes(limit) + " of memory" : std::string("an int64 byte count"),
-              "; use fewer steps, or run the rollout in chunks (pass Y[-delay:].detach() as the next call's x0)");
+              "; use fewer steps, or run the rollout in chunks (pass Y[-D:, ..., :F].detach() as the next call's x0)");
 }
 
 // at::empty that, when the allocator fails, says what was being allocated, for which sizes, and

@@ -8,6 +8,7 @@ what it got, and what it needed.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence as _SequenceABC
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +22,7 @@ _INT64_MAX = 2**63 - 1
 
 
 class RolloutArgs(NamedTuple):
-    x0: Tensor  # always (delay, B, O)
+    x0: Tensor  # always (D, B, F), D = max(lags)
     weights: List[Tensor]  # (out_l, in_l) each
     biases: List[Optional[Tensor]]  # (out_l,) or None each
     steps: int
@@ -30,6 +31,9 @@ class RolloutArgs(NamedTuple):
     out_features: int  # O
     widths: Tuple[int, ...]  # out_l of every layer; widths[-1] == O
     activation: ResolvedActivation
+    lags: Tuple[int, ...]  # d_1 .. d_m in the order step t reads them (docs/spec.md §1.2)
+    fed_back: int  # F: y[..., :F] is fed back; F == O when feedback is None
+    residual: bool
 
 
 def _shape(t: Tensor) -> str:
@@ -69,6 +73,53 @@ def _check_int(who: str, name: str, value, minimum: int) -> int:
     if value > _INT64_MAX:
         raise ValueError(f"{who}: {name} must be < 2**63 (an int64), got {value}")
     return value
+
+
+def check_lags(who: str, delay) -> Tuple[int, ...]:
+    """The lags ``(d_1, ..., d_m)`` of ``delay``: an int k (the single lag ``(k,)``) or a
+    sequence of distinct positive ints, read in the order given (docs/spec.md §1.2)."""
+    if isinstance(delay, int) and not isinstance(delay, bool):
+        # Every version-1 call: one range check, no sequence machinery.
+        return (_check_int(who, "delay", delay, 1),)
+    if isinstance(delay, (str, bytes)) or not isinstance(delay, _SequenceABC):
+        # Tensors and arrays are not Sequences: a lag is a structural constant of the rollout,
+        # so it must be a Python int that the compiled graph and the operator schema can hold.
+        raise TypeError(f"{who}: delay must be an int or a sequence of distinct positive ints (the lags, e.g. "
+                        f"(1, 2, 3)), got {type(delay).__name__} {delay!r}")
+    lags = tuple(delay)
+    if not lags:
+        raise ValueError(f"{who}: delay must hold at least one lag, got an empty {type(delay).__name__} "
+                         f"{delay!r} (delay=1 is in-step feedback)")
+    for j, d in enumerate(lags):
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"{who}: delay={delay!r}: every lag must be an int, got {type(d).__name__} {d!r} "
+                            f"at position {j}")
+        if d < 1:
+            raise ValueError(f"{who}: delay={delay!r}: every lag must be >= 1 (step t reads step t - lag), "
+                             f"got {d} at position {j}")
+        if d > _INT64_MAX:
+            raise ValueError(f"{who}: delay={delay!r}: every lag must be < 2**63 (an int64), got {d} at "
+                             f"position {j}")
+    if len(set(lags)) != len(lags):
+        seen = set()
+        twice = next(d for d in lags if d in seen or seen.add(d))
+        raise ValueError(f"{who}: delay={delay!r}: the lags must be distinct, got {twice} more than once "
+                         "(each lag reads its own F columns of w1; repeat none)")
+    return lags
+
+
+def check_feedback_type(who: str, feedback) -> None:
+    if feedback is not None and (isinstance(feedback, bool) or not isinstance(feedback, int)):
+        raise TypeError(f"{who}: feedback must be an int F (the first F outputs are fed back) or None (all "
+                        f"of them), got {type(feedback).__name__} {feedback!r}")
+
+
+def check_residual(who: str, residual) -> bool:
+    # Only a real bool: residual=1 or a tensor is a misplaced argument more often than a flag.
+    if residual is not True and residual is not False:
+        raise TypeError(f"{who}: residual must be a bool (True: add the first lag's fed-back value to the "
+                        f"first F outputs), got {type(residual).__name__} {residual!r}")
+    return residual
 
 
 def _host_memory_bytes() -> Optional[int]:
@@ -113,7 +164,8 @@ def _check_result_fits(who: str, x0: Tensor, steps: int, batch: int, out_feature
         raise RuntimeError(
             f"{who}: steps={steps} is too large: the result Y of shape ({steps}, {batch}, "
             f"{out_features}) in {x0.dtype} needs {_gib(nbytes)}, more than {where}; use fewer "
-            "steps, or run the rollout in chunks (pass Y[-delay:].detach() as the next call's x0)"
+            "steps, or run the rollout in chunks (pass Y[-D:, ..., :F].detach() as the next call's x0, "
+            "D the longest lag)"
         )
 
 
@@ -163,15 +215,33 @@ def _split_layers(who: str, params: Sequence, x0: Tensor) -> Tuple[List, List]:
     return list(params[0::2]), list(params[1::2])
 
 
+def _last_layer(weights: Sequence[Tensor]) -> str:
+    return f"{weight_name(len(weights) - 1)} is {_shape(weights[-1])}"
+
+
+def _fed(lags: Tuple[int, ...], feedback: Optional[int], F: int) -> str:
+    """How many features the feedback gives w1, for messages: version 1's wording ``O = 2``
+    where one lag feeds back every output."""
+    m = len(lags)
+    if m == 1 and feedback is None:
+        return f"O = {F}"
+    return f"m·F = {m}·{F} = {m * F} (m = {m} lags {lags}, F = {F} fed-back outputs)"
+
+
 def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activation,
-                       who: str = "fbfast.rollout") -> RolloutArgs:
+                       who: str = "fbfast.rollout", *, feedback=None, residual=False) -> RolloutArgs:
     """Validate the arguments of ``fbfast.rollout`` (``params`` = ``(w1, b1, ..., wL, bL)``),
-    resolve the activation, and normalise ``x0`` to ``(delay, B, O)``."""
-    _check_int(who, "delay", delay, 1)
+    resolve the activation and the lags, and normalise ``x0`` to ``(D, B, F)``."""
+    # The common case, one int lag, without a call: this check runs on every rollout.
+    lags = (delay,) if delay.__class__ is int and 1 <= delay <= _INT64_MAX else check_lags(who, delay)
     if truncate is not None:
         _check_int(who, "truncate", truncate, 1)
     if steps is not None:
         _check_int(who, "steps", steps, 0)
+    if feedback is not None:
+        check_feedback_type(who, feedback)
+    if residual is not False:
+        check_residual(who, residual)
 
     _check_tensor(who, "x0", x0, optional=False)
     weights, biases = _split_layers(who, params, x0)
@@ -184,7 +254,7 @@ def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activati
     widths = []
     for l, (w, b) in enumerate(zip(weights, biases)):
         if w.dim() != 2:
-            shape = "(O, H)" if l == L - 1 and L > 1 else "(H, Du + O)" if l == 0 and L > 1 else "(out, in)"
+            shape = "(O, H)" if l == L - 1 and L > 1 else "(H, Du + m·F)" if l == 0 and L > 1 else "(out, in)"
             raise ValueError(f"{who}: {weight_name(l)} must be 2-D {shape} like nn.Linear.weight, "
                              f"got shape {_shape(w)}")
         out, reads = w.shape
@@ -202,32 +272,53 @@ def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activati
     widths = tuple(widths)
     O = widths[-1]
     w1 = weights[0]
+    if feedback is None:
+        F = O
+    elif not 1 <= feedback <= O:
+        raise ValueError(f"{who}: feedback must be in 1..O = {O} (how many of the first outputs are fed "
+                         f"back; {_last_layer(weights)}), got {feedback}")
+    else:
+        F = feedback
+    m = len(lags)
+    D = lags[0] if m == 1 else max(lags)
+    # Messages speak of O where every output is fed back (version 1's words), of F otherwise.
+    f_name = "O" if feedback is None else "F"
 
     x0_given = x0  # messages show the shape the caller passed, before normalisation
-    if x0.dim() == 2 and delay == 1:
+    if x0.dim() == 2 and D == 1:
         x0 = x0.unsqueeze(0)
-    elif x0.dim() != 3 or x0.shape[0] != delay:
-        need = "(B, O) or (1, B, O)" if delay == 1 else f"({delay}, B, O): the leading axis holds the first delay={delay} inputs"
+    elif x0.dim() != 3 or x0.shape[0] != D:
+        if D == 1:
+            need = f"(B, {f_name}) or (1, B, {f_name})"
+        elif m == 1:
+            need = f"({D}, B, {f_name}): the leading axis holds the first delay={D} inputs"
+        else:
+            need = (f"({D}, B, {f_name}): the leading axis holds the D = {D} fed-back values before step 0, "
+                    f"oldest first, D being the longest lag of delay={delay!r}")
         raise ValueError(f"{who}: x0 must have shape {need}, got {_shape(x0_given)}")
     B = x0.shape[1]
-    if x0.shape[2] != O:
-        raise ValueError(
-            f"{who}: x0 has {x0.shape[2]} features in its last axis (shape {_shape(x0_given)}) "
-            f"but the network outputs O = {O} ({weight_name(L - 1)} is {_shape(weights[-1])}); fed-back inputs "
-            "must match outputs"
-        )
+    if x0.shape[2] != F:
+        got = f"{who}: x0 has {x0.shape[2]} features in its last axis (shape {_shape(x0_given)})"
+        if feedback is None:
+            hint = (f"; to feed back only the first {x0.shape[2]} outputs, pass feedback={x0.shape[2]}"
+                    if 0 < x0.shape[2] < O else "")
+            raise ValueError(f"{got} but the network outputs O = {O} ({_last_layer(weights)}); fed-back inputs "
+                             f"must match outputs{hint}")
+        raise ValueError(f"{got} but feedback={feedback} feeds back F = {F} of the O = {O} outputs "
+                         f"({_last_layer(weights)}); x0 holds fed-back values, so it needs F = {F} features")
 
     if u is None:
         Du = 0
         if steps is None:
             raise ValueError(f"{who}: steps is required when u is None (it cannot be inferred)")
-        if w1.shape[1] != O:
-            extra = w1.shape[1] - O
+        if w1.shape[1] != m * F:
+            extra = w1.shape[1] - m * F
             hint = (f"; pass the other {extra} input features as u of shape (T, B, {extra})"
                     if extra > 0 else "")
+            need = f"Du + O = {O}" if m == 1 and feedback is None else f"Du + m·F = 0 + {m * F} = {m * F}"
             raise ValueError(
-                f"{who}: w1 has {w1.shape[1]} input columns but the feedback has "
-                f"O = {O} features and u is None (Du + O = {O} needed){hint}"
+                f"{who}: w1 has {w1.shape[1]} input columns but the feedback has {_fed(lags, feedback, F)} "
+                f"features and u is None ({need} needed){hint}"
             )
     else:
         if u.dim() != 3:
@@ -244,10 +335,12 @@ def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activati
             raise ValueError(
                 f"{who}: u has batch size {B_u} (shape {_shape(u)}) but x0 has B = {B}"
             )
-        if w1.shape[1] != Du + O:
+        if w1.shape[1] != Du + m * F:
+            need = (f"Du + O = {Du + O}" if m == 1 and feedback is None
+                    else f"Du + m·F = {Du} + {m * F} = {Du + m * F}")
             raise ValueError(
                 f"{who}: w1 has {w1.shape[1]} input columns but u has Du = {Du} features "
-                f"and the feedback has O = {O} (Du + O = {Du + O} needed; w1 is {_shape(w1)})"
+                f"and the feedback has {_fed(lags, feedback, F)} ({need} needed; w1 is {_shape(w1)})"
             )
     _check_result_fits(who, x0, steps, B, O)
-    return RolloutArgs(x0, weights, biases, steps, B, Du, O, widths, act)
+    return RolloutArgs(x0, weights, biases, steps, B, Du, O, widths, act, lags, F, residual)

@@ -54,13 +54,16 @@ def _status() -> Dict[str, BackendStatus]:
     floats = ("float32", "float64", "float16", "bfloat16")
     out = {}
     if not ops.LOADED:
-        if ops.BUILT:
+        if ops.STALE:
+            why = f"the compiled extension is out of date ({ops.LOAD_ERROR}); {REBUILD_HINT}"
+        elif ops.BUILT:
             why = f"the compiled extension did not load ({ops.LOAD_ERROR}); {REBUILD_HINT}"
         elif ops.SHADOWED:
             why = ops.LOAD_ERROR
         else:
             why = f"{ops.LOAD_ERROR}; build it with `pip install --no-build-isolation -v .`"
-        cpp_ok, cpp_why, cuda_ok, cuda_why = False, why, False, why
+        cpp_ok, cpp_why, cuda_ok = False, why, False
+        cuda_why = f"{why} (the CUDA kernels are part of the same library, fbfast._C)"
     else:
         cpp_ok = ops.has_kernel("CPU")
         cpp_why = "fused C++ rollout kernel" if cpp_ok else f"fbfast._C was built without the CPU kernel; {REBUILD_HINT}"
@@ -74,7 +77,9 @@ def _status() -> Dict[str, BackendStatus]:
             cuda_why = "built, but torch.cuda.is_available() is False on this machine"
     out["cuda"] = BackendStatus("cuda", cuda_ok, cuda_why, ("cuda",), _dtype_names(_KERNEL_DTYPES["cuda"]))
     out["cpp"] = BackendStatus("cpp", cpp_ok, cpp_why, ("cpu",), _dtype_names(_KERNEL_DTYPES["cpp"]))
-    out["compile"] = BackendStatus("compile", True, "torch.compile of the reference (compiles an unrolled loop per steps, delay, truncate, depth and activation)", ("cpu", "cuda"), floats)
+    out["compile"] = BackendStatus("compile", True, "torch.compile of the reference (compiles an unrolled loop per "
+                                   "steps, lags, truncate, depth, activation, feedback and residual)",
+                                   ("cpu", "cuda"), floats)
     out["eager"] = BackendStatus("eager", True, "pure-PyTorch reference", ("any",), floats)
     return out
 

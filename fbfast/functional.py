@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -18,9 +18,11 @@ def rollout(
     *params: Optional[Tensor],
     steps: Optional[int] = None,
     u: Optional[Tensor] = None,
-    delay: int = 1,
+    delay: Union[int, Sequence[int]] = 1,
     truncate: Optional[int] = None,
     activation="relu",
+    residual: bool = False,
+    feedback: Optional[int] = None,
     backend: str = "auto",
     **layers: Optional[Tensor],
 ) -> Tensor:
@@ -28,75 +30,100 @@ def rollout(
 
     ``f(x) = wL · act(... act(w1 · x + b1) ...) + bL``: ``L >= 1`` layers in ``nn.Linear``
     layout, one activation after every layer but the last. Version 1's
-    ``rollout(x0, w1, b1, w2, b2, ...)`` is the case ``L = 2``, ReLU.
+    ``rollout(x0, w1, b1, w2, b2, ...)`` is the case ``L = 2``, ReLU, one lag.
+
+    Sizes: ``O`` outputs, ``F`` of them fed back (``feedback``), lags ``d_1 .. d_m``
+    (``delay``), ``D = max(d_j)``, ``Du`` exogenous features. With ``past(s) = y_s[..., :F]``
+    for ``s >= 0`` and ``x0[s + D]`` for ``s < 0``, step ``t`` reads
+    ``x_t = [past(t - d_1); ...; past(t - d_m)]``.
 
     Args:
-        x0: ``(B, O)`` when ``delay == 1`` (``(1, B, O)`` also accepted), else ``(delay, B, O)``:
-            the first ``delay`` fed-back inputs.
+        x0: ``(D, B, F)`` (also ``(B, F)`` when ``D == 1``): the ``D`` fed-back values before
+            step 0, oldest first. For one lag ``k``, ``x0[t]`` is the input of step ``t < k``.
         w1, b1, ..., wL, bL: the layers, weights and biases alternating. ``wl`` is
-            ``(out_l, in_l)`` with ``in_{l+1} = out_l``; ``w1`` has ``Du + O`` columns, ``[0:Du]``
-            reading ``u_t`` and ``[Du:]`` the fed-back ``x_t``; ``wL`` has ``O`` rows. Each bias
-            is ``(out_l,)`` or None.
+            ``(out_l, in_l)`` with ``in_{l+1} = out_l``; ``w1`` has ``Du + m·F`` columns, ``[0:Du]``
+            reading ``u_t``, then ``F`` columns per lag in the order of ``delay``; ``wL`` has
+            ``O`` rows. Each bias is ``(out_l,)`` or None.
         steps: number of steps ``T``; inferred from ``u`` when given, required otherwise.
         u: ``(T, B, Du)`` exogenous input of every step, or None.
-        delay: ``k >= 1``; step ``t`` reads the output of step ``t - k`` (``k = 1``: in-step).
-        truncate: None for full BPTT, or ``K >= 1`` to cut the feedback edge into every step
-            ``t`` with ``t % K == 0`` (``K = 1`` is ``x = y.detach()`` at every step).
+        delay: an int ``k >= 1`` (step ``t`` reads the output of step ``t - k``; ``k = 1``:
+            in-step), or a sequence of distinct positive lags, read in the order given
+            (``(1, 2, ..., na)``: a tapped delay line, NARX).
+        truncate: None for full BPTT, or ``K >= 1`` to cut every feedback edge into every step
+            ``t`` with ``t % K == 0`` (``K = 1`` is ``x = y.detach()`` at every step); the
+            residual skip edge is cut with its feedback edge. ``x0`` and ``u`` are never cut.
         activation: "relu" (default), "leaky_relu", "elu", "tanh", "sigmoid", "silu", "gelu",
             "gelu_tanh", "mish", or an instance of the matching ``nn`` module (``nn.LeakyReLU(0.2)``,
             ``nn.ELU(alpha)``, ``nn.GELU(approximate="tanh")``, ...), whose parameters are honoured.
+        residual: True for a delta model: ``y_t = f(...) + [past(t - d_1) ; 0]``, the first
+            lag's fed-back value added to the first ``F`` outputs.
+        feedback: ``F`` in ``1..O``: only ``y[..., :F]`` is fed back, the other outputs (a reward
+            head, a log-variance) are computed and returned; None feeds back all ``O``.
         backend: "auto", "cuda", "cpp", "compile" or "eager" (see `fbfast.backends()`).
 
     The layers may also be named, ``rollout(x0, w1=..., b1=..., w2=..., b2=..., steps=...)``,
     as version 1's signature allowed.
 
     Returns:
-        ``Y`` of shape ``(T, B, O)``; ``Y[-delay:].detach()`` is the ``x0`` that continues the
-        rollout in a next call.
+        ``Y`` of shape ``(T, B, O)``; ``Y[-D:, ..., :F].detach()`` is the ``x0`` that continues
+        the rollout in a next call.
     """
     if layers:
         params = params_from_keywords("fbfast.rollout", params, layers)
-    args = check_rollout_args(x0, params, steps, u, delay, truncate, activation)
+    args = check_rollout_args(x0, params, steps, u, delay, truncate, activation, feedback=feedback,
+                              residual=residual)
     name = dispatch.resolve(backend, args.x0)
     act = args.activation
     if name == "cpp" or name == "cuda":
-        return ops.forward_op(args.x0, u, args.weights, args.biases, args.steps, delay, truncate or 0,
-                              act.name, act.param)
+        # lags, feedback and residual always go by keyword: csrc/fbfast.cpp gives them defaults
+        # after activation_param, and fbfast/ops.py loads only a library whose schema has them.
+        return ops.forward_op(args.x0, u, args.weights, args.biases, args.steps, args.x0.shape[0], truncate or 0,
+                              act.name, act.param, lags=list(args.lags), feedback=args.fed_back,
+                              residual=residual)
     if name == "compile":
-        fn = _compiled(args.steps, delay, truncate, act, tuple(b is not None for b in args.biases))
+        fn = _compiled(args.steps, args.lags, truncate, act, tuple(b is not None for b in args.biases), feedback,
+                       residual)
         return fn(args.x0, u, *args.weights, *(b for b in args.biases if b is not None))
-    return run_reference(args.x0, args.weights, args.biases, args.steps, u, delay, truncate, act)
+    return run_reference(args.x0, args.weights, args.biases, args.steps, u, args.lags, truncate, act, feedback,
+                         residual)
 
 
-# (steps, delay, truncate, L, activation name, its parameter as float.hex, which biases exist)
-_CompileKey = Tuple[int, int, Optional[int], int, str, str, Tuple[bool, ...]]
+# (steps, lags, truncate, L, activation name, its parameter as float.hex, which biases exist,
+# feedback, residual)
+_CompileKey = Tuple[int, Tuple[int, ...], Optional[int], int, str, str, Tuple[bool, ...], Optional[int], bool]
 _COMPILED: Dict[_CompileKey, Callable] = {}
 
 
-def _compiled(steps: int, delay: int, truncate: Optional[int], act: ResolvedActivation,
-              has_bias: Sequence[bool]) -> Callable:
+def _compiled(steps: int, lags: Tuple[int, ...], truncate: Optional[int], act: ResolvedActivation,
+              has_bias: Sequence[bool], feedback: Optional[int] = None, residual: bool = False) -> Callable:
     """`torch.compile` of the reference for one configuration.
 
     The reference's Python loop is unrolled while tracing, so compile time grows with `steps`.
     Each configuration gets a function with its own code object: dynamo's recompile limit
     counts per code object, and one shared function would stop compiling after a few configs.
     The key holds everything the unrolled graph depends on besides the tensors' shapes: the
-    number of layers, the activation and its parameter (a constant of the graph; keyed by
-    ``float.hex`` so that a NaN parameter finds its entry again), and which biases are None
-    (absent biases are not arguments of the compiled function, so that dynamo sees only tensors).
+    lags in their order, the number of layers, the activation and its parameter (a constant of
+    the graph; keyed by ``float.hex`` so that a NaN parameter finds its entry again), which
+    biases are None (absent biases are not arguments of the compiled function, so that dynamo
+    sees only tensors), and the feedback structure: ``feedback`` as given (None feeds back y
+    whole, an int slices it) and ``residual``.
     """
     L = len(has_bias)
-    key = (steps, delay, truncate, L, act.name, float(act.param).hex(), tuple(has_bias))
+    key = (steps, lags, truncate, L, act.name, float(act.param).hex(), tuple(has_bias), feedback, residual)
     fn = _COMPILED.get(key)
     if fn is None:
         weights = [f"w{l + 1}" for l in range(L)]
         biases = [f"b{l + 1}" if has_bias[l] else "None" for l in range(L)]
         signature = ", ".join(["x0", "u"] + weights + [b for b in biases if b != "None"])
-        scope = {"_ref": run_reference, "STEPS": steps, "DELAY": delay, "TRUNCATE": truncate, "ACT": act}
+        scope = {"_ref": run_reference, "STEPS": steps, "LAGS": lags, "TRUNCATE": truncate, "ACT": act,
+                 "FEEDBACK": feedback, "RESIDUAL": residual}
         src = (f"def rollout_unrolled({signature}):\n"
-               f"    return _ref(x0, [{', '.join(weights)}], [{', '.join(biases)}], STEPS, u, DELAY, TRUNCATE, ACT)\n")
+               f"    return _ref(x0, [{', '.join(weights)}], [{', '.join(biases)}], STEPS, u, LAGS, TRUNCATE, ACT, "
+               f"FEEDBACK, RESIDUAL)\n")
+        delay = lags[0] if len(lags) == 1 else ",".join(map(str, lags))
         label = (f"<fbfast.compile steps={steps} delay={delay} truncate={truncate} layers={L} "
-                 f"activation={act.describe()} biases={''.join('1' if b else '0' for b in has_bias)}>")
+                 f"activation={act.describe()} biases={''.join('1' if b else '0' for b in has_bias)} "
+                 f"feedback={feedback} residual={residual}>")
         exec(compile(src, label, "exec"), scope)
         fn = _COMPILED[key] = torch.compile(scope["rollout_unrolled"])
     return fn

@@ -6,7 +6,7 @@ import copy
 import inspect
 import itertools
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch.nn.parameter import is_lazy
 
 from ._spec import (ACTIVATIONS, NAMES, ResolvedActivation, activation_of_module, interleave, is_real,
                     resolve_activation, supported)
+from ._validation import check_feedback_type, check_lags, check_residual
 from .functional import rollout
 
 
@@ -33,25 +34,45 @@ class FeedbackMLP(nn.Module):
     hidden_features)``, ``fc2 .. fc{L-1}`` are ``Linear(hidden_features, hidden_features)`` and
     ``fcL`` is ``Linear(hidden_features, out_features)`` (with ``hidden_layers=0``, ``fc1`` alone
     is ``Linear(in_features, out_features)`` and ``hidden_features`` is not used).
-    ``in_features = Du + out_features``: the first ``Du`` input features come from the
-    exogenous input ``u``, the last ``out_features`` from the fed-back output. The submodules
-    are named ``fc1``, ``fc2``, ... so that with the defaults (one hidden layer, ReLU) the
-    ``state_dict`` keys match the seed's network. ``activation`` is a name or an ``nn`` module
-    (see `fbfast.rollout`); the activation holds no parameters, so it is not in the state_dict.
+
+    The feedback structure (docs/spec.md §1.2) is the module's: ``delay`` (an int, or a sequence
+    of distinct positive lags ``d_1 .. d_m``), ``feedback`` (``F``: only the first ``F`` outputs
+    are fed back; None: all ``out_features``) and ``residual`` (the first lag's fed-back value is
+    added to the first ``F`` outputs). ``in_features = Du + m·F``: the first ``Du`` input
+    features come from the exogenous input ``u``, then ``F`` per lag, in the order of ``delay``.
+    The submodules are named ``fc1``, ``fc2``, ... so that with the defaults (one hidden layer,
+    ReLU, one lag) the ``state_dict`` keys match the seed's network. ``activation`` is a name or
+    an ``nn`` module (see `fbfast.rollout`); neither it nor the feedback structure holds
+    parameters, so none of them is in the state_dict.
     """
 
+    # Class-level defaults: a FeedbackMLP pickled whole before these attributes existed still
+    # rolls out as the version-1 structure it was built with.
+    delay: Union[int, Tuple[int, ...]] = 1
+    feedback: Optional[int] = None
+    residual: bool = False
+
     def __init__(self, in_features: int, hidden_features: int, out_features: int, *,
-                 hidden_layers: int = 1, activation="relu", bias: bool = True, device=None,
-                 dtype=None) -> None:
+                 hidden_layers: int = 1, activation="relu", residual: bool = False,
+                 feedback: Optional[int] = None, delay: Union[int, Sequence[int]] = 1, bias: bool = True,
+                 device=None, dtype=None) -> None:
         super().__init__()
         _check_size("in_features", in_features, 0)
         _check_size("hidden_features", hidden_features, 0)
         _check_size("out_features", out_features, 0)
         _check_size("hidden_layers", hidden_layers, 0)
-        if in_features < out_features:
+        self._set_feedback_structure("FeedbackMLP", out_features, delay, feedback, residual)
+        fed_back = out_features if feedback is None else feedback
+        fed = len(self.lags) * fed_back
+        if in_features < fed:
+            if len(self.lags) == 1 and feedback is None:
+                raise ValueError(
+                    f"FeedbackMLP: in_features ({in_features}) must be >= out_features ({out_features}): "
+                    "the output is fed back into the last out_features inputs")
             raise ValueError(
-                f"FeedbackMLP: in_features ({in_features}) must be >= out_features ({out_features}): "
-                "the output is fed back into the last out_features inputs")
+                f"FeedbackMLP: in_features ({in_features}) must be >= m·F = {len(self.lags)}·{fed_back} = "
+                f"{fed}: the last m·F inputs read the F = {fed_back} fed-back outputs at each of the "
+                f"m = {len(self.lags)} lags {self.lags}")
         self._activation = resolve_activation(activation, who="FeedbackMLP")
         widths = [hidden_features] * hidden_layers + [out_features]
         fan_in = in_features
@@ -59,6 +80,30 @@ class FeedbackMLP(nn.Module):
             setattr(self, f"fc{l + 1}", nn.Linear(fan_in, out, bias=bias, device=device, dtype=dtype))
             fan_in = out
         self.num_layers = len(widths)
+
+    def _set_feedback_structure(self, who: str, out_features: int, delay, feedback, residual) -> None:
+        """Validate and store ``delay``, ``feedback`` and ``residual`` as `fbfast.rollout` checks
+        them (fbfast/_validation.py), so that a bad structure fails here, not at the first rollout."""
+        lags = check_lags(who, delay)
+        if feedback is not None:
+            check_feedback_type(who, feedback)
+            if not 1 <= feedback <= out_features:
+                raise ValueError(f"{who}: feedback must be in 1..out_features = {out_features}, got {feedback}")
+        check_residual(who, residual)
+        # The int form is kept as an int: a version-1 module rolls out with delay=k as before.
+        self.delay = lags[0] if isinstance(delay, int) else lags
+        self.feedback = feedback
+        self.residual = residual
+
+    @property
+    def lags(self) -> Tuple[int, ...]:
+        """``(d_1, ..., d_m)``: ``delay`` as a tuple."""
+        return (self.delay,) if isinstance(self.delay, int) else tuple(self.delay)
+
+    @property
+    def fed_back(self) -> int:
+        """``F``: how many of the first outputs are fed back."""
+        return self.layers[-1].out_features if self.feedback is None else self.feedback
 
     @property
     def layers(self) -> List[nn.Linear]:
@@ -78,7 +123,7 @@ class FeedbackMLP(nn.Module):
     @property
     def exo_features(self) -> int:
         """``Du``: how many input features come from ``u`` rather than from the feedback."""
-        return self.fc1.in_features - self.layers[-1].out_features
+        return self.fc1.in_features - len(self.lags) * self.fed_back
 
     def params(self) -> List[Optional[Tensor]]:
         """``[fc1.weight, fc1.bias, ..., fcL.weight, fcL.bias]``: `fbfast.rollout`'s order."""
@@ -86,7 +131,9 @@ class FeedbackMLP(nn.Module):
         return interleave([fc.weight for fc in layers], [fc.bias for fc in layers])
 
     def forward(self, x: Tensor) -> Tensor:
-        """One step: ``x`` is ``(..., in_features)`` = ``[u_t ; x_t]``."""
+        """The network ``f`` once: ``x`` is ``(..., in_features)`` = ``[u_t ; x_t]``. With
+        ``residual=True`` a step's output is this plus the first lag's fed-back value
+        (`rollout` adds it); ``forward`` stays the network, as ``from_module`` verifies it."""
         act = self._activation.fn
         last = self.num_layers - 1
         for l, fc in enumerate(self.layers):
@@ -96,16 +143,27 @@ class FeedbackMLP(nn.Module):
         return x
 
     def rollout(self, x0: Tensor, steps: Optional[int] = None, u: Optional[Tensor] = None,
-                delay: int = 1, truncate: Optional[int] = None, backend: str = "auto") -> Tensor:
-        """The fused T-step rollout; see `fbfast.rollout` for shapes and modes."""
-        return rollout(x0, *self.params(), steps=steps, u=u, delay=delay, truncate=truncate,
-                       activation=self._activation, backend=backend)
+                delay: Union[int, Sequence[int], None] = None, truncate: Optional[int] = None,
+                backend: str = "auto") -> Tensor:
+        """The fused T-step rollout with the module's feedback structure; see `fbfast.rollout`
+        for shapes and modes. ``delay`` overrides the module's lags for this call (version 1's
+        modules took the delay here); None uses ``self.delay``."""
+        return rollout(x0, *self.params(), steps=steps, u=u, delay=self.delay if delay is None else delay,
+                       truncate=truncate, activation=self._activation, residual=self.residual,
+                       feedback=self.feedback, backend=backend)
 
     def extra_repr(self) -> str:
-        return f"exo_features={self.exo_features}, activation={self._activation.describe()}"
+        text = f"exo_features={self.exo_features}, activation={self._activation.describe()}"
+        if self.delay != 1:
+            text += f", delay={self.delay!r}"
+        if self.feedback is not None:
+            text += f", feedback={self.feedback}"
+        if self.residual:
+            text += ", residual=True"
+        return text
 
 
-def from_module(module: nn.Module, *, activation=None) -> FeedbackMLP:
+def from_module(module: nn.Module, *, activation=None, **overrides) -> FeedbackMLP:
     """A `FeedbackMLP` view of an existing module computing the network of docs/spec.md §1.1, verified.
 
     Accepts an ``nn.Sequential(Linear, act, Linear, act, ..., Linear)`` with one supported
@@ -120,7 +178,15 @@ def from_module(module: nn.Module, *, activation=None) -> FeedbackMLP:
     concatenation; ``forward(u, x)`` (either argument order, told apart by the parameter names)
     must concatenate ``[u, x]``. The view holds the very same ``nn.Linear`` objects, so
     parameters, optimizers and checkpoints of the original keep working. A ``FeedbackMLP``
-    itself (exactly that type) is returned as it is.
+    itself (exactly that type) is returned as it is, or, with overrides that change its feedback
+    structure, as a new view of the same layers.
+
+    ``overrides`` set the view's feedback structure (docs/spec.md §1.2): ``delay`` (an int or a
+    sequence of distinct positive lags), ``feedback`` (``F``, or None for every output) and
+    ``residual``; a FeedbackMLP's own structure, else ``delay=1, feedback=None,
+    residual=False``, where not given. The input ``x = [u_t ; x_t]`` then has ``Du`` exogenous
+    features and ``m·F`` fed-back ones (``m`` lags of ``F`` each). The forward is verified as one
+    application of the network (the residual skip is the rollout's, not the module's).
 
     Verified on a probe input: a float64 deep copy of the module runs its own forward on a
     seeded 16-row probe, with its current weights and with random ones, in training and in eval
@@ -137,17 +203,32 @@ def from_module(module: nn.Module, *, activation=None) -> FeedbackMLP:
       meta device or still uninitialized (lazy modules).
     """
     override = None if activation is None else resolve_activation(activation, who="fbfast.from_module")
+    unknown = [k for k in overrides if k not in _STRUCTURE]
+    if unknown:
+        raise TypeError(f"fbfast.from_module() got an unexpected keyword argument {unknown[0]!r} (it takes "
+                        f"activation and the feedback structure: {', '.join(_STRUCTURE)})")
+    structure = {k: getattr(module, k) if isinstance(module, FeedbackMLP) else default
+                 for k, default in _STRUCTURE.items()}
+    structure.update(overrides)
+    linears, declared = _linears(module)
+    view = FeedbackMLP.__new__(FeedbackMLP)
+    nn.Module.__init__(view)
     if type(module) is FeedbackMLP:
         # Its forward is the fused network by construction; a subclass may override it.
         if override is not None and _key(override) != _key(module._activation):
             raise TypeError(f"fbfast.from_module: the FeedbackMLP computes {module._activation.describe()}, "
                             f"but activation={override.describe()} was asked for")
-        return module
-    linears, declared = _linears(module)
+        view._set_feedback_structure("fbfast.from_module", linears[-1].out_features, **structure)
+        fed = linears[-1].out_features if view.feedback is None else view.feedback
+        if (view.lags, fed, view.residual) == (module.lags, module.fed_back, module.residual):
+            return module
+        _check_sizes(linears, view)
+        return _view(view, linears, module._activation)  # the same, verified, network
     if isinstance(module, FeedbackMLP):
         declared = module._activation  # a subclass: its forward must still compute its activation
     _check_materialized(module)
-    _check_sizes(linears)
+    view._set_feedback_structure("fbfast.from_module", linears[-1].out_features, **structure)
+    _check_sizes(linears, view)
     if override is not None and declared is not None and _key(override) != _key(declared):
         whose = "the Sequential's activation modules say" if isinstance(module, nn.Sequential) else \
             f"the {type(module).__name__}'s activation attribute says"
@@ -155,13 +236,20 @@ def from_module(module: nn.Module, *, activation=None) -> FeedbackMLP:
                         f"{override.describe()} was asked for")
     _check_no_foreign_parameters(module, linears, declared or override)
     candidates = [override] if override else [declared] if declared else _candidates(module)
-    chosen = _verify_forward(module, candidates)
-    view = FeedbackMLP.__new__(FeedbackMLP)
-    nn.Module.__init__(view)
+    fed = linears[-1].out_features if view.feedback is None else view.feedback
+    chosen = _verify_forward(module, candidates, fed=len(view.lags) * fed)
+    return _view(view, linears, chosen)
+
+
+# from_module's feedback-structure overrides and their defaults (FeedbackMLP's).
+_STRUCTURE = {"delay": 1, "feedback": None, "residual": False}
+
+
+def _view(view: FeedbackMLP, linears: Sequence[nn.Linear], act: ResolvedActivation) -> FeedbackMLP:
     for l, fc in enumerate(linears):
         setattr(view, f"fc{l + 1}", fc)
     view.num_layers = len(linears)
-    view._activation = chosen
+    view._activation = act
     return view
 
 
@@ -267,7 +355,7 @@ def _linears(module: nn.Module) -> Tuple[List[nn.Linear], Optional[ResolvedActiv
     return linears, None
 
 
-def _check_sizes(linears: Sequence[nn.Linear]) -> None:
+def _check_sizes(linears: Sequence[nn.Linear], view: FeedbackMLP) -> None:
     def show(l):
         return f"fc{l + 1} is Linear({linears[l].in_features}, {linears[l].out_features})"
 
@@ -277,11 +365,16 @@ def _check_sizes(linears: Sequence[nn.Linear]) -> None:
                 f"fbfast.from_module: {show(l - 1)} and {show(l)}; need fc{l}.out == fc{l + 1}.in "
                 "(layer sizes must chain)")
     first, last = linears[0], linears[-1]
-    if first.in_features < last.out_features:
+    m, fed = len(view.lags), last.out_features if view.feedback is None else view.feedback
+    if first.in_features < m * fed:
         shown = show(0) if len(linears) == 1 else f"{show(0)} and {show(len(linears) - 1)}"
+        if m == 1 and view.feedback is None:
+            raise ValueError(
+                f"fbfast.from_module: {shown}; need fc1.in >= fc{len(linears)}.out (the output is fed back "
+                f"into the last fc{len(linears)}.out inputs)")
         raise ValueError(
-            f"fbfast.from_module: {shown}; need fc1.in >= fc{len(linears)}.out (the output is fed back "
-            f"into the last fc{len(linears)}.out inputs)")
+            f"fbfast.from_module: {shown}; need fc1.in >= m·F = {m}·{fed} = {m * fed} (the F = {fed} "
+            f"fed-back outputs at each of the m = {m} lags {view.lags} are the last m·F inputs)")
 
 
 def _candidates(module: nn.Module) -> List[ResolvedActivation]:
@@ -400,7 +493,7 @@ def _fused(weights, inp: Tensor, hidden) -> Tensor:
     return inp
 
 
-def _verify_forward(module: nn.Module, candidates: List[ResolvedActivation]) -> ResolvedActivation:
+def _verify_forward(module: nn.Module, candidates: List[ResolvedActivation], fed: int) -> ResolvedActivation:
     """Run the module's own forward on a probe and compare it with the fused network for each
     candidate activation; return the first candidate that matches in every case, or raise a
     TypeError that says what differs. Works on a float64 deep copy, so the original
@@ -415,7 +508,8 @@ def _verify_forward(module: nn.Module, candidates: List[ResolvedActivation]) -> 
             f"to float64 to run its forward on a probe ({type(exc).__name__}: {exc}). {_SUPPORTED}") from exc
     linears, _ = _linears(twin)
     L = len(linears)
-    du, features = linears[0].in_features - linears[-1].out_features, linears[0].in_features
+    # The last `fed` = m·F inputs are the fed-back ones: forward(u, x) gets them as x.
+    du, features = linears[0].in_features - fed, linears[0].in_features
     gen = torch.Generator().manual_seed(_PROBE_SEED)
     probe = torch.randn(_PROBE_ROWS, features, generator=gen, dtype=torch.float64) * _PROBE_SCALE
     probe = probe.to(linears[0].weight.device)

@@ -70,12 +70,16 @@ except Exception as exc:  # ImportError, or an undefined symbol from a build aga
 # The argument names of the schemas this Python code calls (csrc/fbfast.cpp). A library built
 # from older sources (an editable install pulled without a rebuild) still loads and registers
 # its own schemas; calling them with these arguments would fail inside the dispatcher with a
-# message about argument counts. Reported instead as a library that needs a rebuild.
+# message about argument counts. Reported instead as a library that needs a rebuild. The
+# feedback structure (lags, feedback, residual; docs/spec.md §1.2) came last, with defaults: a
+# library from before it would run a lag tuple or a residual model as plain single-lag feedback
+# if it were called without them, so its absence marks the library stale too.
+_FEEDBACK_ARGUMENTS = ("lags", "feedback", "residual")
 EXPECTED_ARGUMENTS = {
     "rollout_forward": ("x0", "u", "weights", "biases", "steps", "delay", "truncate", "activation",
-                        "activation_param"),
+                        "activation_param") + _FEEDBACK_ARGUMENTS,
     "rollout_backward": ("grad_y", "y", "x0", "u", "weights", "biases", "delay", "truncate", "activation",
-                         "activation_param", "output_mask"),
+                         "activation_param", "output_mask") + _FEEDBACK_ARGUMENTS,
 }
 
 
@@ -85,13 +89,19 @@ def _schema_mismatch() -> Optional[str]:
         found = None if packet is None else tuple(a.name for a in packet.default._schema.arguments)
         if found != expected:
             have = "no such operator" if found is None else f"fbfast::{name}({', '.join(found)})"
-            return (f"the compiled library was built from other sources than this Python package: it "
-                    f"has {have}, this fbfast calls fbfast::{name}({', '.join(expected)})")
+            why = (f"the compiled library was built from other sources than this Python package: it "
+                   f"has {have}, this fbfast calls fbfast::{name}({', '.join(expected)})")
+            if found is not None and found + _FEEDBACK_ARGUMENTS == expected:
+                why += " (it predates the lags, feedback and residual arguments of docs/spec.md §1.2)"
+            return why
     return None
 
 
+# True when the library loaded but its schemas are not the ones called here (a stale build).
+STALE = False
 if LOAD_ERROR is None:
     LOAD_ERROR = _schema_mismatch()
+    STALE = LOAD_ERROR is not None
 
 LOADED = LOAD_ERROR is None
 

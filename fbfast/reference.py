@@ -7,7 +7,7 @@ function *defines* the gradients every compiled backend must reproduce.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +25,15 @@ _WHO = "fbfast.rollout_reference"
 
 
 def rollout_reference(x0: Tensor, *args, steps: Optional[int] = None, u: Optional[Tensor] = None,
-                      delay: int = 1, truncate: Optional[int] = None, activation="relu",
+                      delay: Union[int, Sequence[int]] = 1, truncate: Optional[int] = None, activation="relu",
+                      feedback: Optional[int] = None, residual: bool = False,
                       **layers: Optional[Tensor]) -> Tensor:
     """Run ``steps`` steps of the feedback MLP of docs/spec.md §1 in plain PyTorch.
 
     Called like `fbfast.rollout` (without ``backend``)::
 
         rollout_reference(x0, w1, b1, ..., wL, bL, steps=None, u=None, delay=1, truncate=None,
-                          activation="relu")
+                          activation="relu", feedback=None, residual=False)
 
     or in version 1's positional form, which keeps working::
 
@@ -42,18 +43,21 @@ def rollout_reference(x0: Tensor, *args, steps: Optional[int] = None, u: Optiona
     is ``steps``; ``u``, ``delay`` and ``truncate`` may follow it positionally, in that order.
     The layers may also be named (``w1=..., b1=...``), as version 1's signature allowed.
 
-    Shapes (``k = delay``, ``Du = 0`` when ``u`` is None)::
+    Shapes (lags ``d_1 .. d_m``: ``delay=k`` is ``(k,)``; ``D = max(d_j)``; ``F = feedback``,
+    ``O`` when None; ``Du = 0`` when ``u`` is None)::
 
-        x0 : (k, B, O), or (B, O) when k == 1   the first k fed-back inputs
+        x0 : (D, B, F), or (B, F) when D == 1   the D fed-back values before step 0, oldest first
         u  : (T, B, Du)       exogenous input of each step, or None
-        w1 : (H_1, Du + O)    columns [0:Du] read u_t, columns [Du:] read x_t
+        w1 : (H_1, Du + m·F)  columns [0:Du] read u_t, then F columns per lag, in the order given
         wl : (H_l, H_{l-1})   wL: (O, H_{L-1}); every bias (out_l,) or None
         returns Y : (T, B, O) with T = steps (inferred from u when None)
 
-    ``x_t = x0[t]`` for ``t < k``, else ``y_{t-k}``; with ``truncate = K`` the edge
-    ``y_{t-k} -> x_t`` is detached when ``t % K == 0`` (truncated BPTT). ``x0`` and ``u`` are
-    never detached. The arguments are validated as `fbfast.rollout` validates them; the
-    computation runs in the inputs' dtype, with no silent upcast.
+    With ``past(s) = y_s[..., :F]`` for ``s >= 0`` and ``x0[s + D]`` for ``s < 0``, step ``t``
+    reads ``x_t = [past(t - d_1); ...; past(t - d_m)]`` and outputs ``y_t = f([u_t; x_t])``, plus
+    ``[past(t - d_1); 0]`` when ``residual``. With ``truncate = K`` every ``past(s)``, ``s >= 0``,
+    read by a step ``t`` with ``t % K == 0`` is detached, the residual skip included (truncated
+    BPTT); ``x0`` and ``u`` are never detached. The arguments are validated as `fbfast.rollout`
+    validates them; the computation runs in the inputs' dtype, with no silent upcast.
     """
     params, legacy = _split_positional(args)
     if layers:
@@ -66,9 +70,9 @@ def rollout_reference(x0: Tensor, *args, steps: Optional[int] = None, u: Optiona
                             f"truncate after the layers) and as a keyword")
         given[name] = value
     a = check_rollout_args(x0, params, given["steps"], given["u"], given["delay"], given["truncate"],
-                           activation, who=_WHO)
-    return run_reference(a.x0, a.weights, a.biases, a.steps, given["u"], given["delay"], given["truncate"],
-                         a.activation)
+                           activation, who=_WHO, feedback=feedback, residual=residual)
+    return run_reference(a.x0, a.weights, a.biases, a.steps, given["u"], a.lags, given["truncate"],
+                         a.activation, feedback, residual)
 
 
 def _split_positional(args: Sequence):
@@ -85,31 +89,58 @@ def _split_positional(args: Sequence):
 
 
 def run_reference(x0: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], steps: int,
-                  u: Optional[Tensor], delay: int, truncate: Optional[int],
-                  activation: ResolvedActivation) -> Tensor:
-    """The rollout on validated arguments (x0 is ``(delay, B, O)``): what `rollout_reference`,
-    ``backend="eager"`` and the unrolled ``backend="compile"`` graphs run."""
+                  u: Optional[Tensor], lags: Sequence[int], truncate: Optional[int],
+                  activation: ResolvedActivation, feedback: Optional[int] = None,
+                  residual: bool = False) -> Tensor:
+    """The rollout on validated arguments (x0 is ``(D, B, F)``, ``D = max(lags)``; ``feedback``
+    is F, or None when every output is fed back): what `rollout_reference`, ``backend="eager"``
+    and the unrolled ``backend="compile"`` graphs run.
+
+    A version-1 call (one lag, every output fed back, no skip) runs exactly the ops version 1
+    ran: no slice of y, no concatenation of lags, no addition, so that it stays bit for bit."""
     act = resolve_activation(activation).fn
-    k = delay
-    B, O = x0.shape[1], x0.shape[2]
+    D, m = max(lags), len(lags)
+    B, fed = x0.shape[1], x0.shape[2]
+    O = weights[-1].shape[0]
     if steps == 0 or B == 0 or O == 0:
         # An empty Y (no steps, rows or features): one step over an expanded input gives its
         # (steps, B, O) shape attached to every input's graph, so backward works (zero gradients)
         # whatever requires grad, and a huge `steps` with nothing to compute does not loop.
-        x = x0[:1].expand(steps, B, O)
-        xin = x if u is None else torch.cat([u, x], dim=-1)
-        return _network(xin, weights, biases, act)
+        x = x0[:1].expand(steps, B, fed)
+        xs = x if m == 1 else torch.cat([x] * m, dim=-1)
+        xin = xs if u is None else torch.cat([u, xs], dim=-1)
+        return _skip(_network(xin, weights, biases, act), x, feedback, residual)
     ys: List[Tensor] = []
+    past: List[Tensor] = []  # y_s[..., :F]: what later steps read of step s
     for t in range(steps):
-        if t < k:
-            x = x0[t]
-        else:
-            x = ys[t - k]
-            if truncate is not None and t % truncate == 0:
-                x = x.detach()
+        cut = truncate is not None and t % truncate == 0
+        parts = []
+        for d in lags:
+            s = t - d
+            if s < 0:
+                p = x0[s + D]
+            else:
+                p = past[s]
+                if cut:
+                    p = p.detach()
+            parts.append(p)
+        x = parts[0] if m == 1 else torch.cat(parts, dim=-1)
         xin = x if u is None else torch.cat([u[t], x], dim=-1)
-        ys.append(_network(xin, weights, biases, act))
+        y = _skip(_network(xin, weights, biases, act), parts[0], feedback, residual)
+        ys.append(y)
+        past.append(y if feedback is None else y[..., :feedback])
     return torch.stack(ys)
+
+
+def _skip(z: Tensor, first: Tensor, feedback: Optional[int], residual: bool) -> Tensor:
+    """``y = z + [first ; 0]`` when ``residual`` (the first lag's fed-back value added to the
+    first F outputs), else ``z``. The outputs past F are concatenated, not added to a zero: an
+    addition would turn a -0.0 output into +0.0."""
+    if not residual:
+        return z
+    if feedback is None:
+        return z + first
+    return torch.cat([z[..., :feedback] + first, z[..., feedback:]], dim=-1)
 
 
 def _network(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],

@@ -44,22 +44,27 @@ class Problem:
     `fbfast.rollout` does (read and assigned), and ``dataclasses.replace(p, w1=...)`` replaces
     one of them."""
 
-    x0: Tensor  # (delay, B, O)
+    x0: Tensor  # (D, B, F), D = max(lags)
     u: Optional[Tensor]
     weights: List[Tensor]
     biases: List[Optional[Tensor]]
     steps: int
-    delay: int
+    delay: Union[int, Tuple[int, ...]]  # as fbfast.rollout takes it: one lag, or the lags in order
     truncate: Optional[int]
     activation: object = "relu"  # a name or an nn module, as fbfast.rollout takes it
+    feedback: Optional[int] = None
+    residual: bool = False
 
     def __init__(self, x0: Tensor, u: Optional[Tensor], weights: Sequence[Tensor],
-                 biases: Sequence[Optional[Tensor]], steps: int, delay: int, truncate: Optional[int],
-                 activation: object = "relu", **layers: Optional[Tensor]) -> None:
+                 biases: Sequence[Optional[Tensor]], steps: int, delay: Union[int, Sequence[int]],
+                 truncate: Optional[int], activation: object = "relu", feedback: Optional[int] = None,
+                 residual: bool = False, **layers: Optional[Tensor]) -> None:
         if len(weights) != len(biases):
             raise ValueError(f"Problem: {len(weights)} weights but {len(biases)} biases")
+        delay = delay if isinstance(delay, int) else tuple(delay)
         self.x0, self.u, self.steps, self.delay, self.truncate = x0, u, steps, delay, truncate
         self.weights, self.biases, self.activation = list(weights), list(biases), activation
+        self.feedback, self.residual = feedback, residual
         for name, t in layers.items():
             kind, index = self._layer(name)
             (self.weights if kind == "w" else self.biases)[index] = t
@@ -90,6 +95,16 @@ class Problem:
         return len(self.weights)
 
     @property
+    def lags(self) -> Tuple[int, ...]:
+        """``(d_1, ..., d_m)``: ``delay`` as a tuple."""
+        return (self.delay,) if isinstance(self.delay, int) else self.delay
+
+    @property
+    def structure(self) -> Dict[str, object]:
+        """The feedback keywords of `fbfast.rollout`: ``delay``, ``feedback``, ``residual``."""
+        return dict(delay=self.delay, feedback=self.feedback, residual=self.residual)
+
+    @property
     def params(self) -> List[Optional[Tensor]]:
         """``[w1, b1, ..., wL, bL]``, as `fbfast.rollout` takes them after ``x0``."""
         return interleave(self.weights, self.biases)
@@ -108,25 +123,38 @@ class Problem:
 
     def run(self, backend: str) -> Tensor:
         return rollout(self.x0, *self.params, steps=self.steps, u=self.u, delay=self.delay,
-                       truncate=self.truncate, activation=self.activation, backend=backend)
+                       truncate=self.truncate, activation=self.activation, feedback=self.feedback,
+                       residual=self.residual, backend=backend)
 
     def reference(self) -> Tensor:
         return rollout_reference(self.x0, *self.params, steps=self.steps, u=self.u, delay=self.delay,
-                                 truncate=self.truncate, activation=self.activation)
+                                 truncate=self.truncate, activation=self.activation, feedback=self.feedback,
+                                 residual=self.residual)
 
 
-def make_problem(B: int, Du: int, O: int, H: int, T: int, delay: int = 1, truncate: Optional[int] = None,
-                 bias: Union[bool, Sequence[bool]] = True, dtype: torch.dtype = torch.float64,
-                 device="cpu", seed: int = 0, requires_grad: bool = True,
-                 layers: Union[int, Sequence[int]] = 2, activation: object = "relu") -> Problem:
+def make_problem(B: int, Du: int, O: int, H: int, T: int, delay: Union[int, Sequence[int]] = 1,
+                 truncate: Optional[int] = None, bias: Union[bool, Sequence[bool]] = True,
+                 dtype: torch.dtype = torch.float64, device="cpu", seed: int = 0, requires_grad: bool = True,
+                 layers: Union[int, Sequence[int]] = 2, activation: object = "relu",
+                 lags: Optional[Sequence[int]] = None, feedback: Optional[int] = None,
+                 residual: bool = False) -> Problem:
     """A random instance; weights scaled ~1/sqrt(fan_in) so that long rollouts stay bounded.
 
     ``layers`` is the number of layers ``L`` (every hidden layer ``H`` wide), or the hidden
-    widths themselves (``(7, 3)``: ``L = 3`` with ``w1`` ``(7, Du + O)``, ``w2`` ``(3, 7)``,
+    widths themselves (``(7, 3)``: ``L = 3`` with ``w1`` ``(7, Du + m·F)``, ``w2`` ``(3, 7)``,
     ``w3`` ``(O, 3)``; ``H`` is then not used). ``bias`` is one flag for every layer or one per
-    layer. Values are drawn in float64 in the order x0, u, w1, b1, w2, b2, ..., then converted,
-    so that a two-layer problem is the one this function has always made for the same seed.
+    layer. The feedback structure (docs/spec.md §1.2): ``lags`` (or ``delay``, an int or the
+    lags) with ``D`` their maximum, ``feedback`` (``F``, None for ``O``) and ``residual``; ``x0``
+    is ``(D, B, F)``. Values are drawn in float64 in the order x0, u, w1, b1, w2, b2, ..., then
+    converted, so that a two-layer, one-lag problem is the one this function has always made for
+    the same seed.
     """
+    if lags is not None:
+        if delay != 1:
+            raise ValueError(f"make_problem: got both delay={delay!r} and lags={lags!r}; pass one")
+        delay = tuple(lags)
+    lag_tuple = (delay,) if isinstance(delay, int) else tuple(delay)
+    fed = O if feedback is None else feedback
     hidden = [H] * (layers - 1) if isinstance(layers, int) else list(layers)
     if isinstance(layers, int) and layers < 1:
         raise ValueError(f"make_problem: layers must be >= 1, got {layers}")
@@ -140,15 +168,16 @@ def make_problem(B: int, Du: int, O: int, H: int, T: int, delay: int = 1, trunca
         t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
         return t.requires_grad_(requires_grad)
 
-    x0 = rnd(delay, B, O)
+    x0 = rnd(max(lag_tuple), B, fed)
     u = rnd(T, B, Du) if Du else None
     weights, biases = [], []
-    fan_in = Du + O
+    fan_in = Du + len(lag_tuple) * fed
     for out, b in zip(widths, has_bias):
         weights.append(rnd(out, fan_in, scale=0.9 / max(1, fan_in) ** 0.5))
         biases.append(rnd(out, scale=0.1) if b else None)
         fan_in = out
-    return Problem(x0, u, weights, biases, steps=T, delay=delay, truncate=truncate, activation=activation)
+    return Problem(x0, u, weights, biases, steps=T, delay=delay, truncate=truncate, activation=activation,
+                   feedback=feedback, residual=residual)
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, kind: str = "out", msg: str = "") -> None:

@@ -209,7 +209,8 @@ BACKEND_CASES: Dict[str, Case] = {
 
 # Direct calls of the operators: what the C++ checks (and the fake kernels) do with bad input.
 # Arguments as in csrc/fbfast.cpp: (x0, u, weights, biases, steps, delay, truncate, activation,
-# activation_param); the layers are given as w1, b1, w2, b2, ... and gathered into the lists.
+# activation_param, lags=[], feedback=0, residual=False); the layers are given as w1, b1, w2, b2,
+# ... and gathered into the lists.
 def _op_inputs(dtype=F64, layers=2):
     widths = [DU + O] + [H] * (layers - 1) + [O]
     a = dict(x0=_rnd(1, B, O, dtype=dtype), u=_rnd(T, B, DU, dtype=dtype))
@@ -231,14 +232,16 @@ def _lists(a):
 _MISSING = object()
 
 
-def _forward(steps=T, delay=1, truncate=0, dtype=F64, layers=2, activation="relu", param=0.0, **over):
+def _forward(steps=T, delay=1, truncate=0, dtype=F64, layers=2, activation="relu", param=0.0, fb=None, **over):
+    """``fb``: the trailing feedback-structure arguments (lags, feedback, residual), by keyword
+    as fbfast.rollout passes them; left out, the schema's defaults."""
     a = _op_inputs(dtype, layers)
     a.update(over)
     op = torch.ops.fbfast.rollout_forward.default
-    return lambda: op(a["x0"], a["u"], *_lists(a), steps, delay, truncate, activation, param)
+    return lambda: op(a["x0"], a["u"], *_lists(a), steps, delay, truncate, activation, param, **(fb or {}))
 
 
-def _backward(delay=1, truncate=0, mask=None, layers=2, activation="relu", param=0.0, **over):
+def _backward(delay=1, truncate=0, mask=None, layers=2, activation="relu", param=0.0, fb=None, **over):
     a = _op_inputs(layers=layers)
     y = torch.ops.fbfast.rollout_forward.default(a["x0"], a["u"], *_lists(a), T, 1, 0, "relu", 0.0)
     a.update(grad_y=torch.ones_like(y), y=y)
@@ -246,7 +249,7 @@ def _backward(delay=1, truncate=0, mask=None, layers=2, activation="relu", param
     mask = [True] * (2 + 2 * layers) if mask is None else mask
     op = torch.ops.fbfast.rollout_backward.default
     return lambda: op(a["grad_y"], a["y"], a["x0"], a["u"], *_lists(a), delay, truncate, activation, param,
-                      list(mask))
+                      list(mask), **(fb or {}))
 
 
 def _on_meta(make):
@@ -255,7 +258,7 @@ def _on_meta(make):
     def call():
         inner = make()
         cells = [c.cell_contents for c in (inner.__closure__ or ())]
-        args = next(c for c in cells if isinstance(c, dict))
+        args = next(c for c in cells if isinstance(c, dict) and "x0" in c)  # not `fb`, the structure
         for key, value in list(args.items()):
             if isinstance(value, torch.Tensor):
                 args[key] = value.to("meta")
@@ -320,6 +323,27 @@ OP_FORWARD_CASES: Dict[str, Case] = {
     "no_layers": Case(lambda: lambda: torch.ops.fbfast.rollout_forward.default(_rnd(1, B, O), None, [], [], T, 1, 0,
                                                                                 "relu", 0.0),
                       RuntimeError, [r"\bweights\b", r"at least one layer", r"got none"]),
+    # the feedback structure (lags, feedback, residual; docs/spec.md §1.2)
+    "lags_not_distinct": Case(lambda: _forward(delay=2, x0=_rnd(2, B, O), fb=dict(lags=[2, 1, 2])), RuntimeError,
+                              [r"\blags\b", r"distinct", r"\[2, 1, 2\]"]),
+    "meta_lags_not_distinct": Case(lambda: _on_meta(lambda: _forward(fb=dict(lags=[1, 1]))), RuntimeError,
+                                   [r"\blags\b", r"distinct"]),
+    "lags_zero": Case(lambda: _forward(delay=2, x0=_rnd(2, B, O), fb=dict(lags=[2, 0])), RuntimeError,
+                      [r"\blags\b", r"\[2, 0\]"]),
+    "lags_longest_is_not_delay": Case(lambda: _forward(delay=2, x0=_rnd(2, B, O), fb=dict(lags=[3, 1])),
+                                      RuntimeError, [r"\bdelay\b", r"longest lag", r"\b3\b"]),
+    "feedback_negative": Case(lambda: _forward(fb=dict(feedback=-1)), RuntimeError, [r"\bfeedback\b", r"-1"]),
+    "feedback_above_O": Case(lambda: _forward(fb=dict(feedback=3)), RuntimeError,
+                             [r"\bfeedback\b", r"O = 2", r"got 3"]),
+    "meta_feedback_above_O": Case(lambda: _on_meta(lambda: _forward(fb=dict(feedback=3))), RuntimeError,
+                                  [r"\bfeedback\b", r"got 3"]),
+    "x0_width_not_F": Case(lambda: _forward(w1=_rnd(H, DU + 1), fb=dict(feedback=1)), RuntimeError,
+                           [r"\bx0\b", r"2 features", r"F = 1"]),
+    "w1_columns_vs_lags": Case(lambda: _forward(delay=2, x0=_rnd(2, B, O), fb=dict(lags=[1, 2], residual=True)),
+                               RuntimeError, [r"\bw1\b", r"\b7\b", r"\[5, 5\]"]),
+    "meta_w1_columns_vs_lags": Case(lambda: _on_meta(lambda: _forward(delay=2, x0=_rnd(2, B, O),
+                                                                      fb=dict(lags=[2, 1]))),
+                                    RuntimeError, [r"\bw1\b", r"\b7\b"]),
     "unknown_activation": Case(lambda: _forward(activation="swish"), RuntimeError,
                                [r"\bactivation\b", r"'relu'", r"'gelu_tanh'", r"'mish'", r"got 'swish'"]),
     "meta_unknown_activation": Case(lambda: _on_meta(lambda: _forward(activation="ReLU")), RuntimeError,
@@ -366,6 +390,11 @@ OP_BACKWARD_CASES: Dict[str, Case] = {
     "unknown_activation": Case(lambda: _backward(activation="swish"), RuntimeError,
                                [r"\bactivation\b", r"'relu'", r"got 'swish'"]),
     "b3_on_meta": Case(lambda: _backward(layers=3, b3=_rnd(O).to("meta")), RuntimeError, [r"\bb3\b", r"\bmeta\b"]),
+    "lags_not_distinct": Case(lambda: _backward(fb=dict(lags=[1, 1])), RuntimeError, [r"\blags\b", r"distinct"]),
+    "feedback_above_O": Case(lambda: _backward(fb=dict(feedback=3)), RuntimeError, [r"\bfeedback\b", r"got 3"]),
+    "meta_w1_columns_vs_lags": Case(lambda: _on_meta(lambda: _backward(delay=2, x0=_rnd(2, B, O),
+                                                                       fb=dict(lags=[1, 2]))),
+                                    RuntimeError, [r"\bw1\b", r"\b7\b"]),
     "grad_y_on_meta": Case(lambda: _backward(grad_y=torch.ones(T, B, O, dtype=F64, device="meta")), RuntimeError,
                            [r"\bgrad_y\b", r"\bmeta\b"]),
 }

@@ -493,3 +493,82 @@ def test_layers_may_be_named_as_version_1_allowed():
         fbfast.rollout(x0, w1=w1, w3=w2, steps=3)
     with pytest.raises(TypeError, match=r"both positionally and as keywords \(w2\)"):
         fbfast.rollout(x0, w1, None, w2=w2, steps=3)
+
+
+# --- the feedback structure on the module and in fbfast.testing (docs/spec.md §1.2) ---------------
+
+
+def test_feedback_mlp_stores_its_structure_and_rolls_it_out():
+    torch.manual_seed(0)
+    fb = fbfast.FeedbackMLP(3 + 2 * 2, 6, 4, delay=(3, 1), feedback=2, residual=True, dtype=torch.float64)
+    assert (fb.delay, fb.lags, fb.feedback, fb.fed_back, fb.residual, fb.exo_features) == ((3, 1), (3, 1), 2, 2,
+                                                                                         True, 3)
+    assert "delay=(3, 1), feedback=2, residual=True" in repr(fb)
+    assert list(fb.state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]  # no new state
+    x0, u = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(6, 5, 3, dtype=torch.float64)
+    want = fbfast.rollout(x0, *fb.params(), u=u, delay=(3, 1), feedback=2, residual=True, backend="eager")
+    torch.testing.assert_close(fb.rollout(x0, u=u, backend="eager"), want, rtol=0, atol=0)
+    # version 1's modules took the delay per call: it still overrides the module's lags
+    plain = fbfast.FeedbackMLP(4, 5, 2, dtype=torch.float64)
+    assert plain.delay == 1 and plain.lags == (1,) and "delay" not in repr(plain)
+    x0 = torch.randn(2, 3, 2, dtype=torch.float64)
+    u = torch.randn(5, 3, 2, dtype=torch.float64)
+    torch.testing.assert_close(plain.rollout(x0, None, u, 2), fbfast.rollout(x0, *plain.params(), u=u, delay=2,
+                                                                            backend="auto"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"x0 must have shape \(B, O\) or \(1, B, O\), got \(2, 3, 2\)"):
+        plain.rollout(x0, u=u)  # its own delay is 1: a 2-row x0 is refused, naming x0
+
+
+@pytest.mark.parametrize("kwargs, exc, says", [
+    (dict(delay=(1, 1)), ValueError, r"FeedbackMLP: delay=\(1, 1\): the lags must be distinct"),
+    (dict(delay=()), ValueError, r"FeedbackMLP: delay must hold at least one lag"),
+    (dict(delay=0), ValueError, r"FeedbackMLP: delay must be >= 1, got 0"),
+    (dict(delay=1.0), TypeError, r"FeedbackMLP: delay must be an int or a sequence .*got float 1\.0"),
+    (dict(feedback=3), ValueError, r"FeedbackMLP: feedback must be in 1\.\.out_features = 2, got 3"),
+    (dict(feedback=True), TypeError, r"FeedbackMLP: feedback must be an int .*got bool True"),
+    (dict(residual=0), TypeError, r"FeedbackMLP: residual must be a bool .*got int 0"),
+    (dict(delay=(1, 2, 3)), ValueError, r"FeedbackMLP: in_features \(4\) must be >= m·F = 3·2 = 6"),
+], ids=["lags_repeated", "lags_empty", "delay_zero", "delay_float", "feedback_above_out", "feedback_bool",
+        "residual_int", "in_below_m_F"])
+def test_feedback_mlp_refuses_a_bad_structure(kwargs, exc, says):
+    with pytest.raises(exc, match=says):
+        fbfast.FeedbackMLP(4, 3, 2, **kwargs)
+
+
+def test_make_problem_with_a_structure():
+    from fbfast.testing import make_problem
+    p = make_problem(3, 2, 4, 5, 6, lags=(2, 5), feedback=3, residual=True, seed=1)
+    assert p.delay == (2, 5) and p.lags == (2, 5) and p.structure == dict(delay=(2, 5), feedback=3, residual=True)
+    assert p.x0.shape == (5, 3, 3) and p.w1.shape == (5, 2 + 2 * 3)
+    # the draws keep version 1's order, x0 first, whatever the shapes
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(p.x0, torch.randn(5, 3, 3, generator=g, dtype=torch.float64))
+    torch.testing.assert_close(p.run("eager"), p.reference(), rtol=0, atol=0)
+    torch.testing.assert_close(p.run("eager"), fbfast.rollout(p.x0, *p.params, u=p.u, delay=(2, 5), feedback=3,
+                                                              residual=True, backend="eager"), rtol=0, atol=0)
+    assert make_problem(3, 2, 4, 5, 6, delay=(2, 5)).lags == (2, 5)
+    with pytest.raises(ValueError, match=r"make_problem: got both delay=2 and lags=\(2, 5\)"):
+        make_problem(3, 2, 4, 5, 6, delay=2, lags=(2, 5))
+
+
+def test_a_library_without_the_feedback_arguments_is_reported_out_of_date(monkeypatch):
+    """fbfast/ops.py loads only a library whose schemas take lags, feedback and residual: one
+    built from older sources would run every structure as version 1's plain feedback."""
+    from fbfast import dispatch, ops
+    if not ops.LOADED:
+        pytest.skip(ops.LOAD_ERROR)
+    assert ops._schema_mismatch() is None
+    built = tuple(a.name for a in torch.ops.fbfast.rollout_forward.default._schema.arguments)
+    assert built[-3:] == ("lags", "feedback", "residual")
+    # This library seen from a Python side one argument newer: its schema now predates the call.
+    monkeypatch.setitem(ops.EXPECTED_ARGUMENTS, "rollout_forward", built[:-3] + ops._FEEDBACK_ARGUMENTS + ("x",))
+    assert "this fbfast calls fbfast::rollout_forward(" in ops._schema_mismatch()
+    monkeypatch.setitem(ops.EXPECTED_ARGUMENTS, "rollout_forward", built + ops._FEEDBACK_ARGUMENTS)
+    why = ops._schema_mismatch()
+    assert "predates the lags, feedback and residual arguments" in why
+    monkeypatch.setattr(ops, "LOADED", False)
+    monkeypatch.setattr(ops, "STALE", True)
+    monkeypatch.setattr(ops, "LOAD_ERROR", why)
+    status = dispatch._status()
+    assert not status["cpp"].available and "out of date" in status["cpp"].reason
+    assert dispatch.REBUILD_HINT in status["cpp"].reason and "cuda" in status["cuda"].reason.lower()

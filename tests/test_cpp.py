@@ -166,7 +166,7 @@ def test_opcheck_hidden_variants(args):
                                                              _mask(u, w, b))
     got = torch.ops.fbfast.rollout_backward_hidden.default(*args_b)
     for a, e in zip([got[0], got[1], *got[2], *got[3]], [expected[0], expected[1], *expected[2], *expected[3]]):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        assert_close(a, e, torch.float32, "grad")  # MKL may split its GEMMs differently from call to call
 
 
 @pytest.mark.parametrize("path", ["tile", "blas", "auto"])

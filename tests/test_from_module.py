@@ -612,3 +612,86 @@ def test_refuses_a_gap_in_the_fc_numbering():
     module.fc4 = nn.Linear(2, 2)
     with pytest.raises(TypeError, match=r"outside fc1 and fc2: fc4 \(Linear.*never get a gradient"):
         fbfast.from_module(module)
+
+
+# --- the feedback structure of the view (docs/spec.md §1.2) ------------------------------------
+
+
+class DeltaWithReward(nn.Module):
+    """A delta model written by hand: fc1 reads [u (4), s_{t-1} (2), s_{t-3} (2)], fc2 outputs
+    [ds (2), reward (1)]; the loop adds ds to s_{t-1} and feeds s back."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, u, state):
+        return self.fc2(torch.tanh(self.fc1(torch.cat([u, state], -1))))
+
+
+def test_overrides_set_the_views_structure_and_its_rollout_is_the_modules_loop():
+    module = make(DeltaWithReward, dtype=torch.float64)
+    view = fbfast.from_module(module, delay=(1, 3), feedback=2, residual=True)
+    assert (view.lags, view.feedback, view.residual, view.exo_features) == ((1, 3), 2, True, 4)
+    assert view.activation == "tanh" and view.fc1 is module.fc1
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
+    u = torch.randn(7, 5, 4, generator=g, dtype=torch.float64)
+    states, want = list(x0), []
+    for t in range(7):
+        out = module(u[t], torch.cat([states[-1], states[-3]], -1))
+        y = torch.cat([out[:, :2] + states[-1], out[:, 2:]], -1)
+        want.append(y)
+        states.append(y[:, :2])
+    torch.testing.assert_close(view.rollout(x0, u=u, backend="eager"), torch.stack(want), rtol=1e-12, atol=1e-12)
+    # without the overrides, the same module is a one-lag network that feeds back all 3 outputs:
+    # fc1's 8 inputs are then Du = 5 and x (3), and the view still verifies (forward(u, x) splits
+    # at another column), but it is another rollout.
+    plain = fbfast.from_module(module)
+    assert (plain.lags, plain.feedback, plain.exo_features) == ((1,), None, 5)
+
+
+def test_structure_overrides_are_checked():
+    module = make(DeltaWithReward)
+    with pytest.raises(ValueError, match=r"from_module: .*need fc1\.in >= m·F = 3·3 = 9.*lags \(1, 2, 3\)"):
+        fbfast.from_module(module, delay=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"from_module: feedback must be in 1\.\.out_features = 3, got 4"):
+        fbfast.from_module(module, feedback=4)
+    with pytest.raises(ValueError, match=r"from_module: delay=\(1, 1\): the lags must be distinct"):
+        fbfast.from_module(module, delay=(1, 1))
+    with pytest.raises(TypeError, match=r"from_module: residual must be a bool .*got str 'yes'"):
+        fbfast.from_module(module, residual="yes")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'lags'.*delay, feedback, residual"):
+        fbfast.from_module(module, lags=(1, 2))
+
+
+def test_a_feedback_mlp_keeps_or_changes_its_structure():
+    fb = fbfast.FeedbackMLP(3 + 2 * 2, 5, 3, delay=(2, 1), feedback=2, residual=True)
+    assert fbfast.from_module(fb) is fb
+    assert fbfast.from_module(fb, delay=[2, 1], residual=True) is fb
+    other = fbfast.from_module(fb, delay=(1, 2))
+    assert other is not fb and other.fc1 is fb.fc1 and other.fc2 is fb.fc2
+    assert (other.lags, other.feedback, other.residual) == ((1, 2), 2, True)
+    assert (fb.lags, fb.feedback, fb.residual) == ((2, 1), 2, True)  # the original is left alone
+    every = fbfast.from_module(fb, feedback=None, delay=1)  # F = O = 3 of one lag: 7 = Du 4 + 3
+    assert (every.feedback, every.exo_features) == (None, 4)
+    with pytest.raises(ValueError, match=r"m·F = 3·2 = 6"):
+        fbfast.from_module(fbfast.FeedbackMLP(4, 5, 3, feedback=2), delay=(1, 2, 3))
+
+
+class StructuredSubclass(fbfast.FeedbackMLP):
+    def __init__(self):
+        super().__init__(2 + 2 * 1, 5, 3, delay=(1, 2), feedback=1, residual=True)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_a_feedback_mlp_subclass_is_verified_with_its_structure():
+    module = make(StructuredSubclass, dtype=torch.float64)
+    view = fbfast.from_module(module)
+    assert type(view) is fbfast.FeedbackMLP and (view.lags, view.feedback, view.residual) == ((1, 2), 1, True)
+    x0, u = torch.randn(2, 3, 1, dtype=torch.float64), torch.randn(4, 3, 2, dtype=torch.float64)
+    torch.testing.assert_close(view.rollout(x0, u=u, backend="eager"), module.rollout(x0, u=u, backend="eager"),
+                               rtol=0, atol=0)

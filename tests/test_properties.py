@@ -1,11 +1,13 @@
 """Property tests: the compiled "cpp" backend equals the reference on random problems.
 
-Hypothesis draws B, Du, O, the depth (1 to 4 layers) and every hidden width, T, delay, truncate,
-which biases exist, the activation (leaky_relu's slope and elu's alpha too), which inputs
-require grad, the memory layout of every tensor (contiguous, transposed, strided slice, stride-0
-expansion), float32/float64, and the kernel variant (cpu_path tile/blas/auto x cpu_isa
-base/avx2/auto, read per call by the C++ host). Y and every requested gradient must match
-``fbfast.rollout_reference`` within the tolerances of fbfast/testing.py.
+Hypothesis draws B, Du, O, the depth (1 to 4 layers) and every hidden width, T, truncate, the
+feedback structure (one lag or up to three distinct lags in any order, F fed-back outputs of O,
+residual or not; docs/spec.md §1.2), which biases exist, the activation (leaky_relu's slope and
+elu's alpha too), which inputs require grad, the memory layout of every tensor (contiguous,
+transposed, strided slice, stride-0 expansion), float32/float64, and the kernel variant
+(cpu_path tile/blas/auto x cpu_isa base/avx2/auto, read per call by the C++ host). Y and every
+requested gradient must match ``fbfast.rollout_reference`` within the tolerances of
+fbfast/testing.py.
 
 `make test` runs a fixed (derandomized) set of examples; `make test-long` (``-m slow``) runs many
 more with fresh random draws.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import pytest
 import torch
@@ -52,7 +54,7 @@ class Drawn:
     Du: int
     O: int
     T: int
-    delay: int
+    delay: Union[int, Tuple[int, ...]]  # one lag, or the lags in the order read
     truncate: Optional[int]
     dtype: torch.dtype
     path: str
@@ -64,6 +66,16 @@ class Drawn:
     param: float = 0.0
     layouts: Dict[str, str] = field(default_factory=dict)  # name -> layout; contiguous when absent
     wants_grad: Dict[str, bool] = field(default_factory=dict)  # name -> requires grad; True when absent
+    feedback: Optional[int] = None  # F; None feeds back all O
+    residual: bool = False
+
+    @property
+    def lags(self) -> Tuple[int, ...]:
+        return (self.delay,) if isinstance(self.delay, int) else self.delay
+
+    @property
+    def fed(self) -> int:
+        return self.O if self.feedback is None else self.feedback
 
     @property
     def layers(self) -> int:
@@ -82,9 +94,13 @@ def problems(draw) -> Drawn:
     layers = draw(st.integers(1, 4))
     activation = draw(st.sampled_from(ACTIVATION_NAMES))
     names = layer_names(layers)
+    O = draw(st.integers(1, 40))
     return Drawn(
-        B=draw(st.integers(0, 20)), Du=draw(st.integers(0, 40)), O=draw(st.integers(1, 40)),
-        T=draw(st.integers(0, 12)), delay=draw(st.integers(1, 4)), truncate=draw(st.none() | st.integers(1, 6)),
+        B=draw(st.integers(0, 20)), Du=draw(st.integers(0, 40)), O=O,
+        T=draw(st.integers(0, 12)),
+        delay=draw(st.integers(1, 4) | st.lists(st.integers(1, 5), min_size=1, max_size=3, unique=True).map(tuple)),
+        truncate=draw(st.none() | st.integers(1, 6)),
+        feedback=draw(st.none() | st.integers(1, O)), residual=draw(st.booleans()),
         dtype=draw(st.sampled_from([torch.float64, torch.float32])),
         path=draw(st.sampled_from(["auto", "tile", "blas"])), isa=draw(st.sampled_from(["auto", "avx2", "base"])),
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -116,8 +132,8 @@ def build(d: Drawn):
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
 
-    sizes = [d.Du + d.O, *d.widths, d.O]
-    values = {"x0": rnd(d.delay, d.B, d.O), "u": rnd(d.T, d.B, d.Du) if d.Du else None}
+    sizes = [d.Du + len(d.lags) * d.fed, *d.widths, d.O]
+    values = {"x0": rnd(max(d.lags), d.B, d.fed), "u": rnd(d.T, d.B, d.Du) if d.Du else None}
     for l in range(d.layers):
         values[f"w{l + 1}"] = rnd(sizes[l + 1], sizes[l], scale=0.9 / max(1, sizes[l]) ** 0.5)
         values[f"b{l + 1}"] = rnd(sizes[l + 1], scale=0.1) if d.biases[l] else None
@@ -128,8 +144,8 @@ def build(d: Drawn):
             continue
         t = _laid_out(v.to(d.dtype), d.layouts.get(name, "contiguous"))
         out[name] = t.requires_grad_(d.wants_grad.get(name, True))  # stays a leaf, keeps its strides
-    # delay == 1 also exercises the (B, O) form of x0
-    if d.delay == 1 and d.layouts.get("x0") != "expanded":
+    # D == 1 also exercises the (B, F) form of x0
+    if max(d.lags) == 1 and d.layouts.get("x0") != "expanded":
         out["x0"] = out["x0"].detach()[0].requires_grad_(d.wants_grad.get("x0", True))
     return out
 
@@ -149,17 +165,20 @@ def _min_abs_preactivation(ins, d: Drawn) -> float:
     u = f64(ins["u"])
     params = [f64(t) for t in _params(ins, d.layers)]
     act = d.act().fn
-    ys, smallest = [], float("inf")
+    D, fed = max(d.lags), d.fed
+    past, smallest = [], float("inf")  # past[s] = y_s[..., :F]
     for t in range(d.T):
-        h = x0[t] if t < d.delay else ys[t - d.delay]
-        h = h if u is None else torch.cat([u[t], h], -1)
+        read = [x0[t - lag + D] if t < lag else past[t - lag] for lag in d.lags]
+        h = torch.cat(([] if u is None else [u[t]]) + read, -1)
         for l in range(d.layers):
             h = F.linear(h, params[2 * l], params[2 * l + 1])
             if l < d.layers - 1:
                 if h.numel():
                     smallest = min(smallest, h.abs().min().item())
                 h = act(h)
-        ys.append(h)
+        if d.residual:
+            h = torch.cat([h[..., :fed] + read[0], h[..., fed:]], -1)
+        past.append(h[..., :fed])
     return smallest
 
 
@@ -182,7 +201,8 @@ def check_cpp_equals_reference(d: Drawn) -> None:
     if d.dtype == torch.float32 and d.activation in KINKED:
         assume(_min_abs_preactivation(ins, d) > KINK_MARGIN_F32)
     activation = ACTIVATIONS[d.activation].make_module(d.param)
-    kw = dict(steps=d.T, u=ins["u"], delay=d.delay, truncate=d.truncate, activation=activation)
+    kw = dict(steps=d.T, u=ins["u"], delay=d.delay, truncate=d.truncate, activation=activation,
+              feedback=d.feedback, residual=d.residual)
     args = (ins["x0"], *_params(ins, d.layers))
     with kernel_variant(d.path, d.isa):
         y = fbfast.rollout(*args, backend="cpp", **kw)
@@ -229,8 +249,9 @@ def test_layouts_are_what_they_claim():
 
 def test_check_detects_a_wrong_kernel(monkeypatch):
     # If "cpp" returned the reference plus a tiny error, the property would catch it.
-    d = Drawn(B=3, Du=2, O=4, T=4, delay=2, truncate=None, dtype=torch.float64, path="auto", isa="auto", seed=0,
-              widths=(5, 6), biases=(True, False, True), activation="elu", param=0.5)
+    d = Drawn(B=3, Du=2, O=4, T=4, delay=(2, 1), truncate=None, dtype=torch.float64, path="auto", isa="auto",
+              seed=0, widths=(5, 6), biases=(True, False, True), activation="elu", param=0.5, feedback=3,
+              residual=True)
     check_cpp_equals_reference(d)
     real = fbfast.rollout
     tol = TOLERANCES[torch.float64]["out"][1]

@@ -515,7 +515,10 @@ def test_two_layer_relu_is_version_1_bit_for_bit(dtype, T, bias, truncate, Du, d
     want_grads = grads(want, inp, grad_y)
     for y in (fbfast.rollout_reference(*args, T, inp["u"], delay, truncate),
               fbfast.rollout_reference(*args, steps=T, u=inp["u"], delay=delay, truncate=truncate),
-              fbfast.rollout(*args, steps=T, u=inp["u"], delay=delay, truncate=truncate, backend="eager")):
+              fbfast.rollout(*args, steps=T, u=inp["u"], delay=delay, truncate=truncate, backend="eager"),
+              # version 2's spelling of the same structure: the single lag as a tuple, no skip
+              fbfast.rollout(*args, steps=T, u=inp["u"], delay=(delay,), truncate=truncate, residual=False,
+                             backend="eager")):
         assert torch.equal(y, want)
         for name, g in grads(y, inp, grad_y).items():
             assert torch.equal(g, want_grads[name]), name

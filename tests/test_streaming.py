@@ -1,5 +1,6 @@
 """Streaming across optimizer steps (examples/streaming.py): the last `delay` outputs of one
-training step, detached, are the next step's x0 (docs/spec.md §1, streaming)."""
+training step, detached, are the next step's x0 (docs/spec.md §1, streaming); with lags and
+partial feedback, the last D = max(lags) rows of the fed-back outputs Y[..., :F]."""
 
 import contextlib
 import copy
@@ -109,3 +110,25 @@ def test_script_runs():
                           capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV)
     assert done.returncode == 0, done.stderr
     assert "the two loss histories agree" in done.stdout
+
+
+# The feedback structures of docs/spec.md §1.2: the next x0 is Y[-D:, ..., :F], D the longest lag.
+STRUCTURES = {"lags_3_1": dict(delay=(3, 1)), "narx4_F2": dict(delay=(1, 2, 3, 4), feedback=2),
+              "lags_2_5_F1_residual": dict(delay=(2, 5), feedback=1, residual=True)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+@pytest.mark.parametrize("Du", [0, 3])
+def test_chunked_rollouts_with_lags_continue_one_long_rollout(backend, structure, Du):
+    kw = STRUCTURES[structure]
+    p = make_problem(B=4, Du=Du, O=3, H=7, T=23, requires_grad=False, layers=3, activation="tanh", **kw)
+    D, fed = max(p.lags), p.x0.shape[-1]
+    long = p.run(backend)
+    pieces, x0 = [], p.x0
+    for start, stop in ((0, 5), (5, 6), (6, 15), (15, 23)):  # chunks shorter and longer than D
+        u = None if p.u is None else p.u[start:stop]
+        y = fbfast.rollout(x0, *p.params, steps=stop - start, u=u, activation="tanh", backend=backend, **kw)
+        pieces.append(y)
+        x0 = y[-D:, ..., :fed] if stop - start >= D else torch.cat([x0, y[..., :fed]])[-D:]
+    torch.testing.assert_close(torch.cat(pieces), long, rtol=1e-12, atol=1e-12)

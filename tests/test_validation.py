@@ -283,6 +283,86 @@ BAD = {
     "activation_subclass_overrides_forward": (
         lambda: good(activation=_ReLUOverridden()),
         TypeError, [r"\bactivation\b", r"_ReLUOverridden", r"overrides forward", r"'relu'"]),
+    # the feedback structure (docs/spec.md §1.2): lags, feedback, residual
+    "delay_lags_not_distinct": (
+        lambda: good(x0=torch.randn(2, B, O, dtype=F64), delay=(2, 1, 2)),
+        ValueError, [r"\bdelay\b", r"\(2, 1, 2\)", r"distinct", r"got 2 more than once"]),
+    "delay_lag_zero": (
+        lambda: good(x0=torch.randn(2, B, O, dtype=F64), delay=(2, 0)),
+        ValueError, [r"\bdelay\b", r">= 1", r"got 0 at position 1"]),
+    "delay_lag_negative": (
+        lambda: good(x0=torch.randn(1, B, O, dtype=F64), delay=[1, -3]),
+        ValueError, [r"\bdelay\b", r"\[1, -3\]", r"got -3 at position 1"]),
+    "delay_lag_float": (
+        lambda: good(x0=torch.randn(2, B, O, dtype=F64), delay=(1, 2.0)),
+        TypeError, [r"\bdelay\b", r"\bint\b", r"float 2\.0 at position 1"]),
+    "delay_lag_bool": (
+        lambda: good(delay=(True,)),
+        TypeError, [r"\bdelay\b", r"bool True at position 0"]),
+    "delay_lag_str": (
+        lambda: good(delay=("1",)),
+        TypeError, [r"\bdelay\b", r"str '1' at position 0"]),
+    "delay_empty": (
+        lambda: good(delay=()),
+        ValueError, [r"\bdelay\b", r"at least one lag", r"\(\)"]),
+    "delay_set": (
+        lambda: good(x0=torch.randn(2, B, O, dtype=F64), delay={1, 2}),
+        TypeError, [r"\bdelay\b", r"sequence of distinct positive ints", r"\bset\b"]),
+    "delay_tensor": (
+        lambda: good(x0=torch.randn(2, B, O, dtype=F64), delay=torch.tensor([1, 2])),
+        TypeError, [r"\bdelay\b", r"\bTensor\b"]),
+    "feedback_zero": (
+        lambda: good(feedback=0),
+        ValueError, [r"\bfeedback\b", r"1\.\.O = 2", r"got 0"]),
+    "feedback_above_O": (
+        lambda: good(feedback=3),
+        ValueError, [r"\bfeedback\b", r"1\.\.O = 2", r"got 3", r"w2 is \(2, 5\)"]),
+    "feedback_negative": (
+        lambda: good(feedback=-1),
+        ValueError, [r"\bfeedback\b", r"got -1"]),
+    "feedback_float": (
+        lambda: good(feedback=1.0),
+        TypeError, [r"\bfeedback\b", r"\bint\b", r"float 1\.0"]),
+    "feedback_bool": (
+        lambda: good(feedback=True),
+        TypeError, [r"\bfeedback\b", r"bool True"]),
+    "residual_int": (
+        lambda: good(residual=1),
+        TypeError, [r"\bresidual\b", r"\bbool\b", r"int 1"]),
+    "residual_none": (
+        lambda: good(residual=None),
+        TypeError, [r"\bresidual\b", r"NoneType None"]),
+    "residual_tensor": (
+        lambda: good(residual=torch.tensor(True)),
+        TypeError, [r"\bresidual\b", r"\bTensor\b"]),
+    "x0_leading_axis_not_the_longest_lag": (
+        lambda: good(x0=torch.randn(2, B, O, dtype=F64), delay=(1, 3)),
+        ValueError, [r"\bx0\b", r"\(2, 4, 2\)", r"\(3, B, O\)", r"D = 3", r"delay=\(1, 3\)"]),
+    "x0_2d_with_two_lags": (
+        lambda: good(delay=(2, 1)),
+        ValueError, [r"\bx0\b", r"\(4, 2\)", r"\(2, B, O\)"]),
+    "x0_width_not_F": (
+        lambda: good(feedback=1, w1=torch.randn(H, DU + 1, dtype=F64)),
+        ValueError, [r"\bx0\b", r"2 features", r"feedback=1", r"F = 1", r"O = 2"]),
+    "x0_width_F_without_feedback": (
+        lambda: good(x0=torch.randn(B, 1, dtype=F64), w1=torch.randn(H, DU + 1, dtype=F64)),
+        ValueError, [r"\bx0\b", r"1 features", r"O = 2", r"feedback=1"]),
+    "x0_leading_axis_with_feedback": (
+        lambda: good(x0=torch.randn(1, B, 1, dtype=F64), delay=(1, 2), feedback=1),
+        ValueError, [r"\bx0\b", r"\(1, 4, 1\)", r"\(2, B, F\)"]),
+    "w1_columns_vs_lags": (
+        lambda: good(x0=torch.randn(2, B, O, dtype=F64), delay=(1, 2)),
+        ValueError, [r"\bw1\b", r"5 input columns", r"Du = 3", r"m = 2", r"F = 2", r"Du \+ m·F = 3 \+ 4 = 7"]),
+    "w1_columns_vs_feedback": (
+        lambda: good(x0=torch.randn(B, 1, dtype=F64), feedback=1),
+        ValueError, [r"\bw1\b", r"5 input columns", r"m = 1", r"F = 1", r"= 4 needed"]),
+    "w1_columns_lags_no_u": (
+        lambda: good(x0=torch.randn(3, B, O, dtype=F64), delay=(3, 1), u=None, steps=4,
+                     w1=torch.randn(H, 9, dtype=F64)),
+        ValueError, [r"\bw1\b", r"9 input columns", r"m·F = 2·2 = 4", r"u is None", r"\(T, B, 5\)"]),
+    "w1_columns_lags_deep": (
+        lambda: deep(x0=torch.randn(3, B, 1, dtype=F64), delay=(2, 1, 3), feedback=1),
+        ValueError, [r"\bw1\b", r"5 input columns", r"m = 3", r"Du \+ m·F = 3 \+ 3 = 6"]),
 }
 
 
@@ -315,6 +395,11 @@ def test_good_baseline_runs():
     for backend in ("eager", "cpp") if fbfast.backends()["cpp"].available else ("eager",):
         assert call(good(), backend).shape == (T, B, O)
         assert call(good(delay=3, x0=torch.randn(3, B, O, dtype=F64), truncate=2), backend).shape == (T, B, O)
+        # the structures the feedback rows start from (w1 has Du + m·F = 3 + 2 columns)
+        structured = deep(x0=torch.randn(2, B, 1, dtype=F64), delay=(2, 1), feedback=1, residual=True)
+        assert call(structured, backend).shape == (T, B, O)
+        assert call(good(x0=torch.randn(1, B, 1, dtype=F64), w1=torch.randn(H, DU + 1, dtype=F64), feedback=1),
+                    backend).shape == (T, B, O)
 
 
 def test_steps_agreeing_with_u_is_fine():

@@ -232,6 +232,9 @@ Net make_net(const RolloutSizes& sizes, at::TensorList weights, const BiasList& 
   net.layers.act = sizes.act;
   net.layers.param = param;
   net.layers.du = u.has_value() ? u->size(2) : 0;
+  net.layers.lags = sizes.lags;
+  net.layers.f = sizes.f.expect_int();
+  net.layers.residual = sizes.residual;
   net.batch = sizes.batch.expect_int();
   net.o = sizes.o.expect_int();
   return net;
@@ -258,10 +261,10 @@ void check_dtype(const char* op, const at::Tensor& x0) {
   TORCH_CHECK(x0.device().is_cpu(), op, ": x0 must be a CPU tensor, got ", x0.device());
 }
 
-// Only x0[:min(delay, steps)] is ever read: copying all of it (an expanded x0 with a huge delay)
-// would allocate for nothing.
-at::Tensor read_x0(const at::Tensor& x0, int64_t steps) {
-  return x0.narrow(0, 0, std::min(x0.size(0), steps)).contiguous();
+// Only the rows of x0 that the rollout reads are copied (gemm_path::read_rows: x0[:min(D, steps)]
+// for one lag): copying all of it (an expanded x0 with a huge delay) would allocate for nothing.
+at::Tensor read_x0(const at::Tensor& x0, const Net& net, int64_t steps) {
+  return x0.narrow(0, 0, gemm_path::read_rows(net.layers.lags, x0.size(0), steps)).contiguous();
 }
 
 // dst (rows, dst_ld) <- src^T or src; src is a row-major (src_rows, src_cols) block with row
@@ -286,18 +289,18 @@ struct PackedNetwork {
 
   // Elements of the packed copies: W^T and b per layer, and W (split into its u and x columns
   // for the first layer) for a backward; the last layer's bias is not read by a backward.
-  static int64_t size(const Net& net, const std::vector<int64_t>& ld, int64_t ld_du, int64_t ld_o, bool for_backward) {
+  static int64_t size(const Net& net, const std::vector<int64_t>& ld, int64_t ld_du, int64_t ld_x, bool for_backward) {
     int64_t n = kSlackBytes / static_cast<int64_t>(sizeof(T));
     for (int64_t l = 0; l < net.depth(); ++l) {
       n += net.in(l) * ld[l + 1] + net.out(l);
-      if (for_backward) n += l == 0 ? net.out(0) * (ld_du + ld_o) : net.out(l) * ld[l];
+      if (for_backward) n += l == 0 ? net.out(0) * (ld_du + ld_x) : net.out(l) * ld[l];
     }
     return n;
   }
 
   // ld[l]: the row stride of layer l's input rows (ld[0] unused), ld[l + 1] of its output rows.
-  PackedNetwork(const Net& net, const std::vector<int64_t>& ld, int64_t ld_du, int64_t ld_o, bool for_backward) {
-    buf.resize(size(net, ld, ld_du, ld_o, for_backward));
+  PackedNetwork(const Net& net, const std::vector<int64_t>& ld, int64_t ld_du, int64_t ld_x, bool for_backward) {
+    buf.resize(size(net, ld, ld_du, ld_x, for_backward));
     T* d = buf.data();
     const int64_t du = net.layers.du;
     for (int64_t l = 0; l < net.depth(); ++l) {
@@ -316,9 +319,9 @@ struct PackedNetwork {
         pack(w, out, du, in, false, d, ld_du);
         ly.w = d;
         d += out * ld_du;
-        pack(w + du, out, in - du, in, false, d, ld_o);
+        pack(w + du, out, in - du, in, false, d, ld_x);
         ly.wx = d;
-        d += out * ld_o;
+        d += out * ld_x;
       } else if (for_backward) {
         pack(w, out, in, in, false, d, ld[l]);
         ly.w = d;
@@ -329,10 +332,11 @@ struct PackedNetwork {
   }
 };
 
-// Row strides of a call: ld[l + 1] for layer l's outputs (ld[L] = ld_o), ld[0] = ld_du.
+// Row strides of a call: ld[l + 1] for layer l's outputs (ld[L] = ld_o), ld[0] = ld_du; ld_f
+// for F-wide rows (the feedback ring), ld_x for the m F fed-back values of a step.
 struct Strides {
   std::vector<int64_t> ld;
-  int64_t ld_du, ld_o;
+  int64_t ld_du, ld_o, ld_f, ld_x;
 };
 
 template <typename T>
@@ -341,6 +345,8 @@ Strides strides_of(const Net& net) {
   Strides s;
   s.ld_du = row_stride(net.layers.du, W);
   s.ld_o = row_stride(net.o, W);
+  s.ld_f = row_stride(net.layers.f, W);
+  s.ld_x = row_stride(net.layers.f * static_cast<int64_t>(net.layers.lags.size()), W);
   s.ld.push_back(s.ld_du);
   for (int64_t l = 0; l < net.depth(); ++l) s.ld.push_back(row_stride(net.out(l), W));
   return s;
@@ -360,6 +366,13 @@ TileParams<T> make_params(const Net& net, const Strides& st, const PackedNetwork
   p.ld_o = st.ld_o;
   p.n_layers = net.depth();
   p.layers = packed.layers.data();
+  p.m = static_cast<int64_t>(net.layers.lags.size());
+  p.f = net.layers.f;
+  p.lags = net.layers.lags.data();
+  p.residual = net.layers.residual;
+  p.plain = net.layers.plain_feedback();
+  p.ld_f = st.ld_f;
+  p.ld_x = st.ld_x;
   p.act = static_cast<int>(net.layers.act);
   p.act_param = static_cast<T>(net.layers.param);
   p.x0 = x0.data_ptr<T>();
@@ -406,10 +419,10 @@ void forward_tile_path(const Net& net, const at::Tensor& x0, const at::Tensor& u
   const int64_t B = net.batch;
   std::optional<PackedNetwork<T>> packed;
   try {
-    packed.emplace(net, st.ld, st.ld_du, st.ld_o, false);
+    packed.emplace(net, st.ld, st.ld_du, st.ld_x, false);
   } catch (const std::bad_alloc&) {
     workspace_failed(kForwardOp, "packed weights", net, steps,
-                     PackedNetwork<T>::size(net, st.ld, st.ld_du, st.ld_o, false) * sizeof(T));
+                     PackedNetwork<T>::size(net, st.ld, st.ld_du, st.ld_x, false) * sizeof(T));
   }
   TileParams<T> p = make_params<T>(net, st, *packed, x0, u, steps, delay, 0);
   p.y = y.data_ptr<T>();
@@ -434,12 +447,13 @@ void forward_tile_path(const Net& net, const at::Tensor& x0, const at::Tensor& u
 std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
     const char* op, const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in, at::TensorList weights,
     const BiasList& biases, int64_t steps, int64_t delay, int64_t truncate, c10::string_view activation,
-    double param, bool keep_hidden) {
-  const RolloutSizes sizes = check_rollout_args(op, x0_in, u_in, weights, biases, steps, delay, truncate, activation);
+    double param, const FeedbackArgs& fb, bool keep_hidden) {
+  const RolloutSizes sizes =
+      check_rollout_args(op, x0_in, u_in, weights, biases, steps, delay, truncate, activation, fb);
   check_dtype(op, x0_in);
   check_result_fits(op, sizes, x0_in.element_size(), host_memory_bytes());
   const Net net = make_net(sizes, weights, biases, param, u_in);
-  const at::Tensor x0 = read_x0(x0_in, steps), u = opt_or_undefined(u_in);
+  const at::Tensor x0 = read_x0(x0_in, net, steps), u = opt_or_undefined(u_in);
   const char* remedy = "use fewer steps or a smaller batch, or run the rollout in chunks";
   at::Tensor y = checked_empty(op, "the result Y", {steps, net.batch, net.o}, x0.options(), remedy);
   std::vector<at::Tensor> kept;
@@ -462,8 +476,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
 
 at::Tensor rollout_forward_cpu(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList weights,
                                const BiasList& biases, int64_t steps, int64_t delay, int64_t truncate,
-                               c10::string_view activation, double param) {
-  return std::get<0>(forward_impl(kForwardOp, x0, u, weights, biases, steps, delay, truncate, activation, param, false));
+                               c10::string_view activation, double param, at::IntArrayRef lags, int64_t feedback,
+                               bool residual) {
+  return std::get<0>(forward_impl(kForwardOp, x0, u, weights, biases, steps, delay, truncate, activation, param,
+                                  {lags, feedback, residual}, false));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -532,11 +548,11 @@ void backward_tile_path(const Net& net, const at::Tensor& grad_y, const at::Tens
   std::optional<PackedNetwork<T>> packed;
   std::vector<T> acc;
   try {
-    packed.emplace(net, st.ld, st.ld_du, st.ld_o, true);
+    packed.emplace(net, st.ld, st.ld_du, st.ld_x, true);
     acc.assign(static_cast<size_t>(groups * per_group), T(0));
   } catch (const std::bad_alloc&) {
     workspace_failed(kBackwardOp, "packed weights and gradient accumulators", net, steps,
-                     (PackedNetwork<T>::size(net, st.ld, st.ld_du, st.ld_o, true) + groups * per_group) *
+                     (PackedNetwork<T>::size(net, st.ld, st.ld_du, st.ld_x, true) + groups * per_group) *
                          static_cast<long double>(sizeof(T)));
   }
   TileParams<T> p = make_params<T>(net, st, *packed, x0, u, steps, delay, truncate);
@@ -575,7 +591,7 @@ void backward_tile_path(const Net& net, const at::Tensor& grad_y, const at::Tens
     const int64_t z = act_needs_z(net.layers.act) ? 2 : 1;
     workspace_failed(kBackwardOp, "tile workspace", net, steps,
                      static_cast<long double>(groups) * tile_rows *
-                         (z * hidden_ld + std::min<int64_t>(2, L - 1) * widest_of(st) + (1 + slots) * st.ld_o) * sizeof(T));
+                         (z * hidden_ld + std::min<int64_t>(2, L - 1) * widest_of(st) + st.ld_o + slots * st.ld_f) * sizeof(T));
   }
   for (int64_t g = 1; g < groups; ++g)
     for (int64_t i = 0; i < per_group; ++i) acc[i] += acc[g * per_group + i];
@@ -599,14 +615,15 @@ void backward_tile_path(const Net& net, const at::Tensor& grad_y, const at::Tens
 GradTuple backward_impl(const char* op, const at::Tensor& grad_y_in, const at::Tensor& y_in, at::TensorList kept_in,
                         bool from_kept, const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in,
                         at::TensorList weights, const BiasList& biases, int64_t delay, int64_t truncate,
-                        c10::string_view activation, double param, const c10::List<bool>& output_mask) {
-  const RolloutSizes sizes =
-      check_backward_args(op, grad_y_in, y_in, x0_in, u_in, weights, biases, delay, truncate, activation, output_mask);
+                        c10::string_view activation, double param, const c10::List<bool>& output_mask,
+                        const FeedbackArgs& fb) {
+  const RolloutSizes sizes = check_backward_args(op, grad_y_in, y_in, x0_in, u_in, weights, biases, delay, truncate,
+                                                 activation, output_mask, fb);
   check_dtype(op, x0_in);
   if (from_kept) check_hidden(op, kept_in, sizes, x0_in);
   const int64_t steps = y_in.size(0);
   const Net net = make_net(sizes, weights, biases, param, u_in);
-  const at::Tensor x0 = read_x0(x0_in, steps), u = opt_or_undefined(u_in);
+  const at::Tensor x0 = read_x0(x0_in, net, steps), u = opt_or_undefined(u_in);
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
   std::vector<at::Tensor> kept;
   for (const auto& t : kept_in) kept.push_back(t.contiguous());
@@ -627,9 +644,10 @@ GradTuple backward_impl(const char* op, const at::Tensor& grad_y_in, const at::T
 GradTuple rollout_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
                                const std::optional<at::Tensor>& u, at::TensorList weights, const BiasList& biases,
                                int64_t delay, int64_t truncate, c10::string_view activation, double param,
-                               const c10::List<bool>& output_mask) {
+                               const c10::List<bool>& output_mask, at::IntArrayRef lags, int64_t feedback,
+                               bool residual) {
   return backward_impl(kBackwardOp, grad_y, y, {}, false, x0, u, weights, biases, delay, truncate, activation, param,
-                       output_mask);
+                       output_mask, {lags, feedback, residual});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -640,17 +658,19 @@ GradTuple rollout_backward_cpu(const at::Tensor& grad_y, const at::Tensor& y, co
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> rollout_forward_hidden_cpu(
     const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList weights, const BiasList& biases,
-    int64_t steps, int64_t delay, c10::string_view activation, double param) {
+    int64_t steps, int64_t delay, c10::string_view activation, double param, at::IntArrayRef lags,
+    int64_t feedback, bool residual) {
   return forward_impl("fbfast::rollout_forward_hidden (CPU)", x0, u, weights, biases, steps, delay, 0, activation,
-                      param, true);
+                      param, {lags, feedback, residual}, true);
 }
 
 GradTuple rollout_backward_hidden_cpu(const at::Tensor& grad_y, const at::Tensor& y, at::TensorList hidden,
                                       const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList weights,
                                       const BiasList& biases, int64_t delay, int64_t truncate,
-                                      c10::string_view activation, double param, const c10::List<bool>& output_mask) {
+                                      c10::string_view activation, double param, const c10::List<bool>& output_mask,
+                                      at::IntArrayRef lags, int64_t feedback, bool residual) {
   return backward_impl("fbfast::rollout_backward_hidden (CPU)", grad_y, y, hidden, true, x0, u, weights, biases, delay,
-                       truncate, activation, param, output_mask);
+                       truncate, activation, param, output_mask, {lags, feedback, residual});
 }
 
 }  // namespace

@@ -175,13 +175,59 @@ int64_t widest_hidden(const TileParams<T>& p) {
 // out (rows, ld_out) = layer l applied to its input: [u_t ; x_t] for the first layer (two
 // operand pairs, not concatenated), else the previous layer's activations `in`. ReLU comes
 // from the epilogue; the other activations are the caller's.
+// The values step t reads (docs/spec.md §1.2), as the rows of one matrix: x (rows, ldx).
+template <typename T>
+struct FedBack {
+  const T* x;
+  int64_t ldx;
+  const T* first;  // lag 0's value (the residual's), with row stride ld_first
+  int64_t ld_first;
+};
+
+// Lag j's value for the rows from r0: a pointer and its row stride. `y` is the forward's output
+// (written, or saved for the backward).
+template <typename T>
+inline void lag_value(const TileParams<T>& p, const T* y, int64_t t, int64_t j, int64_t r0, const T** at,
+                      int64_t* ld) {
+  const int64_t s = t - p.lags[j];
+  if (s < 0) {
+    *at = p.x0 + ((s + p.delay) * p.batch + r0) * p.f;
+    *ld = p.f;
+  } else {
+    *at = y + (s * p.batch + r0) * p.o;
+    *ld = p.o;
+  }
+}
+
+// With one lag the value is read where it lies; several are gathered into `buf` (rows, ld_x).
+template <typename T>
+inline FedBack<T> fed_back(const TileParams<T>& p, const T* y, int64_t t, int64_t r0, int64_t rows, T* buf) {
+  FedBack<T> fb{};
+  lag_value(p, y, t, 0, r0, &fb.first, &fb.ld_first);
+  if (p.m == 1) {
+    fb.x = fb.first;
+    fb.ldx = fb.ld_first;
+    return fb;
+  }
+  for (int64_t j = 0; j < p.m; ++j) {
+    const T* src;
+    int64_t ld;
+    lag_value(p, y, t, j, r0, &src, &ld);
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(buf + i * p.ld_x + j * p.f, src + i * ld, sizeof(T) * p.f);
+  }
+  fb.x = buf;
+  fb.ldx = p.ld_x;
+  return fb;
+}
+
 template <typename T, Epilogue E>
-void layer_forward(const TileParams<T>& p, int64_t l, int64_t rows, const T* ut, const T* x, const T* in,
+void layer_forward(const TileParams<T>& p, int64_t l, int64_t rows, const T* ut, const FedBack<T>& fb, const T* in,
                    T* out, int64_t ldc) {
   const TileLayer<T>& ly = p.layers[l];
   if (l == 0) {
-    const GemmArgs g{.m = rows, .n = ly.out, .k = p.du, .k2 = p.o, .as0 = p.du, .as1 = 1, .ldb = ly.ld_out,
-                     .a2s0 = p.o, .ldb2 = ly.ld_out, .ldc = ldc};
+    const GemmArgs g{.m = rows, .n = ly.out, .k = p.du, .k2 = p.m * p.f, .as0 = p.du, .as1 = 1, .ldb = ly.ld_out,
+                     .a2s0 = fb.ldx, .ldb2 = ly.ld_out, .ldc = ldc};
+    const T* x = fb.x;
     gemm<T, E>(g, ut, ly.wt, x, ly.wt + p.du * ly.ld_out, ly.b, nullptr, out);
   } else {
     const GemmArgs g{.m = rows, .n = ly.out, .k = ly.in, .as0 = ly.ld_in, .as1 = 1, .ldb = ly.ld_out, .ldc = ldc};
@@ -192,7 +238,7 @@ void layer_forward(const TileParams<T>& p, int64_t l, int64_t rows, const T* ut,
 // Forward of rows [r0, r1): all steps, writing y[t, r0:r1, :].
 template <typename T>
 bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
-  const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, k = p.delay, L = p.n_layers;
+  const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, L = p.n_layers;
   const bool relu = p.act == static_cast<int>(Act::kRelu);
   // Buffers of the widest hidden layer, two when hidden layers follow each other: layer l writes
   // one while reading the other. (One for a single hidden layer keeps version 1's workspace,
@@ -200,23 +246,28 @@ bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
   // mapped and zero-filled by page faults on every call.)
   const int64_t widest = widest_hidden(p);
   Scratch<T> buf((L > 2 ? 2 : 1) * rows * widest);
-  if (!buf.data) return false;
+  Scratch<T> xbuf(p.m > 1 ? rows * p.ld_x : 0);
+  if (!buf.data || !xbuf.data) return false;
   for (int64_t t = 0; t < p.steps; ++t) {
-    const T* x = t < k ? p.x0 + (t * B + r0) * O : p.y + ((t - k) * B + r0) * O;
-    const T* ut = Du ? p.u + (t * B + r0) * Du : x;
+    const FedBack<T> fb = fed_back(p, p.y, t, r0, rows, xbuf.data);
+    const T* ut = Du ? p.u + (t * B + r0) * Du : fb.x;
     const T* in = nullptr;
     for (int64_t l = 0; l + 1 < L; ++l) {
       T* h = buf.data + (l % 2) * rows * widest;
       const int64_t ld = p.layers[l].ld_out;
       if (relu) {
-        layer_forward<T, Epilogue::kRelu>(p, l, rows, ut, x, in, h, ld);
+        layer_forward<T, Epilogue::kRelu>(p, l, rows, ut, fb, in, h, ld);
       } else {
-        layer_forward<T, Epilogue::kNone>(p, l, rows, ut, x, in, h, ld);
+        layer_forward<T, Epilogue::kNone>(p, l, rows, ut, fb, in, h, ld);
         activation_forward<T>(p.act, p.act_param, h, h, rows * ld);
       }
       in = h;
     }
-    layer_forward<T, Epilogue::kNone>(p, L - 1, rows, ut, x, in, p.y + (t * B + r0) * O, O);
+    T* yt = p.y + (t * B + r0) * O;
+    layer_forward<T, Epilogue::kNone>(p, L - 1, rows, ut, fb, in, yt, O);
+    if (p.residual)
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < p.f; ++j) yt[i * O + j] += fb.first[i * fb.ld_first + j];
   }
   return true;
 }
@@ -224,22 +275,24 @@ bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
 // Backward of rows [r0, r1), reverse time, adding this tile's weight gradients into `acc`.
 template <typename T>
 bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGrads<T>& acc) {
-  const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, k = p.delay, L = p.n_layers;
-  const int64_t op = p.ld_o;
+  const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, L = p.n_layers, F = p.f;
+  const int64_t op = p.ld_o, lf = p.ld_f;
   const bool relu = p.act == static_cast<int>(Act::kRelu);
   const bool keep_z = act_needs_z(static_cast<Act>(p.act));
   // Per hidden layer l: h_l (rows, ld_out_l) and, where act' reads it, z_l; g (rows, ld_o), the
   // adjoint of y_t; adjoint buffers of the widest hidden layer for the walk down the layers (two
-  // alternating ones when hidden layers follow each other, as in the forward); ring: slots of (rows, ld_o) holding the adjoint flowing into y_{t-k} from step t
-  // until step t-k consumes it. Slot t % k < min(k, steps), so a delay longer than the rollout
-  // costs no memory.
-  const int64_t slots = k < p.steps ? k : p.steps;
+  // alternating ones when hidden layers follow each other, as in the forward); ring: slots of
+  // (rows, ld_f), slot s % slots holding the adjoint of step s's fed-back value, filled by the
+  // steps that read it (all later) and read at step s. slots = min(D, steps): a delay longer
+  // than the rollout costs no memory. xbuf: the gathered values of several lags.
+  const int64_t slots = p.delay < p.steps ? p.delay : p.steps;
   const int64_t widest = widest_hidden(p);
   int64_t hidden = 0;
   for (int64_t l = 0; l + 1 < L; ++l) hidden += rows * p.layers[l].ld_out;
   const int64_t n_adj = L > 2 ? 2 : L - 1;
-  Scratch<T> ws((keep_z ? 2 : 1) * hidden + rows * op + n_adj * rows * widest + slots * rows * op);
-  if (!ws.data) return false;
+  Scratch<T> ws((keep_z ? 2 : 1) * hidden + rows * op + n_adj * rows * widest + slots * rows * lf);
+  Scratch<T> xbuf(p.m > 1 ? rows * p.ld_x : 0);
+  if (!ws.data || !xbuf.data) return false;
   // h_l, then z_l where kept, layer after layer at the start of ws.
   auto h_of = [&](int64_t l) {
     T* at = ws.data;
@@ -253,9 +306,9 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
   T* ring = g + rows * op + n_adj * rows * widest;
 
   for (int64_t t = p.steps - 1; t >= 0; --t) {
-    const T* x = t < k ? p.x0 + (t * B + r0) * O : p.y_saved + ((t - k) * B + r0) * O;
-    const T* ut = Du ? p.u + (t * B + r0) * Du : x;
-    T* slot = ring + (t % k) * rows * op;
+    const FedBack<T> fb = fed_back(p, p.y_saved, t, r0, rows, xbuf.data);
+    const T* ut = Du ? p.u + (t * B + r0) * Du : fb.x;
+    T* slot = ring + (t % slots) * rows * lf;
 
     // Recompute the hidden layers of this step, as the forward computed them.
     for (int64_t l = 0; l + 1 < L; ++l) {
@@ -263,19 +316,25 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
       const T* in = l ? h_of(l - 1) : nullptr;
       T* h = h_of(l);
       if (relu) {
-        layer_forward<T, Epilogue::kRelu>(p, l, rows, ut, x, in, h, ld);
+        layer_forward<T, Epilogue::kRelu>(p, l, rows, ut, fb, in, h, ld);
       } else if (keep_z) {
-        layer_forward<T, Epilogue::kNone>(p, l, rows, ut, x, in, z_of(l), ld);
+        layer_forward<T, Epilogue::kNone>(p, l, rows, ut, fb, in, z_of(l), ld);
         activation_forward<T>(p.act, p.act_param, z_of(l), h, rows * ld);
       } else {
-        layer_forward<T, Epilogue::kNone>(p, l, rows, ut, x, in, h, ld);
+        layer_forward<T, Epilogue::kNone>(p, l, rows, ut, fb, in, h, ld);
         activation_forward<T>(p.act, p.act_param, h, h, rows * ld);
       }
     }
 
+    // g = dL/dy_t: the loss's, plus what the later steps that read y_t[:F] sent back.
     const T* gy = p.grad_y + (t * B + r0) * O;
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < O; ++j) g[i * op + j] = gy[i * O + j] + slot[i * op + j];
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = 0; j < F; ++j) g[i * op + j] = gy[i * O + j] + slot[i * lf + j];
+      for (int64_t j = F; j < O; ++j) g[i * op + j] = gy[i * O + j];
+    }
+    // Read: from now on the slot collects the adjoint of step t - slots (version 1's feedback
+    // overwrites it below instead).
+    if (!p.plain) std::memset(slot, 0, sizeof(T) * rows * lf);
 
     // Down the layers: adj is the adjoint of layer l's output (row stride adj_ld).
     T* adj = g;
@@ -312,8 +371,9 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
         const GemmArgs gu{.m = Du, .n = n0, .k = rows, .as0 = 1, .as1 = Du, .ldb = adj_ld, .ldc = ld0, .accumulate = true};
         gemm<T, Epilogue::kNone>(gu, ut, adj, ut, adj, nullptr, nullptr, acc.w[0]);
       }
-      const GemmArgs gx{.m = O, .n = n0, .k = rows, .as0 = 1, .as1 = O, .ldb = adj_ld, .ldc = ld0, .accumulate = true};
-      gemm<T, Epilogue::kNone>(gx, x, adj, x, adj, nullptr, nullptr, acc.w[0] + Du * ld0);
+      const GemmArgs gx{.m = p.m * F, .n = n0, .k = rows, .as0 = 1, .as1 = fb.ldx, .ldb = adj_ld, .ldc = ld0,
+                        .accumulate = true};
+      gemm<T, Epilogue::kNone>(gx, fb.x, adj, fb.x, adj, nullptr, nullptr, acc.w[0] + Du * ld0);
     }
     if (acc.b[0])
       for (int64_t i = 0; i < rows; ++i)
@@ -322,16 +382,42 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
       const GemmArgs gu{.m = rows, .n = Du, .k = n0, .as0 = adj_ld, .as1 = 1, .ldb = p.ld_du, .ldc = Du};
       gemm<T, Epilogue::kNone>(gu, adj, first.w, adj, first.w, nullptr, nullptr, p.grad_u + (t * B + r0) * Du);
     }
-    // dx_t = adj W0x: to y_{t-k} unless the edge is cut (truncate), or to x0[t].
-    GemmArgs gx{.m = rows, .n = O, .k = n0, .as0 = adj_ld, .as1 = 1, .ldb = op, .ldc = op};
-    if (t >= k) {
-      if (p.truncate && t % p.truncate == 0)
-        std::memset(slot, 0, sizeof(T) * rows * op);
-      else
-        gemm<T, Epilogue::kNone>(gx, adj, first.wx, adj, first.wx, nullptr, nullptr, slot);
-    } else if (p.grad_x0) {
-      gx.ldc = O;
-      gemm<T, Epilogue::kNone>(gx, adj, first.wx, adj, first.wx, nullptr, nullptr, p.grad_x0 + (t * B + r0) * O);
+    // dx_t = adj W0x: each lag's share to the step that produced the value unless the edges into
+    // step t are cut (truncate), or to x0; the residual's dL/dy_t[:F] to lag 0's value alike.
+    const bool cut = p.truncate && t % p.truncate == 0;
+    if (p.plain) {  // one lag k = delay: the slot just read is y_{t-k}'s
+      GemmArgs gx{.m = rows, .n = O, .k = n0, .as0 = adj_ld, .as1 = 1, .ldb = p.ld_x, .ldc = op};
+      if (t >= p.delay) {
+        if (cut)
+          std::memset(slot, 0, sizeof(T) * rows * op);
+        else
+          gemm<T, Epilogue::kNone>(gx, adj, first.wx, adj, first.wx, nullptr, nullptr, slot);
+      } else if (p.grad_x0) {
+        gx.ldc = O;
+        gemm<T, Epilogue::kNone>(gx, adj, first.wx, adj, first.wx, nullptr, nullptr, p.grad_x0 + (t * B + r0) * O);
+      }
+      continue;
+    }
+    auto target = [&](int64_t j, int64_t* ld) -> T* {
+      const int64_t s = t - p.lags[j];
+      *ld = s >= 0 ? lf : F;
+      if (s >= 0) return cut ? nullptr : ring + (s % slots) * rows * lf;
+      return p.grad_x0 ? p.grad_x0 + ((s + p.delay) * B + r0) * F : nullptr;
+    };
+    for (int64_t j = 0; j < p.m; ++j) {
+      int64_t ld;
+      T* dst = target(j, &ld);
+      if (!dst) continue;
+      const GemmArgs gx{.m = rows, .n = F, .k = n0, .as0 = adj_ld, .as1 = 1, .ldb = p.ld_x, .ldc = ld,
+                        .accumulate = true};
+      gemm<T, Epilogue::kNone>(gx, adj, first.wx + j * F, adj, first.wx + j * F, nullptr, nullptr, dst);
+    }
+    if (p.residual) {
+      int64_t ld;
+      T* dst = target(0, &ld);
+      if (dst)
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < F; ++j) dst[i * ld + j] += g[i * op + j];
     }
   }
   return true;

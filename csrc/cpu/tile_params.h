@@ -22,7 +22,7 @@ struct TileLayer {
                           // first layer's input is u and x, with strides ld_du and ld_o instead)
   const T* wt;  // (in, ld_out) = W^T, read by the forward; layer 0: the u rows, then the x rows
   const T* w;   // (out, ld_in) = W, read by the backward (g W); layer 0: the u columns only
-  const T* wx;  // layer 0 only: (out, ld_o) = W[:, Du:], the fed-back columns
+  const T* wx;  // layer 0 only: (out, ld_x) = W[:, Du:], the fed-back columns (m lags of F)
   const T* b;   // (out) or null
 };
 
@@ -31,11 +31,19 @@ template <typename T>
 struct TileParams {
   int64_t steps, batch, du, o, delay, truncate;  // truncate == 0: full BPTT
   int64_t ld_du, ld_o;  // row strides of u-wide and O-wide buffers
+  // The feedback (docs/spec.md §1.2): step t reads the first f outputs of steps t - lags[j],
+  // j < m (x0's row t - lags[j] + delay before step 0); residual adds lag 0's value to the first
+  // f outputs. plain: version 1's feedback (m = 1, f = o, no residual), whose backward writes
+  // the adjoint of y_{t-k} into the ring slot it has just read instead of accumulating.
+  int64_t m, f;
+  const int64_t* lags;
+  bool residual, plain;
+  int64_t ld_f, ld_x;  // row strides of F-wide buffers (the ring) and of the m F gathered values
   int64_t n_layers;
   const TileLayer<T>* layers;  // n_layers, the last one producing y
   int act;                     // fbfast::Act (csrc/common/act_kind.h)
   T act_param;
-  const T* x0;  // (min(delay, steps), B, O): only the inputs that are read
+  const T* x0;  // (rows read, B, F): only the inputs that are read (gemm_path::read_rows)
   const T* u;   // null when du == 0
   T* y;         // forward output
   // Backward only.

@@ -50,10 +50,10 @@ void check_dtype(const char* op, const at::Tensor& x0) {
   TORCH_CHECK(x0.device().is_cuda(), op, ": x0 must be a CUDA tensor, got ", x0.device());
 }
 
-// Only x0[:min(delay, steps)] is ever read: copying all of it (an expanded x0 with a huge delay)
-// would allocate for nothing.
-at::Tensor read_x0(const at::Tensor& x0, int64_t steps) {
-  return x0.narrow(0, 0, std::min(x0.size(0), steps)).contiguous();
+// Only the rows of x0 that the rollout reads are copied (gemm_path::read_rows): copying all of it
+// (an expanded x0 with a huge delay) would allocate for nothing.
+at::Tensor read_x0(const at::Tensor& x0, const RolloutSizes& sizes, int64_t steps) {
+  return x0.narrow(0, 0, gemm_path::read_rows(sizes.lags, x0.size(0), steps)).contiguous();
 }
 
 at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) {
@@ -127,8 +127,13 @@ std::vector<std::string> cuda_options(const std::optional<std::string>& path) {
 }
 
 // The layers, contiguous, as the general path takes them (csrc/gemm_path.h).
-gemm_path::Network make_network(at::TensorList weights, const BiasList& biases, Act act, double param, int64_t du) {
+gemm_path::Network make_network(at::TensorList weights, const BiasList& biases, const RolloutSizes& sizes,
+                                double param, int64_t du) {
+  const Act act = sizes.act;
   gemm_path::Network net;
+  net.lags = sizes.lags;
+  net.f = sizes.f.expect_int();
+  net.residual = sizes.residual;
   for (size_t l = 0; l < weights.size(); ++l) {
     net.w.push_back(weights[l].contiguous());
     net.b.push_back(opt_or_undefined(biases.get(l)));
@@ -157,6 +162,12 @@ Plan choose_plan(const gemm_path::Network& net, int64_t steps, int64_t batch, in
   const PathChoice choice = path_override();
   if (choice == PathChoice::kGeneral) return Plan{};
   const int64_t L = net.layers();
+  // The fused kernels run version 1's feedback (one lag, every output fed back, no skip).
+  if (!net.plain_feedback()) {
+    TORCH_CHECK(choice != PathChoice::kFused, op, ": the fused path is pinned (cuda_path='fused'), but it runs one "
+                "lag with every output fed back and no residual; set cuda_path='auto' to take the general path");
+    return Plan{};
+  }
   if (L > kMaxLayers) {
     TORCH_CHECK(choice != PathChoice::kFused, op, ": the fused path is pinned (cuda_path='fused'), but the network "
                 "has ", L, " layers and the fused kernels hold at most ", kMaxLayers,
@@ -203,15 +214,16 @@ std::vector<const void*> bias_pointers(const gemm_path::Network& net) {
 
 at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in,
                                 at::TensorList weights, const BiasList& biases, int64_t steps, int64_t delay,
-                                int64_t truncate, c10::string_view activation, double activation_param) {
-  const RolloutSizes sizes =
-      check_rollout_args(kForwardOp, x0_in, u_in, weights, biases, steps, delay, truncate, activation);
+                                int64_t truncate, c10::string_view activation, double activation_param,
+                                at::IntArrayRef lags, int64_t feedback, bool residual) {
+  const RolloutSizes sizes = check_rollout_args(kForwardOp, x0_in, u_in, weights, biases, steps, delay, truncate,
+                                                activation, {lags, feedback, residual});
   check_dtype(kForwardOp, x0_in);
   const c10::cuda::CUDAGuard guard(x0_in.device());
   check_result_fits(kForwardOp, sizes, x0_in.element_size(), device_memory(x0_in.get_device()));
-  const at::Tensor x0 = read_x0(x0_in, steps), u = opt_or_undefined(u_in);
-  const int64_t B = x0.size(1), O = x0.size(2), du = u.defined() ? u.size(2) : 0;
-  const gemm_path::Network net = make_network(weights, biases, sizes.act, activation_param, du);
+  const at::Tensor x0 = read_x0(x0_in, sizes, steps), u = opt_or_undefined(u_in);
+  const int64_t B = x0.size(1), O = sizes.o.expect_int(), du = u.defined() ? u.size(2) : 0;
+  const gemm_path::Network net = make_network(weights, biases, sizes, activation_param, du);
   at::Tensor y = checked_empty(kForwardOp, "the result Y", {steps, B, O}, x0.options(),
                                "use fewer steps or a smaller batch, or run the rollout in chunks");
   if (steps == 0 || B == 0 || O == 0) return y;
@@ -233,16 +245,17 @@ at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at:
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> rollout_backward_cuda(
     const at::Tensor& grad_y_in, const at::Tensor& y_in, const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in,
     at::TensorList weights, const BiasList& biases, int64_t delay, int64_t truncate, c10::string_view activation,
-    double activation_param, const c10::List<bool>& output_mask) {
+    double activation_param, const c10::List<bool>& output_mask, at::IntArrayRef lags, int64_t feedback,
+    bool residual) {
   const RolloutSizes sizes = check_backward_args(kBackwardOp, grad_y_in, y_in, x0_in, u_in, weights, biases, delay,
-                                                 truncate, activation, output_mask);
+                                                 truncate, activation, output_mask, {lags, feedback, residual});
   check_dtype(kBackwardOp, x0_in);
   const int64_t steps = y_in.size(0);
   const c10::cuda::CUDAGuard guard(x0_in.device());
-  const at::Tensor x0 = read_x0(x0_in, steps), u = opt_or_undefined(u_in);
+  const at::Tensor x0 = read_x0(x0_in, sizes, steps), u = opt_or_undefined(u_in);
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
-  const int64_t B = x0.size(1), O = x0.size(2), du = u.defined() ? u.size(2) : 0;
-  const gemm_path::Network net = make_network(weights, biases, sizes.act, activation_param, du);
+  const int64_t B = x0.size(1), O = sizes.o.expect_int(), du = u.defined() ? u.size(2) : 0;
+  const gemm_path::Network net = make_network(weights, biases, sizes, activation_param, du);
   const int64_t L = net.layers();
   const bool empty_problem = steps == 0 || B == 0 || O == 0;
   Dims dims{};
