@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import fbfast
 from fbfast.testing import make_problem
 from test_reference import HAND
-from testing import CPP, CPP_REASON, assert_close, grads
+from testing import CPP, CPP_REASON, assert_close, cpu_variant, grads
 
 F64, F32 = torch.float64, torch.float32
 needs_cpp = pytest.mark.skipif(not CPP, reason=CPP_REASON)
@@ -297,6 +297,28 @@ def test_cpp_matches_the_reference(lags, feedback, residual, truncate, Du, dtype
         gy = _gy(y)
         for name, a, b in zip(p.names, grads(y, p.inputs(), gy), grads(want, p.inputs(), gy)):
             assert_close(a, b, dtype, "grad", f"d{name} {what}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("variant", [("tile", "base"), ("tile", "avx2"), ("tile", "auto"), ("blas", "auto")],
+                         ids=lambda v: "-".join(v))
+@pytest.mark.parametrize("structure", [dict(lags=(3, 1), feedback=2, residual=True, truncate=2),
+                                       dict(lags=(1, 2, 3, 4, 5), feedback=1),
+                                       dict(lags=(2,), feedback=2, residual=True)], ids=["3,1-res", "narx5", "2-res"])
+def test_every_cpu_path_and_instruction_set(structure, variant):
+    """Each path and instruction set of the CPU kernel pinned: the tile kernels gather several
+    lags into one buffer and accumulate each lag's adjoint into the ring (csrc/cpu/tile_kernels.h),
+    the BLAS path multiplies each lag by its own columns (csrc/gemm_path.cpp)."""
+    structure = dict(structure)
+    with cpu_variant(*variant):
+        for dtype in (F64, F32):
+            p = _problem(structure["lags"], structure.get("feedback"), structure.get("residual", False),
+                         structure.get("truncate"), 2, dtype=dtype, B=5, T=8, layers=3, activation="tanh")
+            y, want = p.run("cpp"), p.reference()
+            assert_close(y, want, dtype, "out", f"Y {structure} {variant}")
+            gy = _gy(y)
+            for name, a, b in zip(p.names, grads(y, p.inputs(), gy), grads(want, p.inputs(), gy)):
+                assert_close(a, b, dtype, "grad", f"d{name} {structure} {variant}")
 
 
 @needs_cpp
