@@ -82,33 +82,46 @@ inline typename Vec<T>::type expm1_taylor(typename Vec<T>::type r) {
   return q * r;
 }
 
+// exp(x) = 2^n (1 + q) with q = expm1(r), r = x - n ln 2, |r| <= ln(2) / 2 (Cody and Waite's range
+// reduction); n and q of clamped x, shared by vexp and vexpm1.
+template <typename T>
+inline void exp_parts(typename Vec<T>::type x, typename Vec<T>::type* n, typename Vec<T>::type* q) {
+  using C = ExpConst<T>;
+  typename Vec<T>::type xc = x > C::kHi ? splat<T>(C::kHi) : x;  // comparisons with NaN are false: NaN stays
+  xc = xc < C::kLo ? splat<T>(C::kLo) : xc;
+  *n = (xc * T(1.4426950408889634) + C::kRound) - C::kRound;
+  typename Vec<T>::type r = xc - *n * C::kLn2Hi;
+  r = r - *n * C::kLn2Lo;
+  *q = expm1_taylor<T>(r);
+}
+
 template <typename T>
 inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
   using V = typename Vec<T>::type;
   using C = ExpConst<T>;
-  V xc = x > C::kHi ? splat<T>(C::kHi) : x;  // comparisons with NaN are false: NaN stays
-  xc = xc < C::kLo ? splat<T>(C::kLo) : xc;
-  const V n = (xc * T(1.4426950408889634) + C::kRound) - C::kRound;
-  V r = xc - n * C::kLn2Hi;
-  r = r - n * C::kLn2Lo;  // |r| <= ln(2) / 2
-  const V p = expm1_taylor<T>(r) + T(1);
-  V second;
+  V n, q, second;
+  exp_parts<T>(x, &n, &q);
   const V first = pow2_halves<T>(n, &second);
-  V result = p * first * second;
+  V result = (q + T(1)) * first * second;
   result = x > C::kHi ? splat<T>(__builtin_inf()) : result;
   return x < C::kLo ? V{} : result;
 }
 
 // exp(x) - 1 without the cancellation of vexp(x) - 1 near 0: the series itself where no range
-// reduction is needed (|x| <= ln(2) / 2), exp(x) - 1 beyond (where it loses no digits).
+// reduction happens (n = 0, |x| <= ln(2) / 2), 2^n (1 + q) - 1 beyond (where it loses no digits).
 template <typename T>
 inline typename Vec<T>::type vexpm1(typename Vec<T>::type x) {
-  const typename Vec<T>::type a = x < T(0) ? -x : x;
-  return a <= T(0.34657359027997264) ? expm1_taylor<T>(x) : vexp<T>(x) - T(1);
+  using V = typename Vec<T>::type;
+  using C = ExpConst<T>;
+  V n, q, second;
+  exp_parts<T>(x, &n, &q);
+  const V first = pow2_halves<T>(n, &second);
+  V result = (q + T(1)) * first * second - T(1);
+  result = n == T(0) ? q : result;
+  result = x > C::kHi ? splat<T>(__builtin_inf()) : result;
+  return x < C::kLo ? splat<T>(T(-1)) : result;
 }
 
-// tanh(a) = -expm1(-2a) / (expm1(-2a) + 2) for a = |z|: accurate to a few ulp relative, down to
-// the smallest z (1 - 2 / (exp(2a) + 1) would lose every digit below 1e-8 in float32).
 template <typename T>
 inline typename Vec<T>::type vtanh(typename Vec<T>::type z) {
   using V = typename Vec<T>::type;
