@@ -123,21 +123,22 @@ std::vector<at::Tensor> lag_columns(const at::Tensor& w0, const Network& net) {
   return cols;
 }
 
-// The fed-back value of step s as step s + d reads it: the first f outputs of y_s, or x0's row
-// s + D before step 0 (x0 holds the D values before step 0, oldest first).
-at::Tensor past(const at::Tensor& x0, const at::Tensor& y, int64_t s, int64_t delay, int64_t f) {
-  if (s < 0) return x0.select(0, s + delay);
+// The value of lag j that step t reads: the first f outputs of y_{t - d_j}, or x0's (copied) row
+// before step 0 (X0Rows).
+at::Tensor past(const at::Tensor& x0, const at::Tensor& y, int64_t t, size_t j, const Network& net) {
+  const int64_t s = t - net.lags[j];
+  if (s < 0) return x0.select(0, net.x0_base[j] + t);
   const at::Tensor ys = y.select(0, s);
-  return f == ys.size(1) ? ys : ys.narrow(1, 0, f);
+  return net.f == ys.size(1) ? ys : ys.narrow(1, 0, net.f);
 }
 
-// The same for steps [t0, t1) of lag d, as (t1 - t0) B rows.
-at::Tensor past_rows(const at::Tensor& x0, const at::Tensor& y, int64_t t0, int64_t t1, int64_t d, int64_t delay,
-                     int64_t f) {
-  const int64_t s0 = t0 - d, s1 = t1 - d, B = y.size(1);
+// The same for steps [t0, t1), as (t1 - t0) B rows.
+at::Tensor past_rows(const at::Tensor& x0, const at::Tensor& y, int64_t t0, int64_t t1, size_t j,
+                     const Network& net) {
+  const int64_t d = net.lags[j], s0 = t0 - d, s1 = t1 - d, B = y.size(1), f = net.f;
   const at::Tensor yf = f == y.size(2) ? y : y.narrow(2, 0, f);
   if (s0 >= 0) return yf.narrow(0, s0, s1 - s0).reshape({(s1 - s0) * B, f});
-  std::vector<at::Tensor> parts{x0.narrow(0, s0 + delay, std::min<int64_t>(s1, 0) - s0)};
+  std::vector<at::Tensor> parts{x0.narrow(0, net.x0_base[j] + t0, std::min<int64_t>(s1, 0) - s0)};
   if (s1 > 0) parts.push_back(yf.narrow(0, 0, s1));
   return at::cat(parts, 0).reshape({(s1 - s0) * B, f});
 }
@@ -162,6 +163,26 @@ void add_rows(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, at::Ten
 
 }  // namespace
 
+X0Rows read_x0(const at::Tensor& x0, const std::vector<int64_t>& lags, int64_t steps) {
+  const int64_t D = x0.size(0);
+  X0Rows r;
+  if (lags.size() == 1) {
+    r.rows = x0.narrow(0, D - lags[0], std::min(lags[0], steps)).contiguous();
+    r.base = {0};
+    return r;
+  }
+  std::vector<at::Tensor> parts;
+  int64_t at = 0;
+  for (const int64_t d : lags) {
+    const int64_t n = std::min(d, steps);
+    parts.push_back(x0.narrow(0, D - d, n));
+    r.base.push_back(at);
+    at += n;
+  }
+  r.rows = at::cat(parts, 0);
+  return r;
+}
+
 void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Network& net, int64_t delay,
              at::Tensor& y, std::vector<at::Tensor>* kept) {
   const int64_t steps = y.size(0), B = y.size(1), L = net.layers(), du = net.du;
@@ -180,7 +201,7 @@ void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Ne
   }
   std::vector<at::Tensor> x(net.lags.size());
   for (const auto t : c10::irange(steps)) {
-    for (size_t j = 0; j < x.size(); ++j) x[j] = past(x0, y, t - net.lags[j], delay, net.f);
+    for (size_t j = 0; j < x.size(); ++j) x[j] = past(x0, y, t, j, net);
     at::Tensor in;  // the activation entering layer l
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor& b = net.b[l];
@@ -266,7 +287,7 @@ void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, con
     const int64_t t0 = std::max<int64_t>(0, t1 - chunk), n = t1 - t0, rows = n * B;
     // Each lag's value for t in [t0, t1).
     std::vector<at::Tensor> xc(m);
-    for (size_t j = 0; j < m; ++j) xc[j] = past_rows(x0, y, t0, t1, net.lags[j], delay, f);
+    for (size_t j = 0; j < m; ++j) xc[j] = past_rows(x0, y, t0, t1, j, net);
     const at::Tensor uc = du ? u.narrow(0, t0, n).reshape({rows, du}) : at::Tensor();
     // The chunk's pre-activations z (where read) and activations h of every hidden layer,
     // (n, B, H_l) each: recomputed layer by layer, or read from what the forward kept.

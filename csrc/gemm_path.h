@@ -33,6 +33,7 @@ struct Network {
   std::vector<int64_t> lags{1};
   int64_t f = 0;
   bool residual = false;
+  std::vector<int64_t> x0_base{0};  // where each lag's rows of x0 start in the copy (X0Rows)
 
   int64_t layers() const { return static_cast<int64_t>(w.size()); }
   bool plain_feedback() const { return lags.size() == 1 && !residual && f == w.back().size(0); }
@@ -50,22 +51,24 @@ struct Grads {
 // z for the others.
 inline bool keeps_preactivation(Act act) { return act_needs_z(act); }
 
-// x0 (rows of the D before step 0 that are read, B, F; read_rows) and u (T, B, Du) or undefined,
-// contiguous; y (T, B, O) written.
+// x0: X0Rows::rows of the D values before step 0 (net.x0_base says where each lag's are), u
+// (T, B, Du) or undefined, contiguous; y (T, B, O) written.
 // kept: null, or filled with one (T, B, out_l) tensor per hidden layer l < L - 1 (see
 // keeps_preactivation), for a backward that then need not recompute them.
 // `op` names the operator in allocation failures.
 void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Network& net, int64_t delay,
              at::Tensor& y, std::vector<at::Tensor>* kept);
 
-// How many of x0's D rows a rollout of `steps` steps reads: rows D - d_min .. are read only if
-// the rollout lasts long enough, rows from 0 always (the longest lag, at step 0).
-inline int64_t read_rows(const std::vector<int64_t>& lags, int64_t delay, int64_t steps) {
-  int64_t shortest = delay;
-  for (const int64_t d : lags) shortest = d < shortest ? d : shortest;
-  const int64_t rows = delay - shortest + steps;
-  return rows < delay ? rows : delay;
-}
+// The rows of x0 (D, B, F) that a rollout of `steps` steps reads, copied contiguous: lag j reads
+// rows D - d_j .. D - d_j + min(d_j, steps) - 1 (at steps 0 .. min(d_j, steps) - 1), stored from
+// base[j] on, so that step t < d_j finds lag j's value at row base[j] + t. One lag copies
+// x0[:min(D, steps)] as before; several keep a range each (at most m min(D, steps) rows), never
+// all D rows of a long delay that is read in a few places.
+struct X0Rows {
+  at::Tensor rows;
+  std::vector<int64_t> base;
+};
+X0Rows read_x0(const at::Tensor& x0, const std::vector<int64_t>& lags, int64_t steps);
 
 // truncate == 0: full BPTT. kept: empty to recompute, else what forward(..., kept) filled.
 // chunk_bytes caps the chunk buffers (they also stay below half of what a per-step loop keeps).

@@ -194,6 +194,22 @@ def test_expanded_x0_with_a_huge_delay_is_read_not_copied():
     assert_close(g, g_ref, torch.float32, "grad")
 
 
+@pytest.mark.parametrize("lags", [(1, 2**40), (2**40, 2, 1)], ids=["1,2**40", "2**40,2,1"])
+def test_expanded_x0_with_a_huge_lag_among_others_is_read_not_copied(lags):
+    # A tapped delay line reads, per lag d, x0's rows D - d .. D - d + min(d, steps) - 1:
+    # csrc/gemm_path.cpp read_x0 copies those, not the D rows between them.
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 4, 3, generator=g).expand(2**40, 4, 3)
+    w1, w2 = torch.randn(8, 3 * len(lags), generator=g) * 0.3, torch.randn(3, 8, generator=g) * 0.3
+    w1.requires_grad_()
+    y = fbfast.rollout(x0, w1, None, w2, None, steps=3, delay=lags, backend="cpp")
+    y_ref = fbfast.rollout(x0, w1, None, w2, None, steps=3, delay=lags, backend="eager")
+    assert_close(y, y_ref, torch.float32)
+    (gr,) = torch.autograd.grad(y.sum(), [w1])
+    (gr_ref,) = torch.autograd.grad(y_ref.sum(), [w1])
+    assert_close(gr, gr_ref, torch.float32, "grad")
+
+
 @needs_peak_reset
 def test_long_delay_with_few_steps_costs_what_it_reads():
     # delay = 1e7, steps = 4: 1.2 GiB went into a contiguous copy of an x0 of which 4 slots

@@ -261,10 +261,13 @@ void check_dtype(const char* op, const at::Tensor& x0) {
   TORCH_CHECK(x0.device().is_cpu(), op, ": x0 must be a CPU tensor, got ", x0.device());
 }
 
-// Only the rows of x0 that the rollout reads are copied (gemm_path::read_rows: x0[:min(D, steps)]
-// for one lag): copying all of it (an expanded x0 with a huge delay) would allocate for nothing.
-at::Tensor read_x0(const at::Tensor& x0, const Net& net, int64_t steps) {
-  return x0.narrow(0, 0, gemm_path::read_rows(net.layers.lags, x0.size(0), steps)).contiguous();
+// Only the rows of x0 that the rollout reads are copied (gemm_path::read_x0): copying all of it
+// (an expanded x0 with a huge delay) would allocate for nothing. Records where each lag's rows
+// start in net.
+at::Tensor read_x0(const at::Tensor& x0, Net& net, int64_t steps) {
+  gemm_path::X0Rows r = gemm_path::read_x0(x0, net.layers.lags, steps);
+  net.layers.x0_base = std::move(r.base);
+  return r.rows;
 }
 
 // dst (rows, dst_ld) <- src^T or src; src is a row-major (src_rows, src_cols) block with row
@@ -369,6 +372,7 @@ TileParams<T> make_params(const Net& net, const Strides& st, const PackedNetwork
   p.m = static_cast<int64_t>(net.layers.lags.size());
   p.f = net.layers.f;
   p.lags = net.layers.lags.data();
+  p.x0_base = net.layers.x0_base.data();
   p.residual = net.layers.residual;
   p.plain = net.layers.plain_feedback();
   p.ld_f = st.ld_f;
@@ -452,7 +456,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
       check_rollout_args(op, x0_in, u_in, weights, biases, steps, delay, truncate, activation, fb);
   check_dtype(op, x0_in);
   check_result_fits(op, sizes, x0_in.element_size(), host_memory_bytes());
-  const Net net = make_net(sizes, weights, biases, param, u_in);
+  Net net = make_net(sizes, weights, biases, param, u_in);
   const at::Tensor x0 = read_x0(x0_in, net, steps), u = opt_or_undefined(u_in);
   const char* remedy = "use fewer steps or a smaller batch, or run the rollout in chunks";
   at::Tensor y = checked_empty(op, "the result Y", {steps, net.batch, net.o}, x0.options(), remedy);
@@ -622,7 +626,7 @@ GradTuple backward_impl(const char* op, const at::Tensor& grad_y_in, const at::T
   check_dtype(op, x0_in);
   if (from_kept) check_hidden(op, kept_in, sizes, x0_in);
   const int64_t steps = y_in.size(0);
-  const Net net = make_net(sizes, weights, biases, param, u_in);
+  Net net = make_net(sizes, weights, biases, param, u_in);
   const at::Tensor x0 = read_x0(x0_in, net, steps), u = opt_or_undefined(u_in);
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
   std::vector<at::Tensor> kept;

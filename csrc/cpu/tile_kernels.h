@@ -11,7 +11,7 @@
 //
 // Layout conventions (all row-major; the row strides are set by the host, and every packed
 // buffer and workspace has one vector of slack after its last row, so a whole-vector load that
-// starts inside a row never leaves its buffer): x0 (min(delay, T), B, O), u (T, B, Du),
+// starts inside a row never leaves its buffer): x0 (the rows read, B, F), u (T, B, Du),
 // y and grad_y (T, B, O); each layer's packed weights as TileLayer (tile_params.h) describes.
 // The activation (csrc/common/act_kind.h) is applied by the GEMM epilogue for ReLU and by a
 // vector pass over the tile's rows for the others (vec_math.h); the backward recomputes every
@@ -191,7 +191,7 @@ inline void lag_value(const TileParams<T>& p, const T* y, int64_t t, int64_t j, 
                       int64_t* ld) {
   const int64_t s = t - p.lags[j];
   if (s < 0) {
-    *at = p.x0 + ((s + p.delay) * p.batch + r0) * p.f;
+    *at = p.x0 + ((p.x0_base[j] + t) * p.batch + r0) * p.f;
     *ld = p.f;
   } else {
     *at = y + (s * p.batch + r0) * p.o;
@@ -213,7 +213,9 @@ inline FedBack<T> fed_back(const TileParams<T>& p, const T* y, int64_t t, int64_
     const T* src;
     int64_t ld;
     lag_value(p, y, t, j, r0, &src, &ld);
-    for (int64_t i = 0; i < rows; ++i) std::memcpy(buf + i * p.ld_x + j * p.f, src + i * ld, sizeof(T) * p.f);
+    // A plain loop: rows of a few values each, where a memcpy call per row would cost more.
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t c = 0; c < p.f; ++c) buf[i * p.ld_x + j * p.f + c] = src[i * ld + c];
   }
   fb.x = buf;
   fb.ldx = p.ld_x;
@@ -404,13 +406,25 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
       if (s >= 0) return cut ? nullptr : ring + (s % slots) * rows * lf;
       return p.grad_x0 ? p.grad_x0 + ((s + p.delay) * B + r0) * F : nullptr;
     };
-    for (int64_t j = 0; j < p.m; ++j) {
+    if (p.m == 1) {
       int64_t ld;
-      T* dst = target(j, &ld);
-      if (!dst) continue;
-      const GemmArgs gx{.m = rows, .n = F, .k = n0, .as0 = adj_ld, .as1 = 1, .ldb = p.ld_x, .ldc = ld,
-                        .accumulate = true};
-      gemm<T, Epilogue::kNone>(gx, adj, first.wx + j * F, adj, first.wx + j * F, nullptr, nullptr, dst);
+      if (T* dst = target(0, &ld)) {
+        const GemmArgs gx{.m = rows, .n = F, .k = n0, .as0 = adj_ld, .as1 = 1, .ldb = p.ld_x, .ldc = ld,
+                          .accumulate = true};
+        gemm<T, Epilogue::kNone>(gx, adj, first.wx, adj, first.wx, nullptr, nullptr, dst);
+      }
+    } else {
+      // Every lag's share in one GEMM (dx_t, m F wide, into xbuf: the gathered values were read
+      // above), then added to each value's slot.
+      const GemmArgs gx{.m = rows, .n = p.m * F, .k = n0, .as0 = adj_ld, .as1 = 1, .ldb = p.ld_x, .ldc = p.ld_x};
+      gemm<T, Epilogue::kNone>(gx, adj, first.wx, adj, first.wx, nullptr, nullptr, xbuf.data);
+      for (int64_t j = 0; j < p.m; ++j) {
+        int64_t ld;
+        T* dst = target(j, &ld);
+        if (!dst) continue;
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t c = 0; c < F; ++c) dst[i * ld + c] += xbuf.data[i * p.ld_x + j * F + c];
+      }
     }
     if (p.residual) {
       int64_t ld;

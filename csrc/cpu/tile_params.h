@@ -19,7 +19,7 @@ template <typename T>
 struct TileLayer {
   int64_t in, out;        // W is (out, in)
   int64_t ld_in, ld_out;  // row strides of buffers with rows of `in` and of `out` elements (the
-                          // first layer's input is u and x, with strides ld_du and ld_o instead)
+                          // first layer's input is u and x, with strides ld_du and ld_x instead)
   const T* wt;  // (in, ld_out) = W^T, read by the forward; layer 0: the u rows, then the x rows
   const T* w;   // (out, ld_in) = W, read by the backward (g W); layer 0: the u columns only
   const T* wx;  // layer 0 only: (out, ld_x) = W[:, Du:], the fed-back columns (m lags of F)
@@ -37,13 +37,14 @@ struct TileParams {
   // the adjoint of y_{t-k} into the ring slot it has just read instead of accumulating.
   int64_t m, f;
   const int64_t* lags;
+  const int64_t* x0_base;  // lag j's value before step t = lags[j] is x0's row x0_base[j] + t
   bool residual, plain;
   int64_t ld_f, ld_x;  // row strides of F-wide buffers (the ring) and of the m F gathered values
   int64_t n_layers;
   const TileLayer<T>* layers;  // n_layers, the last one producing y
   int act;                     // fbfast::Act (csrc/common/act_kind.h)
   T act_param;
-  const T* x0;  // (rows read, B, F): only the inputs that are read (gemm_path::read_rows)
+  const T* x0;  // (rows read, B, F): only the rows that are read (gemm_path::read_x0)
   const T* u;   // null when du == 0
   T* y;         // forward output
   // Backward only.

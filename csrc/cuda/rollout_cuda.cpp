@@ -50,10 +50,10 @@ void check_dtype(const char* op, const at::Tensor& x0) {
   TORCH_CHECK(x0.device().is_cuda(), op, ": x0 must be a CUDA tensor, got ", x0.device());
 }
 
-// Only the rows of x0 that the rollout reads are copied (gemm_path::read_rows): copying all of it
+// Only the rows of x0 that the rollout reads are copied (gemm_path::read_x0): copying all of it
 // (an expanded x0 with a huge delay) would allocate for nothing.
-at::Tensor read_x0(const at::Tensor& x0, const RolloutSizes& sizes, int64_t steps) {
-  return x0.narrow(0, 0, gemm_path::read_rows(sizes.lags, x0.size(0), steps)).contiguous();
+gemm_path::X0Rows read_x0(const at::Tensor& x0, const RolloutSizes& sizes, int64_t steps) {
+  return gemm_path::read_x0(x0, sizes.lags, steps);
 }
 
 at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) {
@@ -221,9 +221,11 @@ at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at:
   check_dtype(kForwardOp, x0_in);
   const c10::cuda::CUDAGuard guard(x0_in.device());
   check_result_fits(kForwardOp, sizes, x0_in.element_size(), device_memory(x0_in.get_device()));
-  const at::Tensor x0 = read_x0(x0_in, sizes, steps), u = opt_or_undefined(u_in);
+  gemm_path::X0Rows rows = read_x0(x0_in, sizes, steps);
+  const at::Tensor x0 = rows.rows, u = opt_or_undefined(u_in);
   const int64_t B = x0.size(1), O = sizes.o.expect_int(), du = u.defined() ? u.size(2) : 0;
-  const gemm_path::Network net = make_network(weights, biases, sizes, activation_param, du);
+  gemm_path::Network net = make_network(weights, biases, sizes, activation_param, du);
+  net.x0_base = std::move(rows.base);
   at::Tensor y = checked_empty(kForwardOp, "the result Y", {steps, B, O}, x0.options(),
                                "use fewer steps or a smaller batch, or run the rollout in chunks");
   if (steps == 0 || B == 0 || O == 0) return y;
@@ -252,10 +254,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   check_dtype(kBackwardOp, x0_in);
   const int64_t steps = y_in.size(0);
   const c10::cuda::CUDAGuard guard(x0_in.device());
-  const at::Tensor x0 = read_x0(x0_in, sizes, steps), u = opt_or_undefined(u_in);
+  gemm_path::X0Rows rows = read_x0(x0_in, sizes, steps);
+  const at::Tensor x0 = rows.rows, u = opt_or_undefined(u_in);
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
   const int64_t B = x0.size(1), O = sizes.o.expect_int(), du = u.defined() ? u.size(2) : 0;
-  const gemm_path::Network net = make_network(weights, biases, sizes, activation_param, du);
+  gemm_path::Network net = make_network(weights, biases, sizes, activation_param, du);
+  net.x0_base = std::move(rows.base);
   const int64_t L = net.layers();
   const bool empty_problem = steps == 0 || B == 0 || O == 0;
   Dims dims{};
