@@ -95,31 +95,30 @@ inline void exp_parts(typename Vec<T>::type x, typename Vec<T>::type* n, typenam
   *q = expm1_taylor<T>(r);
 }
 
-template <typename T>
-inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+// exp(x), or with kMinusOne exp(x) - 1 without the cancellation of exp(x) - 1 near 0: the series
+// itself where no range reduction happens (n = 0, |x| <= ln(2) / 2), 2^n (1 + q) - 1 beyond
+// (where it loses no digits).
+template <typename T, bool kMinusOne>
+inline typename Vec<T>::type vexp_impl(typename Vec<T>::type x) {
   using V = typename Vec<T>::type;
   using C = ExpConst<T>;
   V n, q, second;
   exp_parts<T>(x, &n, &q);
   const V first = pow2_halves<T>(n, &second);
   V result = (q + T(1)) * first * second;
+  if constexpr (kMinusOne) result = n == T(0) ? q : result - T(1);
   result = x > C::kHi ? splat<T>(__builtin_inf()) : result;
-  return x < C::kLo ? V{} : result;
+  return x < C::kLo ? splat<T>(kMinusOne ? T(-1) : T(0)) : result;
 }
 
-// exp(x) - 1 without the cancellation of vexp(x) - 1 near 0: the series itself where no range
-// reduction happens (n = 0, |x| <= ln(2) / 2), 2^n (1 + q) - 1 beyond (where it loses no digits).
+template <typename T>
+inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+  return vexp_impl<T, false>(x);
+}
+
 template <typename T>
 inline typename Vec<T>::type vexpm1(typename Vec<T>::type x) {
-  using V = typename Vec<T>::type;
-  using C = ExpConst<T>;
-  V n, q, second;
-  exp_parts<T>(x, &n, &q);
-  const V first = pow2_halves<T>(n, &second);
-  V result = (q + T(1)) * first * second - T(1);
-  result = n == T(0) ? q : result;
-  result = x > C::kHi ? splat<T>(__builtin_inf()) : result;
-  return x < C::kLo ? splat<T>(T(-1)) : result;
+  return vexp_impl<T, true>(x);
 }
 
 template <typename T>
