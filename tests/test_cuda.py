@@ -149,6 +149,25 @@ def test_activation_and_depth(activation, depth, path):
     _check_float32(p, f"{activation} L={depth}")
 
 
+# Feedback structures (docs/spec.md §1.2) run on the general path (the fused kernels run one lag
+# with every output fed back): "auto" takes it, and a pinned fused path says why it cannot.
+FEEDBACK_STRUCTURES = {
+    "3,1-F2-residual": dict(lags=(3, 1), feedback=2, residual=True, truncate=2),
+    "narx5-F1": dict(lags=(1, 2, 3, 4, 5), feedback=1),
+    "2-residual": dict(lags=(2,), residual=True),
+}
+
+
+@pytest.mark.parametrize("structure", sorted(FEEDBACK_STRUCTURES))
+def test_feedback_structures(structure):
+    kw = dict(FEEDBACK_STRUCTURES[structure])
+    p = _cuda_problem(5, 2, 3, 8, 9, layers=3, activation="tanh", **kw)
+    _check_float32(p, structure)
+    with fbfast.kernel_options(cuda_path="fused"):
+        with pytest.raises(RuntimeError, match=r"fused path is pinned.*one lag"):
+            p.run("cuda")
+
+
 def test_more_layers_than_the_fused_kernels_hold():
     # kMaxLayers (csrc/cuda/rollout_params.h): "auto" takes the general path without an error,
     # a pinned fused path says why it cannot.
