@@ -22,9 +22,9 @@ _INT64_MAX = 2**63 - 1
 
 
 class RolloutArgs(NamedTuple):
-    x0: Tensor  # always (D, B, F), D = max(lags)
-    weights: List[Tensor]  # (out_l, in_l) each
-    biases: List[Optional[Tensor]]  # (out_l,) or None each
+    x0: Tensor  # (D, B, F), D = max(lags); an ensemble's own starts (D, E, B, F)
+    weights: List[Tensor]  # (out_l, in_l) each; an ensemble's (E, out_l, in_l)
+    biases: List[Optional[Tensor]]  # (out_l,) or None each; an ensemble's (E, out_l) or None
     steps: int
     batch: int
     exo_features: int  # Du
@@ -34,6 +34,11 @@ class RolloutArgs(NamedTuple):
     lags: Tuple[int, ...]  # d_1 .. d_m in the order step t reads them (docs/spec.md §1.2)
     fed_back: int  # F: y[..., :F] is fed back; F == O when feedback is None
     residual: bool
+    # docs/spec.md §1.3: E when every weight is 3-D, else None; and whether x0 / u (when given)
+    # lack the member axis, one tensor read by every member.
+    ensemble: Optional[int] = None
+    shared_x0: bool = False
+    shared_u: bool = False
 
 
 def _shape(t: Tensor) -> str:
@@ -150,20 +155,23 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.3g} GiB"
 
 
-def _check_result_fits(who: str, x0: Tensor, steps: int, batch: int, out_features: int) -> None:
+def _check_result_fits(who: str, x0: Tensor, steps: int, batch: int, out_features: int,
+                       ensemble: Optional[int] = None) -> None:
     # Y alone must fit in the device's memory: otherwise the compiled kernels fail in the
     # allocator with a message that names no argument, and "eager" runs step after step for
     # hours before it does. Only sizes are read, so the check is free. Under torch.compile the
     # check is left to the eager calls (shapes may be symbolic there).
     if torch.compiler.is_compiling():
         return
-    nbytes = steps * batch * out_features * x0.element_size()
+    members = 1 if ensemble is None else ensemble
+    nbytes = steps * members * batch * out_features * x0.element_size()
     limit = _memory_bytes(x0.device)
     if nbytes > _INT64_MAX or (limit is not None and nbytes > limit):
         where = f"the {_gib(limit)} of {x0.device} memory" if limit is not None else "an int64 byte count"
+        shape = (steps, batch, out_features) if ensemble is None else (steps, ensemble, batch, out_features)
         raise RuntimeError(
-            f"{who}: steps={steps} is too large: the result Y of shape ({steps}, {batch}, "
-            f"{out_features}) in {x0.dtype} needs {_gib(nbytes)}, more than {where}; use fewer "
+            f"{who}: steps={steps} is too large: the result Y of shape {shape} in {x0.dtype} needs "
+            f"{_gib(nbytes)}, more than {where}; use fewer "
             "steps, or run the rollout in chunks (pass Y[-D:, ..., :F].detach() as the next call's x0, "
             "D the longest lag)"
         )
@@ -228,6 +236,33 @@ def _fed(lags: Tuple[int, ...], feedback: Optional[int], F: int) -> str:
     return f"m·F = {m}·{F} = {m * F} (m = {m} lags {lags}, F = {F} fed-back outputs)"
 
 
+def _check_ranks(who: str, weights: Sequence[Tensor]) -> Optional[int]:
+    """``None`` when every weight is 2-D, ``E`` when every weight is 3-D with the same ``E``
+    (an ensemble, docs/spec.md §1.3); anything else raises, naming the weight that differs."""
+    if all(w.dim() == 2 for w in weights):  # the common case, checked on every rollout
+        return None
+    L = len(weights)
+    for l, w in enumerate(weights):
+        if w.dim() not in (2, 3):
+            shape = "(O, H)" if l == L - 1 and L > 1 else "(H, Du + m·F)" if l == 0 and L > 1 else "(out, in)"
+            raise ValueError(f"{who}: {weight_name(l)} must be 2-D {shape} like nn.Linear.weight, or 3-D "
+                             f"(E, out, in) for an ensemble of E networks; got shape {_shape(w)}")
+    first = weights[0]
+    for l in range(1, L):
+        w = weights[l]
+        if w.dim() != first.dim():
+            raise ValueError(
+                f"{who}: {weight_name(l)} is {w.dim()}-D {_shape(w)} but {weight_name(0)} is {first.dim()}-D "
+                f"{_shape(first)}: every weight must be 2-D (out, in) like nn.Linear.weight, or every weight "
+                "3-D (E, out, in) for an ensemble of E networks; the ranks may not differ between layers")
+        if w.dim() == 3 and w.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"{who}: ensemble sizes disagree: {weight_name(l)} is {_shape(w)}, E = {w.shape[0]} networks, "
+                f"but {weight_name(0)} is {_shape(first)}, E = {first.shape[0]}; every 3-D weight (E, out, in) "
+                "needs the same E")
+    return first.shape[0] if first.dim() == 3 else None
+
+
 def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activation,
                        who: str = "fbfast.rollout", *, feedback=None, residual=False) -> RolloutArgs:
     """Validate the arguments of ``fbfast.rollout`` (``params`` = ``(w1, b1, ..., wL, bL)``),
@@ -251,13 +286,11 @@ def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activati
     act = resolve_activation(activation, who)
     L = len(weights)
 
+    E = _check_ranks(who, weights)
+    lead = 0 if E is None else 1  # where (out, in) starts in a weight's shape
     widths = []
     for l, (w, b) in enumerate(zip(weights, biases)):
-        if w.dim() != 2:
-            shape = "(O, H)" if l == L - 1 and L > 1 else "(H, Du + m·F)" if l == 0 and L > 1 else "(out, in)"
-            raise ValueError(f"{who}: {weight_name(l)} must be 2-D {shape} like nn.Linear.weight, "
-                             f"got shape {_shape(w)}")
-        out, reads = w.shape
+        out, reads = w.shape[lead], w.shape[lead + 1]
         if l and reads != widths[-1]:
             raise ValueError(
                 f"{who}: layer sizes do not chain: {weight_name(l)} is {_shape(w)}, reading "
@@ -266,9 +299,17 @@ def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activati
                 "stack of nn.Linear)")
         widths.append(out)
     for l, b in enumerate(biases):
-        if b is not None and (b.dim() != 1 or b.shape[0] != widths[l]):
+        if b is None:
+            continue
+        if E is None and (b.dim() != 1 or b.shape[0] != widths[l]):
             raise ValueError(f"{who}: {bias_name(l)} must have shape ({widths[l]},), got {_shape(b)}: "
                              f"one entry per row of {weight_name(l)} {_shape(weights[l])}")
+        if E is not None and (b.dim() != 2 or b.shape[0] != E or b.shape[1] != widths[l]):
+            why = (f"its ensemble size {b.shape[0]} disagrees with E = {E} of the weights"
+                   if b.dim() == 2 and b.shape[0] != E and b.shape[1] == widths[l] else
+                   f"one row per member, one entry per row of {weight_name(l)} {_shape(weights[l])}")
+            raise ValueError(f"{who}: {bias_name(l)} must have shape ({E}, {widths[l]}) (E, out) in an ensemble "
+                             f"of E = {E} networks (3-D weights), got {_shape(b)}: {why}")
     widths = tuple(widths)
     O = widths[-1]
     w1 = weights[0]
@@ -285,7 +326,18 @@ def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activati
     f_name = "O" if feedback is None else "F"
 
     x0_given = x0  # messages show the shape the caller passed, before normalisation
-    if x0.dim() == 2 and D == 1:
+    shared_x0 = E is None or x0.dim() != 4
+    if E is not None and x0.dim() == 4:
+        # docs/spec.md §1.3: (D, E, B, F), each member's own starts.
+        if x0.shape[0] != D or x0.shape[1] != E:
+            axis = (f"its leading axis must be D = {D} (the longest lag of delay={delay!r})"
+                    if x0.shape[0] != D else
+                    f"its member axis (the second) has {x0.shape[1]} but the weights hold E = {E} networks "
+                    f"({weight_name(0)} is {_shape(w1)})")
+            raise ValueError(f"{who}: x0 must have shape ({D}, {E}, B, {f_name}) (D, E, B, {f_name}) for an "
+                             f"ensemble's own starts, or ({D}, B, {f_name}) shared by every member; got "
+                             f"{_shape(x0_given)}: {axis}")
+    elif x0.dim() == 2 and D == 1:
         x0 = x0.unsqueeze(0)
     elif x0.dim() != 3 or x0.shape[0] != D:
         if D == 1:
@@ -295,13 +347,15 @@ def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activati
         else:
             need = (f"({D}, B, {f_name}): the leading axis holds the D = {D} fed-back values before step 0, "
                     f"oldest first, D being the longest lag of delay={delay!r}")
+        if E is not None:
+            need += f", or ({D}, {E}, B, {f_name}) with a member axis for each of the E = {E} networks"
         raise ValueError(f"{who}: x0 must have shape {need}, got {_shape(x0_given)}")
-    B = x0.shape[1]
-    if x0.shape[2] != F:
-        got = f"{who}: x0 has {x0.shape[2]} features in its last axis (shape {_shape(x0_given)})"
+    B = x0.shape[-2]
+    if x0.shape[-1] != F:
+        got = f"{who}: x0 has {x0.shape[-1]} features in its last axis (shape {_shape(x0_given)})"
         if feedback is None:
-            hint = (f"; to feed back only the first {x0.shape[2]} outputs, pass feedback={x0.shape[2]}"
-                    if 0 < x0.shape[2] < O else "")
+            hint = (f"; to feed back only the first {x0.shape[-1]} outputs, pass feedback={x0.shape[-1]}"
+                    if 0 < x0.shape[-1] < O else "")
             raise ValueError(f"{got} but the network outputs O = {O} ({_last_layer(weights)}); fed-back inputs "
                              f"must match outputs{hint}")
         raise ValueError(f"{got} but feedback={feedback} feeds back F = {F} of the O = {O} outputs "
@@ -311,19 +365,25 @@ def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activati
         Du = 0
         if steps is None:
             raise ValueError(f"{who}: steps is required when u is None (it cannot be inferred)")
-        if w1.shape[1] != m * F:
-            extra = w1.shape[1] - m * F
+        if w1.shape[-1] != m * F:
+            extra = w1.shape[-1] - m * F
             hint = (f"; pass the other {extra} input features as u of shape (T, B, {extra})"
                     if extra > 0 else "")
             need = f"Du + O = {O}" if m == 1 and feedback is None else f"Du + m·F = 0 + {m * F} = {m * F}"
             raise ValueError(
-                f"{who}: w1 has {w1.shape[1]} input columns but the feedback has {_fed(lags, feedback, F)} "
+                f"{who}: w1 has {w1.shape[-1]} input columns but the feedback has {_fed(lags, feedback, F)} "
                 f"features and u is None ({need} needed){hint}"
             )
     else:
-        if u.dim() != 3:
+        if E is None and u.dim() != 3:
             raise ValueError(f"{who}: u must be 3-D (T, B, Du), got shape {_shape(u)}")
-        T_u, B_u, Du = u.shape
+        if E is not None and (u.dim() not in (3, 4) or (u.dim() == 4 and u.shape[1] != E)):
+            axis = (f": its member axis (the second) has {u.shape[1]} but the weights hold E = {E} networks "
+                    f"({weight_name(0)} is {_shape(w1)})" if u.dim() == 4 else "")
+            raise ValueError(f"{who}: u must be 4-D (T, E, B, Du) = (T, {E}, B, Du) with a member axis, or 3-D "
+                             f"(T, B, Du) shared by every member of the ensemble of E = {E} networks; got shape "
+                             f"{_shape(u)}{axis}")
+        T_u, B_u, Du = u.shape[0], u.shape[-2], u.shape[-1]
         if steps is None:
             steps = T_u
         elif steps != T_u:
@@ -335,12 +395,15 @@ def check_rollout_args(x0, params: Sequence, steps, u, delay, truncate, activati
             raise ValueError(
                 f"{who}: u has batch size {B_u} (shape {_shape(u)}) but x0 has B = {B}"
             )
-        if w1.shape[1] != Du + m * F:
+        if w1.shape[-1] != Du + m * F:
             need = (f"Du + O = {Du + O}" if m == 1 and feedback is None
                     else f"Du + m·F = {Du} + {m * F} = {Du + m * F}")
             raise ValueError(
-                f"{who}: w1 has {w1.shape[1]} input columns but u has Du = {Du} features "
+                f"{who}: w1 has {w1.shape[-1]} input columns but u has Du = {Du} features "
                 f"and the feedback has {_fed(lags, feedback, F)} ({need} needed; w1 is {_shape(w1)})"
             )
-    _check_result_fits(who, x0, steps, B, O)
-    return RolloutArgs(x0, weights, biases, steps, B, Du, O, widths, act, lags, F, residual)
+    _check_result_fits(who, x0, steps, B, O, E)
+    if E is None:
+        return RolloutArgs(x0, weights, biases, steps, B, Du, O, widths, act, lags, F, residual)
+    return RolloutArgs(x0, weights, biases, steps, B, Du, O, widths, act, lags, F, residual, E, shared_x0,
+                       u is None or u.dim() == 3)

@@ -64,6 +64,11 @@ def rollout(
     The layers may also be named, ``rollout(x0, w1=..., b1=..., w2=..., b2=..., steps=...)``,
     as version 1's signature allowed.
 
+    Ensembles (docs/spec.md §1.3): with every weight 3-D ``(E, out_l, in_l)`` and every bias
+    ``(E, out_l)``, E networks roll out side by side; x0 is ``(D, E, B, F)`` or shared
+    ``(D, B, F)``, u ``(T, E, B, Du)`` or shared ``(T, B, Du)``, and Y ``(T, E, B, O)``. They run
+    on "eager" and "compile" ("auto" picks "eager"); the fused kernels do not run them yet.
+
     Returns:
         ``Y`` of shape ``(T, B, O)``; ``Y[-D:, ..., :F].detach()`` is the ``x0`` that continues
         the rollout in a next call.
@@ -72,30 +77,39 @@ def rollout(
         params = params_from_keywords("fbfast.rollout", params, layers)
     args = check_rollout_args(x0, params, steps, u, delay, truncate, activation, feedback=feedback,
                               residual=residual)
-    name = dispatch.resolve(backend, args.x0)
+    name = dispatch.resolve(backend, args.x0, args.ensemble)
     act = args.activation
     if name == "cpp" or name == "cuda":
-        # lags, feedback and residual always go by keyword: csrc/fbfast.cpp gives them defaults
-        # after activation_param, and fbfast/ops.py loads only a library whose schema has them.
-        return ops.forward_op(args.x0, u, args.weights, args.biases, args.steps, args.x0.shape[0], truncate or 0,
+        # lags, feedback and residual are the schema's last arguments, with defaults that mean one
+        # lag, every output fed back and no skip (csrc/fbfast.cpp); fbfast/ops.py loads only a
+        # library whose schema has them. Version 1's feedback leaves them out: passing keywords
+        # costs the operator call ~1.7 us, a tenth of a small rollout.
+        D = args.x0.shape[0]
+        if len(args.lags) == 1 and feedback is None and not residual:
+            return ops.forward_op(args.x0, u, args.weights, args.biases, args.steps, D, truncate or 0, act.name,
+                                  act.param)
+        return ops.forward_op(args.x0, u, args.weights, args.biases, args.steps, D, truncate or 0,
                               act.name, act.param, lags=list(args.lags), feedback=args.fed_back,
                               residual=residual)
     if name == "compile":
+        ens = None if args.ensemble is None else (args.ensemble, args.shared_x0, args.shared_u)
         fn = _compiled(args.steps, args.lags, truncate, act, tuple(b is not None for b in args.biases), feedback,
-                       residual)
+                       residual, ens)
         return fn(args.x0, u, *args.weights, *(b for b in args.biases if b is not None))
     return run_reference(args.x0, args.weights, args.biases, args.steps, u, args.lags, truncate, act, feedback,
                          residual)
 
 
 # (steps, lags, truncate, L, activation name, its parameter as float.hex, which biases exist,
-# feedback, residual)
-_CompileKey = Tuple[int, Tuple[int, ...], Optional[int], int, str, str, Tuple[bool, ...], Optional[int], bool]
+# feedback, residual, ensemble: None or (E, shared x0, shared u))
+_CompileKey = Tuple[int, Tuple[int, ...], Optional[int], int, str, str, Tuple[bool, ...], Optional[int], bool,
+                    Optional[Tuple[int, bool, bool]]]
 _COMPILED: Dict[_CompileKey, Callable] = {}
 
 
 def _compiled(steps: int, lags: Tuple[int, ...], truncate: Optional[int], act: ResolvedActivation,
-              has_bias: Sequence[bool], feedback: Optional[int] = None, residual: bool = False) -> Callable:
+              has_bias: Sequence[bool], feedback: Optional[int] = None, residual: bool = False,
+              ensemble: Optional[Tuple[int, bool, bool]] = None) -> Callable:
     """`torch.compile` of the reference for one configuration.
 
     The reference's Python loop is unrolled while tracing, so compile time grows with `steps`.
@@ -105,11 +119,14 @@ def _compiled(steps: int, lags: Tuple[int, ...], truncate: Optional[int], act: R
     lags in their order, the number of layers, the activation and its parameter (a constant of
     the graph; keyed by ``float.hex`` so that a NaN parameter finds its entry again), which
     biases are None (absent biases are not arguments of the compiled function, so that dynamo
-    sees only tensors), and the feedback structure: ``feedback`` as given (None feeds back y
-    whole, an int slices it) and ``residual``.
+    sees only tensors), the feedback structure: ``feedback`` as given (None feeds back y
+    whole, an int slices it) and ``residual``, and for an ensemble (docs/spec.md §1.3) ``(E,
+    x0 shared, u shared)``: the reference expands a shared x0/u to the member axis, a different
+    graph than indexing one with it, so each gets its own entry rather than a guard failure.
     """
     L = len(has_bias)
-    key = (steps, lags, truncate, L, act.name, float(act.param).hex(), tuple(has_bias), feedback, residual)
+    key = (steps, lags, truncate, L, act.name, float(act.param).hex(), tuple(has_bias), feedback, residual,
+           ensemble)
     fn = _COMPILED.get(key)
     if fn is None:
         weights = [f"w{l + 1}" for l in range(L)]
@@ -123,7 +140,9 @@ def _compiled(steps: int, lags: Tuple[int, ...], truncate: Optional[int], act: R
         delay = lags[0] if len(lags) == 1 else ",".join(map(str, lags))
         label = (f"<fbfast.compile steps={steps} delay={delay} truncate={truncate} layers={L} "
                  f"activation={act.describe()} biases={''.join('1' if b else '0' for b in has_bias)} "
-                 f"feedback={feedback} residual={residual}>")
+                 f"feedback={feedback} residual={residual}"
+                 + ("" if ensemble is None else
+                    f" ensemble={ensemble[0]} shared_x0={ensemble[1]} shared_u={ensemble[2]}") + ">")
         exec(compile(src, label, "exec"), scope)
         fn = _COMPILED[key] = torch.compile(scope["rollout_unrolled"])
     return fn

@@ -27,6 +27,49 @@ def _check_size(name: str, value, minimum: int) -> int:
     return value
 
 
+class EnsembleLinear(nn.Module):
+    """``E`` linear layers side by side (docs/spec.md §1.3): ``weight`` ``(E, out, in)``, ``bias``
+    ``(E, out)`` or None, each member initialised as ``nn.Linear`` initialises its own (uniform in
+    ``±1/sqrt(in_features)``, the bound nn.Linear's kaiming-uniform with ``a = sqrt(5)`` gives).
+    ``forward(x)``: ``x`` is ``(E, B, in)``, one row block per member, or ``(B, in)`` read by
+    every member; returns ``(E, B, out)``."""
+
+    def __init__(self, ensemble: int, in_features: int, out_features: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.ensemble, self.in_features, self.out_features = ensemble, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(ensemble, out_features, in_features, device=device, dtype=dtype))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(ensemble, out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)  # as nn.Linear: fc.bias is None, not in the state_dict
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.init.kaiming_uniform_ would take fan_in from weight.shape[1] (out, for a 3-D
+        # tensor): the bound is set from in_features directly, as nn.Linear's amounts to.
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        wt = self.weight.transpose(1, 2)
+        if x.dim() == 2:
+            # Shared input: a zero-stride view per member, so its gradient is the members' sum.
+            x = x.unsqueeze(0).expand(self.ensemble, *x.shape)
+        if x.dim() != 3 or x.shape[0] != self.ensemble or x.shape[2] != self.in_features:
+            raise ValueError(f"EnsembleLinear: x must be ({self.ensemble}, B, {self.in_features}) (E, B, in) or "
+                             f"(B, {self.in_features}) shared by the E = {self.ensemble} members, got shape "
+                             f"{tuple(x.shape)}")
+        return torch.bmm(x, wt) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), x, wt)
+
+    def extra_repr(self) -> str:
+        return (f"ensemble={self.ensemble}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
 class FeedbackMLP(nn.Module):
     """``fcL(act(... act(fc1(x)) ...))`` whose output is fed back as (part of) its next input.
 
@@ -44,6 +87,11 @@ class FeedbackMLP(nn.Module):
     ReLU, one lag) the ``state_dict`` keys match the seed's network. ``activation`` is a name or
     an ``nn`` module (see `fbfast.rollout`); neither it nor the feedback structure holds
     parameters, so none of them is in the state_dict.
+
+    ``ensemble=E`` makes ``E`` such networks rolled out side by side (docs/spec.md §1.3): each
+    ``fcl`` is an `EnsembleLinear` holding ``weight`` ``(E, out, in)`` and ``bias`` ``(E, out)``
+    under the same state_dict names; ``forward`` takes ``(E, B, in)`` or a shared ``(B, in)`` and
+    returns ``(E, B, out)``, and ``rollout`` returns ``(T, E, B, O)``.
     """
 
     # Class-level defaults: a FeedbackMLP pickled whole before these attributes existed still
@@ -51,12 +99,15 @@ class FeedbackMLP(nn.Module):
     delay: Union[int, Tuple[int, ...]] = 1
     feedback: Optional[int] = None
     residual: bool = False
+    ensemble: Optional[int] = None
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int, *,
                  hidden_layers: int = 1, activation="relu", residual: bool = False,
-                 feedback: Optional[int] = None, delay: Union[int, Sequence[int]] = 1, bias: bool = True,
-                 device=None, dtype=None) -> None:
+                 feedback: Optional[int] = None, delay: Union[int, Sequence[int]] = 1,
+                 ensemble: Optional[int] = None, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
+        if ensemble is not None:
+            _check_size("ensemble", ensemble, 1)
         _check_size("in_features", in_features, 0)
         _check_size("hidden_features", hidden_features, 0)
         _check_size("out_features", out_features, 0)
@@ -77,9 +128,12 @@ class FeedbackMLP(nn.Module):
         widths = [hidden_features] * hidden_layers + [out_features]
         fan_in = in_features
         for l, out in enumerate(widths):
-            setattr(self, f"fc{l + 1}", nn.Linear(fan_in, out, bias=bias, device=device, dtype=dtype))
+            layer = (nn.Linear(fan_in, out, bias=bias, device=device, dtype=dtype) if ensemble is None else
+                     EnsembleLinear(ensemble, fan_in, out, bias=bias, device=device, dtype=dtype))
+            setattr(self, f"fc{l + 1}", layer)
             fan_in = out
         self.num_layers = len(widths)
+        self.ensemble = ensemble
 
     def _set_feedback_structure(self, who: str, out_features: int, delay, feedback, residual) -> None:
         """Validate and store ``delay``, ``feedback`` and ``residual`` as `fbfast.rollout` checks
@@ -106,7 +160,7 @@ class FeedbackMLP(nn.Module):
         return self.layers[-1].out_features if self.feedback is None else self.feedback
 
     @property
-    def layers(self) -> List[nn.Linear]:
+    def layers(self) -> List[Union[nn.Linear, EnsembleLinear]]:
         """``[fc1, ..., fcL]``."""
         return [getattr(self, f"fc{l + 1}") for l in range(self.num_layers)]
 
@@ -160,6 +214,8 @@ class FeedbackMLP(nn.Module):
             text += f", feedback={self.feedback}"
         if self.residual:
             text += ", residual=True"
+        if self.ensemble is not None:
+            text += f", ensemble={self.ensemble}"
         return text
 
 
@@ -202,6 +258,13 @@ def from_module(module: nn.Module, *, activation=None, **overrides) -> FeedbackM
     * ``ValueError`` for sizes that do not chain or cannot feed back, and for parameters on the
       meta device or still uninitialized (lazy modules).
     """
+    ensembles = [name for name, m in module.named_modules() if isinstance(m, EnsembleLinear)]
+    if ensembles:
+        # Its verification probes a 2-D forward and views nn.Linear layers (see _verify_forward).
+        raise TypeError(f"fbfast.from_module: {type(module).__name__} holds ensemble layers (EnsembleLinear "
+                        f"{ensembles[0]!r}); from_module does not view ensembles yet: roll a "
+                        "FeedbackMLP(..., ensemble=E) out with its own .rollout, or pass its 3-D weights to "
+                        "fbfast.rollout")
     override = None if activation is None else resolve_activation(activation, who="fbfast.from_module")
     unknown = [k for k in overrides if k not in _STRUCTURE]
     if unknown:

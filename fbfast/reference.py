@@ -52,6 +52,10 @@ def rollout_reference(x0: Tensor, *args, steps: Optional[int] = None, u: Optiona
         wl : (H_l, H_{l-1})   wL: (O, H_{L-1}); every bias (out_l,) or None
         returns Y : (T, B, O) with T = steps (inferred from u when None)
 
+    An ensemble of E networks (docs/spec.md §1.3) has every weight 3-D ``(E, out_l, in_l)`` and
+    every bias ``(E, out_l)``; x0 is then ``(D, E, B, F)`` or shared ``(D, B, F)`` (``(B, F)``
+    when D == 1), u ``(T, E, B, Du)`` or shared ``(T, B, Du)``, and Y ``(T, E, B, O)``.
+
     With ``past(s) = y_s[..., :F]`` for ``s >= 0`` and ``x0[s + D]`` for ``s < 0``, step ``t``
     reads ``x_t = [past(t - d_1); ...; past(t - d_m)]`` and outputs ``y_t = f([u_t; x_t])``, plus
     ``[past(t - d_1); 0]`` when ``residual``. With ``truncate = K`` every ``past(s)``, ``s >= 0``,
@@ -99,6 +103,8 @@ def run_reference(x0: Tensor, weights: Sequence[Tensor], biases: Sequence[Option
     A version-1 call (one lag, every output fed back, no skip) runs exactly the ops version 1
     ran: no slice of y, no concatenation of lags, no addition, so that it stays bit for bit."""
     act = resolve_activation(activation).fn
+    if weights[0].dim() == 3:
+        return _run_ensemble(x0, weights, biases, steps, u, lags, truncate, act, feedback, residual)
     D, m = max(lags), len(lags)
     B, fed = x0.shape[1], x0.shape[2]
     O = weights[-1].shape[0]
@@ -110,6 +116,15 @@ def run_reference(x0: Tensor, weights: Sequence[Tensor], biases: Sequence[Option
         xs = x if m == 1 else torch.cat([x] * m, dim=-1)
         xin = xs if u is None else torch.cat([u, xs], dim=-1)
         return _skip(_network(xin, weights, biases, act), x, feedback, residual)
+    return _loop(x0, weights, biases, steps, u, lags, truncate, act, feedback, residual, _network)
+
+
+def _loop(x0: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], steps: int,
+          u: Optional[Tensor], lags: Sequence[int], truncate: Optional[int], act: Callable[[Tensor], Tensor],
+          feedback: Optional[int], residual: bool, network: Callable) -> Tensor:
+    """The recurrence of docs/spec.md §1.2, one step at a time; ``x0[s]`` and ``u[t]`` are what
+    step ``t`` reads (``(B, ·)``, or ``(E, B, ·)`` in an ensemble)."""
+    D, m = max(lags), len(lags)
     ys: List[Tensor] = []
     past: List[Tensor] = []  # y_s[..., :F]: what later steps read of step s
     for t in range(steps):
@@ -126,10 +141,36 @@ def run_reference(x0: Tensor, weights: Sequence[Tensor], biases: Sequence[Option
             parts.append(p)
         x = parts[0] if m == 1 else torch.cat(parts, dim=-1)
         xin = x if u is None else torch.cat([u[t], x], dim=-1)
-        y = _skip(_network(xin, weights, biases, act), parts[0], feedback, residual)
+        y = _skip(network(xin, weights, biases, act), parts[0], feedback, residual)
         ys.append(y)
         past.append(y if feedback is None else y[..., :feedback])
     return torch.stack(ys)
+
+
+def _run_ensemble(x0: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]], steps: int,
+                  u: Optional[Tensor], lags: Sequence[int], truncate: Optional[int],
+                  act: Callable[[Tensor], Tensor], feedback: Optional[int], residual: bool) -> Tensor:
+    """An ensemble (docs/spec.md §1.3): weights ``(E, out, in)``, x0 ``(D, E, B, F)`` or shared
+    ``(D, B, F)``, u ``(T, E, B, Du)`` or shared ``(T, B, Du)``; returns ``(T, E, B, O)``.
+
+    A shared x0 or u is expanded to the member axis (a zero-stride view, never a copy), so each
+    member reads the one tensor and autograd sums the members' gradients into it, as the
+    contract says. The rest is the 2-D recurrence over ``(E, B, ·)`` tensors: the feedback, the
+    residual skip and truncation act member by member because nothing mixes the member axis."""
+    E, D = weights[0].shape[0], max(lags)
+    B, fed = x0.shape[-2], x0.shape[-1]
+    O = weights[-1].shape[1]
+    if x0.dim() == 3:
+        x0 = x0.unsqueeze(1).expand(D, E, B, fed)
+    if u is not None and u.dim() == 3:
+        u = u.unsqueeze(1).expand(u.shape[0], E, B, u.shape[-1])
+    if steps == 0 or E == 0 or B == 0 or O == 0:
+        # An empty Y, attached to every input's graph as in the 2-D path of run_reference.
+        x = x0[:1].expand(steps, E, B, fed)
+        xs = x if len(lags) == 1 else torch.cat([x] * len(lags), dim=-1)
+        xin = xs if u is None else torch.cat([u, xs], dim=-1)
+        return _skip(_ensemble_network(xin, weights, biases, act), x, feedback, residual)
+    return _loop(x0, weights, biases, steps, u, lags, truncate, act, feedback, residual, _ensemble_network)
 
 
 def _skip(z: Tensor, first: Tensor, feedback: Optional[int], residual: bool) -> Tensor:
@@ -150,6 +191,24 @@ def _network(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Ten
     last = len(weights) - 1
     for l, (w, b) in enumerate(zip(weights, biases)):
         x = F.linear(x, w, b)
+        if l < last:
+            x = act(x)
+    return x
+
+
+def _ensemble_network(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                      act: Callable[[Tensor], Tensor]) -> Tensor:
+    """Every member's ``f`` at once: ``x`` is ``(..., E, B, in)``, weights ``(E, out, in)``,
+    biases ``(E, out)``. A step's ``(E, B, in)`` runs one ``torch.baddbmm`` per layer (a batched
+    GEMM over the members, the formulation of mbrl-lib's ensemble layers); the empty case's
+    leading step axis goes through the broadcasting ``torch.matmul``."""
+    last = len(weights) - 1
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        wt = w.transpose(1, 2)
+        if x.dim() == 3:
+            x = torch.bmm(x, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x, wt)
+        else:
+            x = torch.matmul(x, wt) if b is None else torch.matmul(x, wt) + b.unsqueeze(1)
         if l < last:
             x = act(x)
     return x

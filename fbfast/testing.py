@@ -44,7 +44,7 @@ class Problem:
     `fbfast.rollout` does (read and assigned), and ``dataclasses.replace(p, w1=...)`` replaces
     one of them."""
 
-    x0: Tensor  # (D, B, F), D = max(lags)
+    x0: Tensor  # (D, B, F), D = max(lags); an ensemble's own starts (D, E, B, F)
     u: Optional[Tensor]
     weights: List[Tensor]
     biases: List[Optional[Tensor]]
@@ -137,7 +137,8 @@ def make_problem(B: int, Du: int, O: int, H: int, T: int, delay: Union[int, Sequ
                  dtype: torch.dtype = torch.float64, device="cpu", seed: int = 0, requires_grad: bool = True,
                  layers: Union[int, Sequence[int]] = 2, activation: object = "relu",
                  lags: Optional[Sequence[int]] = None, feedback: Optional[int] = None,
-                 residual: bool = False) -> Problem:
+                 residual: bool = False, ensemble: Optional[int] = None, shared_x0: bool = False,
+                 shared_u: bool = False) -> Problem:
     """A random instance; weights scaled ~1/sqrt(fan_in) so that long rollouts stay bounded.
 
     ``layers`` is the number of layers ``L`` (every hidden layer ``H`` wide), or the hidden
@@ -148,6 +149,10 @@ def make_problem(B: int, Du: int, O: int, H: int, T: int, delay: Union[int, Sequ
     is ``(D, B, F)``. Values are drawn in float64 in the order x0, u, w1, b1, w2, b2, ..., then
     converted, so that a two-layer, one-lag problem is the one this function has always made for
     the same seed.
+
+    ``ensemble=E`` (docs/spec.md §1.3) draws ``E`` networks: weights ``(E, out, in)``, biases
+    ``(E, out)``, x0 ``(D, E, B, F)`` and u ``(T, E, B, Du)``, or x0 ``(D, B, F)`` / u
+    ``(T, B, Du)`` shared by the members with ``shared_x0`` / ``shared_u``.
     """
     if lags is not None:
         if delay != 1:
@@ -162,19 +167,23 @@ def make_problem(B: int, Du: int, O: int, H: int, T: int, delay: Union[int, Sequ
     has_bias = [bias] * len(widths) if isinstance(bias, bool) else list(bias)
     if len(has_bias) != len(widths):
         raise ValueError(f"make_problem: bias has {len(has_bias)} flags for {len(widths)} layers")
+    if ensemble is None and (shared_x0 or shared_u):
+        raise ValueError("make_problem: shared_x0 / shared_u need an ensemble (ensemble=E); without one "
+                         "x0 and u are shared by construction")
+    members = () if ensemble is None else (ensemble,)
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
         t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
         return t.requires_grad_(requires_grad)
 
-    x0 = rnd(max(lag_tuple), B, fed)
-    u = rnd(T, B, Du) if Du else None
+    x0 = rnd(max(lag_tuple), *(() if shared_x0 else members), B, fed)
+    u = rnd(T, *(() if shared_u else members), B, Du) if Du else None
     weights, biases = [], []
     fan_in = Du + len(lag_tuple) * fed
     for out, b in zip(widths, has_bias):
-        weights.append(rnd(out, fan_in, scale=0.9 / max(1, fan_in) ** 0.5))
-        biases.append(rnd(out, scale=0.1) if b else None)
+        weights.append(rnd(*members, out, fan_in, scale=0.9 / max(1, fan_in) ** 0.5))
+        biases.append(rnd(*members, out, scale=0.1) if b else None)
         fan_in = out
     return Problem(x0, u, weights, biases, steps=T, delay=delay, truncate=truncate, activation=activation,
                    feedback=feedback, residual=residual)

@@ -156,9 +156,44 @@ EXTRA_API_CASES: Dict[str, Case] = {
     "u_float": Case(lambda: good(u=1.0), TypeError, [r"\bu\b", r"\bfloat\b"]),
 }
 
+E = 3  # the ensembles' size (docs/spec.md §1.3)
+
+
+def _ensemble(**over):
+    """`good`'s call as a valid ensemble of E networks: 3-D weights, (E, out) biases, x0 and u
+    with the member axis; ``over`` replaces any of them."""
+    kw = good(x0=_rnd(1, E, B, O), w1=_rnd(E, H, DU + O), b1=_rnd(E, H), w2=_rnd(E, O, H), b2=_rnd(E, O),
+              u=_rnd(T, E, B, DU))
+    kw.update(over)
+    return kw
+
+
+# Invalid ensembles: the validation error comes first on every backend, "cpp" included (its
+# not-yet-fused error, BACKEND_CASES, is for valid ensembles only).
+ENSEMBLE_CASES: Dict[str, Case] = {
+    "ensemble_mixed_ranks": Case(lambda: _ensemble(w2=_rnd(O, H)), ValueError,
+                                 [r"\bw2\b", r"2-D", r"\(2, 5\)", r"\bw1\b", r"3-D", r"\(3, 5, 5\)"]),
+    "ensemble_w_sizes_disagree": Case(lambda: _ensemble(w2=_rnd(4, O, H)), ValueError,
+                                      [r"\bw2\b", r"\(4, 2, 5\)", r"E = 4", r"\bw1\b", r"E = 3"]),
+    "ensemble_b_size_disagrees": Case(lambda: _ensemble(b1=_rnd(4, H)), ValueError,
+                                      [r"\bb1\b", r"\(3, 5\)", r"got \(4, 5\)", r"E = 3"]),
+    "ensemble_b_1d": Case(lambda: _ensemble(b2=_rnd(O)), ValueError, [r"\bb2\b", r"\(3, 2\)", r"got \(2,\)"]),
+    "ensemble_w_4d": Case(lambda: _ensemble(w1=_rnd(1, E, H, DU + O)), ValueError,
+                          [r"\bw1\b", r"3-D", r"\(1, 3, 5, 5\)"]),
+    "ensemble_x0_member_axis": Case(lambda: _ensemble(x0=_rnd(1, 4, B, O)), ValueError,
+                                    [r"\bx0\b", r"\(1, 4, 4, 2\)", r"member axis", r"E = 3"]),
+    "ensemble_x0_5d": Case(lambda: _ensemble(x0=_rnd(1, 1, E, B, O)), ValueError, [r"\bx0\b", r"\(1, 1, 3, 4, 2\)"]),
+    "ensemble_u_member_axis": Case(lambda: _ensemble(u=_rnd(T, 2, B, DU)), ValueError,
+                                   [r"\bu\b", r"\(6, 2, 4, 3\)", r"member axis", r"E = 3"]),
+    "ensemble_u_batch": Case(lambda: _ensemble(u=_rnd(T, E, B + 1, DU)), ValueError,
+                             [r"\bu\b", r"batch size 5", r"B = 4"]),
+    "ensemble_shared_u_2d": Case(lambda: _ensemble(u=_rnd(T, DU)), ValueError, [r"\bu\b", r"\(6, 3\)"]),
+}
+
 API_CASES: Dict[str, Case] = {
     **{f"validation.{k}": Case(*v) for k, v in VALIDATION_BAD.items()},
     **EXTRA_API_CASES,
+    **ENSEMBLE_CASES,
 }
 
 
@@ -198,6 +233,13 @@ BACKEND_CASES: Dict[str, Case] = {
     "wrong_case": Case(lambda: dict(good(), backend="CPP"), ValueError, [r"\bbackend\b", r"'CPP'"]),
     "env_unknown_name": Case(lambda: dict(good(), backend="auto", env=("FBFAST_BACKEND", "nope")), ValueError,
                              [r"FBFAST_BACKEND", r"'nope'"]),
+    # A valid ensemble on a kernel: supported by the API, not fused yet (fbfast/dispatch.py).
+    "ensemble_on_cpp": Case(lambda: dict(_ensemble(), backend="cpp"), NotImplementedError,
+                            [r"backend='cpp'", r"ensemble", r"E = 3", r"backend='eager'", r"backend='compile'"]),
+    "ensemble_on_cuda": Case(lambda: dict(_ensemble(), backend="cuda"), NotImplementedError,
+                             [r"backend='cuda'", r"ensemble", r"backend='eager'"]),
+    "ensemble_env_cpp": Case(lambda: dict(_ensemble(), backend="auto", env=("FBFAST_BACKEND", "cpp")),
+                             NotImplementedError, [r"FBFAST_BACKEND", r"'cpp'", r"ensemble", r"backend='eager'"]),
     "cpp_float16": _cpp_case(lambda: dict(good(torch.float16), backend="cpp"), TypeError,
                              [r"'cpp'", r"float16", r"eager"]),
     "cpp_bfloat16": _cpp_case(lambda: dict(good(torch.bfloat16), backend="cpp"), TypeError,
