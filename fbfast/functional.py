@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -80,17 +81,21 @@ def rollout(
     name = dispatch.resolve(backend, args.x0, args.ensemble)
     act = args.activation
     if name == "cpp" or name == "cuda":
-        # lags, feedback and residual are the schema's last arguments, with defaults that mean one
-        # lag, every output fed back and no skip (csrc/fbfast.cpp); fbfast/ops.py loads only a
-        # library whose schema has them. Version 1's feedback leaves them out: passing keywords
-        # costs the operator call ~1.7 us, a tenth of a small rollout.
-        D = args.x0.shape[0]
-        if len(args.lags) == 1 and feedback is None and not residual:
-            return ops.forward_op(args.x0, u, args.weights, args.biases, args.steps, D, truncate or 0, act.name,
-                                  act.param)
-        return ops.forward_op(args.x0, u, args.weights, args.biases, args.steps, D, truncate or 0,
-                              act.name, act.param, lags=list(args.lags), feedback=args.fed_back,
-                              residual=residual)
+        try:
+            return _fused(args, u, truncate, act, feedback, residual)
+        except RuntimeError as exc:
+            if not _under_functorch(args.x0, u, *args.weights, *args.biases):
+                raise
+            # torch.func transforms (grad, vmap, jacrev, ...) cannot pass through the fused
+            # operator, whose autograd is a C++ torch::autograd::Function and which has no
+            # batching rule; the reference, plain torch ops, is transformed like any function.
+            if backend != "auto" or os.environ.get("FBFAST_BACKEND"):
+                raise RuntimeError(
+                    f"fbfast.rollout: backend {name!r} cannot run under torch.func transforms (grad, vmap, "
+                    "jacrev, ...): its fused kernel has a C++ autograd and no batching rule; use "
+                    "backend='auto' or backend='eager' there (the reference, which the transforms "
+                    "differentiate and batch), or call the rollout outside the transform") from exc
+            name = "eager"
     if name == "compile":
         ens = None if args.ensemble is None else (args.ensemble, args.shared_x0, args.shared_u)
         fn = _compiled(args.steps, args.lags, truncate, act, tuple(b is not None for b in args.biases), feedback,
@@ -98,6 +103,27 @@ def rollout(
         return fn(args.x0, u, *args.weights, *(b for b in args.biases if b is not None))
     return run_reference(args.x0, args.weights, args.biases, args.steps, u, args.lags, truncate, act, feedback,
                          residual)
+
+
+def _fused(args, u, truncate, act, feedback, residual) -> Tensor:
+    """The compiled operator (csrc/fbfast.cpp) on validated arguments."""
+    # lags, feedback and residual are the schema's last arguments, with defaults that mean one
+    # lag, every output fed back and no skip (csrc/fbfast.cpp); fbfast/ops.py loads only a
+    # library whose schema has them. Version 1's feedback leaves them out: passing keywords
+    # costs the operator call ~1.7 us, a tenth of a small rollout.
+    D = args.x0.shape[0]
+    if len(args.lags) == 1 and feedback is None and not residual:
+        return ops.forward_op(args.x0, u, args.weights, args.biases, args.steps, D, truncate or 0, act.name,
+                              act.param)
+    return ops.forward_op(args.x0, u, args.weights, args.biases, args.steps, D, truncate or 0,
+                          act.name, act.param, lags=list(args.lags), feedback=args.fed_back,
+                          residual=residual)
+
+
+def _under_functorch(*tensors) -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) wraps any of these tensors."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and wrapped(t) for t in tensors)
 
 
 # (steps, lags, truncate, L, activation name, its parameter as float.hex, which biases exist,
