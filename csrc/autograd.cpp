@@ -169,15 +169,14 @@ BiasList bias_list(const std::vector<at::Tensor>& given, const std::vector<bool>
 }
 
 // Autograd sees the given biases as one list of tensors (a Tensor?[] is not a variable
-// argument of torch::autograd::Function) and which layers have one as plain data.
+// argument of torch::autograd::Function); the Tensor?[] itself comes along as plain data.
 class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x0, const std::optional<at::Tensor>& u,
-                            at::TensorList weights, at::TensorList biases_given, const std::vector<bool>& has_bias,
+                            at::TensorList weights, at::TensorList biases_given, const BiasList& biases,
                             const c10::SymInt& steps, int64_t delay, int64_t truncate, const std::string& activation,
                             double param, const std::vector<int64_t>& lags, int64_t feedback, bool residual,
                             bool backward_follows) {
-    const BiasList biases = bias_list(biases_given.vec(), has_bias);
     at::Tensor y;
     std::vector<at::Tensor> hidden;
     {
@@ -193,40 +192,35 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
     saved.insert(saved.end(), biases_given.begin(), biases_given.end());
     saved.insert(saved.end(), hidden.begin(), hidden.end());
     ctx->save_for_backward(saved);
+    // The call's other arguments, as one entry: every entry of saved_data is a hashed insert,
+    // and at small shapes this node's bookkeeping is a measurable part of a rollout.
     c10::List<bool> has;
-    for (const bool b : has_bias) has.push_back(b);
-    ctx->saved_data["has_bias"] = has;
-    ctx->saved_data["hidden"] = static_cast<int64_t>(hidden.size());
-    ctx->saved_data["steps"] = steps;
-    ctx->saved_data["delay"] = delay;
-    ctx->saved_data["truncate"] = truncate;
-    ctx->saved_data["activation"] = activation;
-    ctx->saved_data["param"] = param;
-    ctx->saved_data["lags"] = lags;
-    ctx->saved_data["feedback"] = feedback;
-    ctx->saved_data["residual"] = residual;
+    for (size_t l = 0; l < biases.size(); ++l) has.push_back(biases.get(l).has_value());
+    ctx->saved_data["call"] = c10::ivalue::Tuple::create(
+        {has, static_cast<int64_t>(hidden.size()), steps, delay, truncate, activation, param, lags, feedback, residual});
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
+    const auto call = ctx->saved_data["call"].toTuple();
+    const auto& c = call->elements();
     std::vector<bool> has_bias;
-    for (const bool b : ctx->saved_data["has_bias"].toBoolList()) has_bias.push_back(b);
+    for (const bool b : c[0].toBoolList()) has_bias.push_back(b);
     const size_t L = has_bias.size();
     const size_t n_bias = static_cast<size_t>(std::count(has_bias.begin(), has_bias.end(), true));
-    const size_t n_hidden = static_cast<size_t>(ctx->saved_data["hidden"].toInt());
+    const size_t n_hidden = static_cast<size_t>(c[1].toInt());
     const at::Tensor &x0 = saved[0], &u = saved[1], &y = saved[2];
     const std::vector<at::Tensor> w(saved.begin() + 3, saved.begin() + 3 + L);
     const std::vector<at::Tensor> b_given(saved.begin() + 3 + L, saved.begin() + 3 + L + n_bias);
     const std::vector<at::Tensor> hidden(saved.begin() + 3 + L + n_bias, saved.begin() + 3 + L + n_bias + n_hidden);
-    const c10::SymInt steps = ctx->saved_data["steps"].toSymInt();
-    const int64_t delay = ctx->saved_data["delay"].toInt();
-    const int64_t truncate = ctx->saved_data["truncate"].toInt();
-    const std::string activation = ctx->saved_data["activation"].toStringRef();
-    const double param = ctx->saved_data["param"].toDouble();
-    const std::vector<int64_t> lags = ctx->saved_data["lags"].toIntVector();
-    const int64_t feedback = ctx->saved_data["feedback"].toInt();
-    const bool residual = ctx->saved_data["residual"].toBool();
+    const c10::SymInt steps = c[2].toSymInt();
+    const int64_t delay = c[3].toInt(), truncate = c[4].toInt();
+    const std::string activation = c[5].toStringRef();
+    const double param = c[6].toDouble();
+    const std::vector<int64_t> lags = c[7].toIntVector();
+    const int64_t feedback = c[8].toInt();
+    const bool residual = c[9].toBool();
     at::Tensor grad_y = grad_outputs[0];
     if (!grad_y.defined()) grad_y = at::zeros_like(y);
 
@@ -309,10 +303,8 @@ at::Tensor rollout_forward_autograd(const at::Tensor& x0, const std::optional<at
   check_rollout_args("fbfast::rollout_forward", x0, u, weights, biases, steps, delay, truncate, activation,
                      {lags, feedback, residual});
   std::vector<at::Tensor> given;
-  std::vector<bool> has_bias;
   for (size_t l = 0; l < biases.size(); ++l) {
     const std::optional<at::Tensor> b = biases.get(l);
-    has_bias.push_back(b.has_value());
     if (b.has_value()) given.push_back(*b);
   }
   // Hidden activations are kept only for a backward that can follow: not under no_grad, and
@@ -329,7 +321,7 @@ at::Tensor rollout_forward_autograd(const at::Tensor& x0, const std::optional<at
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_forward(x0, u, weights, biases, steps, delay, truncate, activation, param, lags, feedback, residual);
   }
-  return RolloutFunction::apply(x0, u, weights, at::TensorList(given), has_bias, steps, delay, truncate,
+  return RolloutFunction::apply(x0, u, weights, at::TensorList(given), biases, steps, delay, truncate,
                                 std::string(activation), param, lags.vec(), feedback, residual, backward_follows);
 }
 
