@@ -183,12 +183,12 @@ X0Rows read_x0(const at::Tensor& x0, const std::vector<int64_t>& lags, int64_t s
   return r;
 }
 
-void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Network& net, int64_t delay,
-             at::Tensor& y, std::vector<at::Tensor>* kept) {
+void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Network& net, at::Tensor& y,
+             std::vector<at::Tensor>* kept) {
   const int64_t steps = y.size(0), B = y.size(1), L = net.layers(), du = net.du;
   const at::Tensor w0u = net.w[0].narrow(1, 0, du);
   const std::vector<at::Tensor> w0x = lag_columns(net.w[0], net);
-  const bool needs_z = keeps_preactivation(net.act);
+  const bool needs_z = act_needs_z(net.act);
   // Per hidden layer: the buffer the GEMM writes (z, or h activated in place) and, for the
   // activations that need z, the activation h; a kept layer writes z or h into `kept`.
   std::vector<at::Tensor> zbuf(L), hbuf(L);
@@ -235,7 +235,7 @@ void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, con
               const at::Tensor& u, const Network& net, int64_t delay, int64_t truncate, Grads& out,
               at::TensorList kept, int64_t chunk_bytes) {
   const int64_t steps = y.size(0), B = y.size(1), O = y.size(2), L = net.layers(), du = net.du, f = net.f;
-  const bool needs_z = keeps_preactivation(net.act), recompute = kept.empty();
+  const bool needs_z = act_needs_z(net.act), recompute = kept.empty();
   const at::Tensor w0u = net.w[0].narrow(1, 0, du);
   const std::vector<at::Tensor> w0x = lag_columns(net.w[0], net);
   const size_t m = net.lags.size();

@@ -47,17 +47,14 @@ struct Grads {
   std::vector<at::Tensor> w, b;  // one per layer
 };
 
-// What the backward of a hidden layer reads (act_needs_z): act(z) for ReLU, tanh and sigmoid,
-// z for the others.
-inline bool keeps_preactivation(Act act) { return act_needs_z(act); }
-
 // x0: X0Rows::rows of the D values before step 0 (net.x0_base says where each lag's are), u
 // (T, B, Du) or undefined, contiguous; y (T, B, O) written.
-// kept: null, or filled with one (T, B, out_l) tensor per hidden layer l < L - 1 (see
-// keeps_preactivation), for a backward that then need not recompute them.
+// kept: null, or filled with one (T, B, out_l) tensor per hidden layer l < L - 1, for a backward
+// that then need not recompute them: z where the activation's derivative reads it (act_needs_z,
+// csrc/common/act_kind.h), act(z) otherwise (ReLU, tanh, sigmoid).
 // `op` names the operator in allocation failures.
-void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Network& net, int64_t delay,
-             at::Tensor& y, std::vector<at::Tensor>* kept);
+void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Network& net, at::Tensor& y,
+             std::vector<at::Tensor>* kept);
 
 // The rows of x0 (D, B, F) that a rollout of `steps` steps reads, copied contiguous: lag j reads
 // rows D - d_j .. D - d_j + min(d_j, steps) - 1 (at steps 0 .. min(d_j, steps) - 1), stored from

@@ -79,8 +79,6 @@ struct RolloutSizes {
   Act act = Act::kRelu;
 
   int64_t layers() const { return static_cast<int64_t>(widths.size()); }
-  // One lag, every output fed back, no skip: version 1's feedback.
-  bool plain_feedback() const { return lags.size() == 1 && !residual && f == o; }
 };
 
 // "w3" / "b3": the name of layer l's weight or bias in the Python API (fbfast.rollout).

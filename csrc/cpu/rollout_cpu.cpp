@@ -447,7 +447,7 @@ void forward_tile_path(const Net& net, const at::Tensor& x0, const at::Tensor& u
 
 // Both forward operators: rollout_forward (keep_hidden false: the path rule picks tile or BLAS)
 // and rollout_forward_hidden (the BLAS path, keeping what the backward of every hidden layer
-// reads, gemm_path::keeps_preactivation).
+// reads, act_needs_z in csrc/common/act_kind.h).
 std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
     const char* op, const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in, at::TensorList weights,
     const BiasList& biases, int64_t steps, int64_t delay, int64_t truncate, c10::string_view activation,
@@ -473,7 +473,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
   } else {
     // The mm_out on y.select(0, t) fills the matrix in place; with a zero-width hidden layer it
     // writes the bias or 0.
-    gemm_path::forward(op, x0, u, net.layers, delay, y, keep_hidden ? &kept : nullptr);
+    gemm_path::forward(op, x0, u, net.layers, y, keep_hidden ? &kept : nullptr);
   }
   return {y, kept};
 }

@@ -50,12 +50,6 @@ void check_dtype(const char* op, const at::Tensor& x0) {
   TORCH_CHECK(x0.device().is_cuda(), op, ": x0 must be a CUDA tensor, got ", x0.device());
 }
 
-// Only the rows of x0 that the rollout reads are copied (gemm_path::read_x0): copying all of it
-// (an expanded x0 with a huge delay) would allocate for nothing.
-gemm_path::X0Rows read_x0(const at::Tensor& x0, const RolloutSizes& sizes, int64_t steps) {
-  return gemm_path::read_x0(x0, sizes.lags, steps);
-}
-
 at::Tensor opt_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->contiguous() : at::Tensor();
 }
@@ -221,7 +215,8 @@ at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at:
   check_dtype(kForwardOp, x0_in);
   const c10::cuda::CUDAGuard guard(x0_in.device());
   check_result_fits(kForwardOp, sizes, x0_in.element_size(), device_memory(x0_in.get_device()));
-  gemm_path::X0Rows rows = read_x0(x0_in, sizes, steps);
+  // Only the rows of x0 that the rollout reads are copied (gemm_path::read_x0).
+  gemm_path::X0Rows rows = gemm_path::read_x0(x0_in, sizes.lags, steps);
   const at::Tensor x0 = rows.rows, u = opt_or_undefined(u_in);
   const int64_t B = x0.size(1), O = sizes.o.expect_int(), du = u.defined() ? u.size(2) : 0;
   gemm_path::Network net = make_network(weights, biases, sizes, activation_param, du);
@@ -233,7 +228,7 @@ at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at:
   Dims dims{};
   const Plan plan = choose_plan(net, steps, B, delay, truncate, false, x0.get_device(), kForwardOp, dims);
   if (!plan.fused) {
-    gemm_path::forward(kForwardOp, x0, u, net, delay, y, nullptr);
+    gemm_path::forward(kForwardOp, x0, u, net, y, nullptr);
     return y;
   }
   RolloutParams p{};
@@ -254,7 +249,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   check_dtype(kBackwardOp, x0_in);
   const int64_t steps = y_in.size(0);
   const c10::cuda::CUDAGuard guard(x0_in.device());
-  gemm_path::X0Rows rows = read_x0(x0_in, sizes, steps);
+  // Only the rows of x0 that the rollout reads are copied (gemm_path::read_x0).
+  gemm_path::X0Rows rows = gemm_path::read_x0(x0_in, sizes.lags, steps);
   const at::Tensor x0 = rows.rows, u = opt_or_undefined(u_in);
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
   const int64_t B = x0.size(1), O = sizes.o.expect_int(), du = u.defined() ? u.size(2) : 0;
