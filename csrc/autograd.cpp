@@ -49,27 +49,55 @@ std::optional<at::Tensor> opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// One layer: nn.Linear's x W^T + b, or for an ensemble (W (E, out, in), x (E, B, in)) one
+// batched GEMM per member, as fbfast/reference.py does.
+at::Tensor layer(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b) {
+  if (w.dim() == 2) return at::linear(in, w, opt(b));
+  const at::Tensor wt = w.transpose(1, 2);
+  return b.defined() ? at::baddbmm(b.unsqueeze(1), in, wt) : at::bmm(in, wt);
+}
+
 // The recurrence of docs/spec.md with ATen ops, differentiable; the same steps as
 // fbfast/reference.py. b[l] undefined: no bias.
 // lags, f, residual: the feedback of docs/spec.md §1.2 (f: the fed-back outputs).
-at::Tensor reference_rollout(const at::Tensor& x0, const std::optional<at::Tensor>& u, const std::vector<at::Tensor>& w,
-                             const std::vector<at::Tensor>& b, int64_t steps, int64_t delay, int64_t truncate, Act act,
-                             double p, const std::vector<int64_t>& lags, int64_t f, bool residual) {
-  const int64_t O = w.back().size(0);
+// An ensemble (3-D weights, §1.3) reads a shared x0 (D, B, F) or u (T, B, Du) expanded to every
+// member, so that their gradients sum over the members.
+at::Tensor reference_rollout(const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in,
+                             const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& b, int64_t steps,
+                             int64_t delay, int64_t truncate, Act act, double p, const std::vector<int64_t>& lags,
+                             int64_t f, bool residual) {
+  const int64_t O = w.back().size(-2);
+  at::Tensor x0 = x0_in;
+  std::optional<at::Tensor> u = u_in;
+  if (w[0].dim() == 3) {
+    const int64_t E = w[0].size(0);
+    if (x0.dim() == 3) x0 = x0.unsqueeze(1).expand({x0.size(0), E, x0.size(1), x0.size(2)});
+    if (u.has_value() && u->dim() == 3) u = u->unsqueeze(1).expand({u->size(0), E, u->size(1), u->size(2)});
+  }
   auto step = [&](const std::vector<at::Tensor>& x, const std::optional<at::Tensor>& ut) {
     at::Tensor in = x.size() == 1 ? x[0] : at::cat(x, -1);
     if (ut.has_value()) in = at::cat({*ut, in}, -1);
     for (size_t l = 0; l < w.size(); ++l) {
-      in = at::linear(in, w[l], opt(b[l]));
+      in = layer(in, w[l], b[l]);
       if (l + 1 < w.size()) in = activate(in, act, p);
     }
     // residual: the first lag's value added to the first f outputs.
     return residual ? in + at::constant_pad_nd(x[0], {0, O - f}) : in;
   };
-  if (steps == 0 || x0.size(1) == 0 || x0.size(2) == 0 || O == 0) {
-    // Nothing to feed back: one step over an expanded input gives the (steps, B, O) result,
+  if (steps == 0 || x0.numel() == 0 || O == 0) {
+    // Nothing to feed back: one step over an expanded input gives the (steps, [E,] B, O) result,
     // attached to every input, without looping `steps` times over empty tensors.
-    const at::Tensor x = x0.narrow(0, 0, std::min<int64_t>(1, x0.size(0))).expand({steps, x0.size(1), x0.size(2)});
+    std::vector<int64_t> shape = x0.sizes().vec();
+    shape[0] = steps;
+    const at::Tensor x = x0.narrow(0, 0, std::min<int64_t>(1, x0.size(0))).expand(shape);
+    if (w[0].dim() == 3) {
+      // The batched GEMMs take (E, rows, in): fold the steps into the rows and back.
+      auto fold = [&](const at::Tensor& t) { return t.transpose(0, 1).reshape({t.size(1), -1, t.size(-1)}); };
+      std::optional<at::Tensor> uf;
+      if (u.has_value()) uf = fold(*u);
+      const at::Tensor y = step(std::vector<at::Tensor>(lags.size(), fold(x)), uf);
+      return y.reshape({x.size(1), steps, x.size(2), O}).transpose(0, 1);
+    }
     return step(std::vector<at::Tensor>(lags.size(), x), u);
   }
   std::vector<at::Tensor> ys;
@@ -148,7 +176,8 @@ GradTuple call_backward_hidden(const at::Tensor& grad_y, const at::Tensor& y, at
 // dynamic-shape trace) keep the default, recomputing backward. Runs after the operator's
 // checks, so every shape read here is valid.
 bool keep_hidden(const at::Tensor& x0, at::TensorList w, const c10::SymInt& steps) {
-  if (!x0.device().is_cpu() || w.size() < 2) return false;
+  // An ensemble's rollout always recomputes (rollout_forward_hidden takes one network).
+  if (!x0.device().is_cpu() || w.size() < 2 || w[0].dim() == 3) return false;
   int64_t work = 0, widest = 0;
   for (const at::Tensor& wl : w) {
     const auto out = wl.sym_size(0).maybe_as_int(), in = wl.sym_size(1).maybe_as_int();
@@ -255,7 +284,7 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
       for (size_t i = 0; i < inputs.size(); ++i)
         if (wanted[i]) targets.push_back(alias[i]);
       const std::vector<int64_t> all_lags = lags.empty() ? std::vector<int64_t>{delay} : lags;
-      const int64_t f = feedback ? feedback : aw.back().size(0);
+      const int64_t f = feedback ? feedback : aw.back().size(-2);
       const at::Tensor y_ref = reference_rollout(alias[0], opt(alias[1]), aw, ab, steps.guard_int(__FILE__, __LINE__),
                                                  delay, truncate, act, param, all_lags, f, residual);
       const variable_list g = torch::autograd::grad({y_ref}, targets, {grad_y}, /*retain_graph=*/true,

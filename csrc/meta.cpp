@@ -26,6 +26,7 @@ at::Tensor rollout_forward_meta(const at::Tensor& x0, const std::optional<at::Te
   const RolloutSizes s = check_rollout_args(kForwardOp, x0, u, weights, biases, steps, delay, truncate, activation,
                                             {lags, feedback, residual});
   check_result_fits(kForwardOp, s, x0.element_size(), 0);
+  if (s.ensemble()) return at::empty_symint({s.steps, s.members, s.batch, s.o}, x0.options());
   return at::empty_symint({s.steps, s.batch, s.o}, x0.options());
 }
 
@@ -62,6 +63,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> rollout_forward_hidden_meta(
   const char* op = "fbfast::rollout_forward_hidden";
   const RolloutSizes s =
       check_rollout_args(op, x0, u, weights, biases, steps, delay, 0, activation, {lags, feedback, residual});
+  check_one_network(op, s);
   check_result_fits(op, s, x0.element_size(), 0);
   std::vector<at::Tensor> hidden;
   for (int64_t l = 0; l + 1 < s.layers(); ++l)

@@ -77,7 +77,14 @@ struct RolloutSizes {
   int64_t delay = 1;                // D = max(lags), x0's leading axis
   bool residual = false;
   Act act = Act::kRelu;
+  // An ensemble (docs/spec.md §1.3): E > 0 networks side by side, weights (E, out, in); x0
+  // (D, E, B, F) or shared (D, B, F), u (T, E, B, Du) or shared (T, B, Du); Y (T, E, B, O).
+  // batch is each member's B; an ensemble may have E = 0 members (then Y is empty).
+  bool is_ensemble = false;
+  c10::SymInt members = 0;
+  bool x0_shared = false, u_shared = false;
 
+  bool ensemble() const { return is_ensemble; }
   int64_t layers() const { return static_cast<int64_t>(widths.size()); }
 };
 
@@ -124,40 +131,76 @@ inline RolloutSizes check_rollout_args(const char* op, const at::Tensor& x0, con
   TORCH_CHECK(fb.feedback >= 0, op, ": feedback must be >= 1 (or 0: every output), got ", fb.feedback);
   TORCH_CHECK(truncate >= 0, op, ": truncate must be >= 0 (0 = full BPTT), got ", truncate);
   TORCH_CHECK(steps >= 0, op, ": steps must be >= 0, got ", steps);
-  for (size_t l = 0; l < L; ++l)
-    TORCH_CHECK(weights[l].dim() == 2, op, ": ", layer_arg('w', l), " must be 2-D (out, in) like nn.Linear.weight, got ",
+  // 2-D weights: one network; 3-D: an ensemble of E (w1's leading axis), every layer alike.
+  TORCH_CHECK(weights[0].dim() == 2 || weights[0].dim() == 3, op,
+              ": w1 must be 2-D (out, in) like nn.Linear.weight, or 3-D (E, out, in) for an ensemble, got ",
+              weights[0].sym_sizes());
+  const bool ens = weights[0].dim() == 3;
+  const int64_t wdim = weights[0].dim();
+  for (size_t l = 1; l < L; ++l)
+    TORCH_CHECK(weights[l].dim() == wdim, op, ": every weight must have w1's rank (", wdim, "-D: ",
+                ens ? "(E, out, in), an ensemble" : "(out, in)", "), but ", layer_arg('w', l), " is ",
                 weights[l].sym_sizes());
-  const c10::SymInt O = weights[L - 1].sym_size(0);
+  const c10::SymInt E = ens ? weights[0].sym_size(0) : c10::SymInt(0);
+  for (size_t l = 1; ens && l < L; ++l)
+    TORCH_CHECK(weights[l].sym_size(0) == E, op, ": ensemble sizes disagree: w1 has E = ", E, " members, ",
+                layer_arg('w', l), " is ", weights[l].sym_sizes());
+  // (out, in) of layer l, whatever the rank.
+  auto w_out = [&](size_t l) { return weights[l].sym_size(wdim - 2); };
+  auto w_in = [&](size_t l) { return weights[l].sym_size(wdim - 1); };
+  const c10::SymInt O = w_out(L - 1);
   const c10::SymInt F = fb.feedback == 0 ? O : c10::SymInt(fb.feedback);
   TORCH_CHECK(F <= O, op, ": feedback must be at most the O = ", O, " outputs of ", layer_arg('w', L - 1), ", got ",
               fb.feedback);
-  TORCH_CHECK(x0.dim() == 3 && x0.sym_size(0) == delay, op, ": x0 must be (delay=", delay, ", B, F), got ",
-              x0.sym_sizes());
-  const c10::SymInt B = x0.sym_size(1);
-  TORCH_CHECK(x0.sym_size(2) == F, op, ": x0 has ", x0.sym_size(2), " features, but F = ", F,
+  if (ens) {
+    TORCH_CHECK((x0.dim() == 3 || x0.dim() == 4) && x0.sym_size(0) == delay, op, ": x0 must be (delay=", delay,
+                ", E, B, F) or shared by the E = ", E, " members (delay=", delay, ", B, F), got ", x0.sym_sizes());
+    TORCH_CHECK(x0.dim() == 3 || x0.sym_size(1) == E, op, ": ensemble sizes disagree: x0 ", x0.sym_sizes(),
+                " has E = ", x0.sym_size(1), " members, the weights have E = ", E);
+  } else {
+    TORCH_CHECK(x0.dim() == 3 && x0.sym_size(0) == delay, op, ": x0 must be (delay=", delay, ", B, F), got ",
+                x0.sym_sizes());
+  }
+  s.x0_shared = ens && x0.dim() == 3;
+  const c10::SymInt B = x0.sym_size(x0.dim() - 2);
+  TORCH_CHECK(x0.sym_size(x0.dim() - 1) == F, op, ": x0 has ", x0.sym_size(x0.dim() - 1), " features, but F = ", F,
               " outputs are fed back (", layer_arg('w', L - 1), " outputs O = ", O, ")");
   // The rank of u is checked before its last axis is read.
-  if (u.has_value())
+  if (u.has_value() && ens) {
+    TORCH_CHECK((u->dim() == 4 && u->sym_size(0) == steps && u->sym_size(1) == E && u->sym_size(2) == B) ||
+                    (u->dim() == 3 && u->sym_size(0) == steps && u->sym_size(1) == B),
+                op, ": u must be (steps=", steps, ", E=", E, ", B=", B, ", Du) or shared by the members (steps=",
+                steps, ", B=", B, ", Du), got ", u->sym_sizes());
+    s.u_shared = u->dim() == 3;
+  } else if (u.has_value()) {
     TORCH_CHECK(u->dim() == 3 && u->sym_size(0) == steps && u->sym_size(1) == B, op, ": u must be (steps=", steps,
                 ", B=", B, ", Du), got ", u->sym_sizes());
-  const c10::SymInt du = u.has_value() ? u->sym_size(2) : c10::SymInt(0);
+  }
+  const c10::SymInt du = u.has_value() ? u->sym_size(u->dim() - 1) : c10::SymInt(0);
   const int64_t m = static_cast<int64_t>(s.lags.size());
-  TORCH_CHECK(weights[0].sym_size(1) == du + F * m, op, ": w1 must have Du + m F = ", du + F * m,
+  TORCH_CHECK(w_in(0) == du + F * m, op, ": w1 must have Du + m F = ", du + F * m,
               " input columns (Du = ", du, " from u, m = ", m, " lags of F = ", F, " fed-back values), got ",
               weights[0].sym_sizes());
   for (size_t l = 1; l < L; ++l)
-    TORCH_CHECK(weights[l].sym_size(1) == weights[l - 1].sym_size(0), op, ": layer sizes do not chain: ",
-                layer_arg('w', l), " is ", weights[l].sym_sizes(), " with ", weights[l].sym_size(1),
-                " input columns, but ", layer_arg('w', l - 1), " is ", weights[l - 1].sym_sizes(), " with ",
-                weights[l - 1].sym_size(0), " outputs");
+    TORCH_CHECK(w_in(l) == w_out(l - 1), op, ": layer sizes do not chain: ", layer_arg('w', l), " is ",
+                weights[l].sym_sizes(), " with ", w_in(l), " input columns, but ", layer_arg('w', l - 1), " is ",
+                weights[l - 1].sym_sizes(), " with ", w_out(l - 1), " outputs");
   s.widths.reserve(L);
   for (size_t l = 0; l < L; ++l) {
     const std::optional<at::Tensor>& b = bias[l];
-    const c10::SymInt out = weights[l].sym_size(0);
-    TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->sym_size(0) == out), op, ": ", layer_arg('b', l), " must be (",
-                out, ",), got ", b.has_value() ? b->sym_sizes() : c10::SymIntArrayRef());
+    const c10::SymInt out = w_out(l);
+    if (ens) {
+      TORCH_CHECK(!b.has_value() || (b->dim() == 2 && b->sym_size(0) == E && b->sym_size(1) == out), op, ": ",
+                  layer_arg('b', l), " must be (E=", E, ", ", out, ") in an ensemble, got ",
+                  b.has_value() ? b->sym_sizes() : c10::SymIntArrayRef());
+    } else {
+      TORCH_CHECK(!b.has_value() || (b->dim() == 1 && b->sym_size(0) == out), op, ": ", layer_arg('b', l),
+                  " must be (", out, ",), got ", b.has_value() ? b->sym_sizes() : c10::SymIntArrayRef());
+    }
     s.widths.push_back(out);
   }
+  s.is_ensemble = ens;
+  s.members = E;
   if (u.has_value()) check_like_x0(op, "u", *u, x0);
   auto like_x0 = [&](const at::Tensor& t) { return t.scalar_type() == x0.scalar_type() && t.device() == x0.device(); };
   for (size_t l = 0; l < L; ++l) {
@@ -182,13 +225,21 @@ inline RolloutSizes check_backward_args(const char* op, const at::Tensor& grad_y
                                         const c10::List<bool>& output_mask, const FeedbackArgs& fb = {}) {
   check_dense(op, "grad_y", grad_y);
   check_dense(op, "y", y);
-  TORCH_CHECK(y.dim() == 3, op, ": y must be (T, B, O), got ", y.sym_sizes());
+  // An ensemble's y is (T, E, B, O) (w1 3-D); its rank is checked before its axes are read.
+  const bool ens = !weights.empty() && weights[0].dim() == 3;
+  const char* shape = ens ? "(T, E, B, O)" : "(T, B, O)";
+  TORCH_CHECK(y.dim() == (ens ? 4 : 3), op, ": y must be ", shape, ", got ", y.sym_sizes());
   const RolloutSizes s =
       check_rollout_args(op, x0, u, weights, biases, y.sym_size(0), delay, truncate, activation, fb);
-  TORCH_CHECK(y.sym_size(1) == s.batch && y.sym_size(2) == s.o, op, ": y must be (T, B=", s.batch, ", O=", s.o,
-              "), got ", y.sym_sizes());
+  if (ens) {
+    TORCH_CHECK(y.sym_size(1) == s.members && y.sym_size(2) == s.batch && y.sym_size(3) == s.o, op,
+                ": y must be (T, E=", s.members, ", B=", s.batch, ", O=", s.o, "), got ", y.sym_sizes());
+  } else {
+    TORCH_CHECK(y.sym_size(1) == s.batch && y.sym_size(2) == s.o, op, ": y must be (T, B=", s.batch, ", O=", s.o,
+                "), got ", y.sym_sizes());
+  }
   TORCH_CHECK(grad_y.sym_sizes() == y.sym_sizes(), op, ": grad_y ", grad_y.sym_sizes(), " and y ", y.sym_sizes(),
-              " must have the same shape (T, B, O)");
+              " must have the same shape ", shape);
   check_like_x0(op, "grad_y", grad_y, x0);
   check_like_x0(op, "y", y, x0);
   TORCH_CHECK(static_cast<int64_t>(output_mask.size()) == 2 + 2 * s.layers(), op, ": output_mask must have 2 + 2 L = ",
@@ -198,7 +249,15 @@ inline RolloutSizes check_backward_args(const char* op, const at::Tensor& grad_y
 
 // What a forward kept for its backward (rollout_forward_hidden): one (T, B, out_l) tensor per
 // hidden layer l < L - 1, in x0's dtype and on its device.
+// The operators that keep hidden activations take one network: an ensemble's rollout never keeps
+// them (csrc/autograd.cpp keep_hidden).
+inline void check_one_network(const char* op, const RolloutSizes& s) {
+  TORCH_CHECK(!s.ensemble(), op, " takes one network (2-D weights); an ensemble's rollout (3-D weights) is "
+              "fbfast::rollout_forward / fbfast::rollout_backward");
+}
+
 inline void check_hidden(const char* op, at::TensorList hidden, const RolloutSizes& s, const at::Tensor& x0) {
+  check_one_network(op, s);
   TORCH_CHECK(static_cast<int64_t>(hidden.size()) == s.layers() - 1, op, ": hidden must hold one tensor per hidden layer (",
               s.layers() - 1, "), got ", hidden.size());
   for (size_t l = 0; l < hidden.size(); ++l) {
@@ -227,10 +286,12 @@ inline std::string format_bytes(long double bytes) {
 inline void check_result_fits(const char* op, const RolloutSizes& s, int64_t itemsize, int64_t limit_bytes) {
   const auto steps = s.steps.maybe_as_int(), B = s.batch.maybe_as_int(), O = s.o.maybe_as_int();
   if (!steps || !B || !O) return;
-  const long double bytes = static_cast<long double>(*steps) * *B * *O * itemsize;
+  const auto E = s.ensemble() ? s.members.maybe_as_int() : std::optional<int64_t>(1);
+  if (!E) return;
+  const long double bytes = static_cast<long double>(*steps) * *E * *B * *O * itemsize;
   const long double limit = limit_bytes > 0 ? limit_bytes : static_cast<long double>(std::numeric_limits<int64_t>::max());
-  TORCH_CHECK(bytes <= limit, op, ": steps=", *steps, " is too large: the result Y of shape (", *steps, ", ", *B,
-              ", ", *O, ") needs ", format_bytes(bytes), ", more than ",
+  TORCH_CHECK(bytes <= limit, op, ": steps=", *steps, " is too large: the result Y of shape (", *steps, ", ",
+              s.ensemble() ? std::to_string(*E) + ", " : std::string(), *B, ", ", *O, ") needs ", format_bytes(bytes), ", more than ",
               limit_bytes > 0 ? "the device's " + format_bytes(limit) + " of memory" : std::string("an int64 byte count"),
               "; use fewer steps, or run the rollout in chunks (pass Y[-D:, ..., :F].detach() as the next call's x0)");
 }

@@ -9,10 +9,8 @@
 
 "auto" takes the compiled kernel of the tensors' device when it is built and supports the
 dtype, else "eager". The environment variable FBFAST_BACKEND, when set, replaces "auto".
-Ensembles (3-D weights, docs/spec.md §1.3) run on "compile" and "eager" only, for now: the
-kernels' schemas (csrc/fbfast.cpp) take 2-D weights. "auto" picks "eager" for them without
-the fallback warning (nothing is missing: no kernel fuses them yet); a kernel named
-explicitly, or by FBFAST_BACKEND, raises.
+Ensembles (3-D weights, docs/spec.md §1.3) run on every backend; the kernels take them as
+3-D weights (docs/internals.md, "Ensembles").
 """
 
 from __future__ import annotations
@@ -97,14 +95,11 @@ def backends() -> Dict[str, BackendStatus]:
     return dict(_STATUS)
 
 
-def resolve(backend: str, x0: torch.Tensor, ensemble: Optional[int] = None) -> str:
-    """The backend that will run for tensors like ``x0`` (validated already); ``ensemble`` is E
-    for an ensemble's rollout (3-D weights), else None."""
+def resolve(backend: str, x0: torch.Tensor) -> str:
+    """The backend that will run for tensors like ``x0`` (validated already)."""
     source = "backend"
     if backend == "auto" and os.environ.get("FBFAST_BACKEND"):
         backend, source = os.environ["FBFAST_BACKEND"], "the FBFAST_BACKEND environment variable"
-    if ensemble is not None and backend in ("auto", "eager", "compile"):
-        return "eager" if backend == "auto" else backend
     if backend == "auto":
         device = x0.device.type
         if device == "cpu":
@@ -118,12 +113,6 @@ def resolve(backend: str, x0: torch.Tensor, ensemble: Optional[int] = None) -> s
         return backend
     if backend not in _KERNEL_DEVICE:
         raise ValueError(f"fbfast.rollout: {source} must be one of 'auto', {', '.join(map(repr, NAMES))}; got {backend!r}")
-    if ensemble is not None:
-        named = f"backend={backend!r}" if source == "backend" else f"{source} ({backend!r})"
-        raise NotImplementedError(
-            f"fbfast.rollout: {named} cannot run an ensemble (3-D weights, E = {ensemble} networks) yet: the "
-            "fused kernels take 2-D weights only; use backend='eager' or backend='compile' (or backend='auto', "
-            "which picks 'eager' for an ensemble) for ensembles for now")
     status = _STATUS[backend]
     if not status.available:
         raise RuntimeError(f"fbfast.rollout: backend {backend!r} is not available: {status.reason}")

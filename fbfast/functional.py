@@ -67,8 +67,8 @@ def rollout(
 
     Ensembles (docs/spec.md §1.3): with every weight 3-D ``(E, out_l, in_l)`` and every bias
     ``(E, out_l)``, E networks roll out side by side; x0 is ``(D, E, B, F)`` or shared
-    ``(D, B, F)``, u ``(T, E, B, Du)`` or shared ``(T, B, Du)``, and Y ``(T, E, B, O)``. They run
-    on "eager" and "compile" ("auto" picks "eager"); the fused kernels do not run them yet.
+    ``(D, B, F)``, u ``(T, E, B, Du)`` or shared ``(T, B, Du)``, and Y ``(T, E, B, O)``, on every
+    backend.
 
     Returns:
         ``Y`` of shape ``(T, B, O)``; ``Y[-D:, ..., :F].detach()`` is the ``x0`` that continues
@@ -78,7 +78,7 @@ def rollout(
         params = params_from_keywords("fbfast.rollout", params, layers)
     args = check_rollout_args(x0, params, steps, u, delay, truncate, activation, feedback=feedback,
                               residual=residual)
-    name = dispatch.resolve(backend, args.x0, args.ensemble)
+    name = dispatch.resolve(backend, args.x0)
     act = args.activation
     if name == "cpp" or name == "cuda":
         try:

@@ -168,8 +168,7 @@ def _ensemble(**over):
     return kw
 
 
-# Invalid ensembles: the validation error comes first on every backend, "cpp" included (its
-# not-yet-fused error, BACKEND_CASES, is for valid ensembles only).
+# Invalid ensembles: the validation error comes first on every backend, "cpp" included.
 ENSEMBLE_CASES: Dict[str, Case] = {
     "ensemble_mixed_ranks": Case(lambda: _ensemble(w2=_rnd(O, H)), ValueError,
                                  [r"\bw2\b", r"2-D", r"\(2, 5\)", r"\bw1\b", r"3-D", r"\(3, 5, 5\)"]),
@@ -233,13 +232,6 @@ BACKEND_CASES: Dict[str, Case] = {
     "wrong_case": Case(lambda: dict(good(), backend="CPP"), ValueError, [r"\bbackend\b", r"'CPP'"]),
     "env_unknown_name": Case(lambda: dict(good(), backend="auto", env=("FBFAST_BACKEND", "nope")), ValueError,
                              [r"FBFAST_BACKEND", r"'nope'"]),
-    # A valid ensemble on a kernel: supported by the API, not fused yet (fbfast/dispatch.py).
-    "ensemble_on_cpp": Case(lambda: dict(_ensemble(), backend="cpp"), NotImplementedError,
-                            [r"backend='cpp'", r"ensemble", r"E = 3", r"backend='eager'", r"backend='compile'"]),
-    "ensemble_on_cuda": Case(lambda: dict(_ensemble(), backend="cuda"), NotImplementedError,
-                             [r"backend='cuda'", r"ensemble", r"backend='eager'"]),
-    "ensemble_env_cpp": Case(lambda: dict(_ensemble(), backend="auto", env=("FBFAST_BACKEND", "cpp")),
-                             NotImplementedError, [r"FBFAST_BACKEND", r"'cpp'", r"ensemble", r"backend='eager'"]),
     "cpp_float16": _cpp_case(lambda: dict(good(torch.float16), backend="cpp"), TypeError,
                              [r"'cpp'", r"float16", r"eager"]),
     "cpp_bfloat16": _cpp_case(lambda: dict(good(torch.bfloat16), backend="cpp"), TypeError,

@@ -14,7 +14,7 @@ import torch
 
 import fbfast
 from fbfast.modules import EnsembleLinear
-from testing import assert_close, grads, make_problem
+from testing import CPP, CPP_REASON, assert_close, cpu_variant, grads, make_problem
 
 F64 = torch.float64
 E = 3
@@ -164,23 +164,175 @@ def test_compile_matches_eager():
     assert {k[-1][1:] for k in keys} >= {(False, False), (True, True)}
 
 
-def test_auto_picks_eager_silently(monkeypatch):
+# ---------------------------------------------------------------------------------------------
+# The fused CPU kernel (csrc/cpu/rollout_cpu.cpp): members as more tiles on the tile path, one
+# member after another on the BLAS path.
+
+needs_cpp = pytest.mark.skipif(not CPP, reason=CPP_REASON)
+SHARED = [(False, False), (True, True), (True, False), (False, True)]
+VARIANTS = [("tile", "auto"), ("blas", "auto"), ("tile", "avx2"), ("tile", "base")]
+
+
+def _check_cpp(p, dtype, what):
+    y = p.run("cpp")
+    want = p.reference()
+    assert y.shape == want.shape and y.dtype == dtype
+    assert y.grad_fn is not None and y.grad_fn.name() != "StackBackward0", "the fused operator ran"
+    assert_close(y, want, dtype, "out", f"Y {what}")
+    gy = torch.randn(y.shape, dtype=F64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    for name, a, b in zip(p.names, grads(y, p.inputs(), gy), grads(want, p.inputs(), gy)):
+        assert a.shape == b.shape
+        assert_close(a, b, dtype, "grad", f"d{name} {what}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("shared_x0,shared_u", SHARED)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
+def test_cpp_matches_the_reference(cfg, shared_x0, shared_u, dtype):
+    p = _problem(cfg, shared_x0, shared_u, dtype=dtype, B=5, T=7)
+    _check_cpp(p, dtype, f"{cfg} shared={shared_x0, shared_u}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v))
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
+def test_every_cpu_path_and_instruction_set(variant, shared):
+    """Each path pinned, with more rows than one tile (B = 37) and a deep SiLU network: member
+    tiles with their own weights, x0 and u rows (csrc/cpu/tile_params.h rows_*), and the BLAS
+    path's member loop over strided views of Y and the gradients."""
+    with cpu_variant(*variant):
+        for dtype in (F64, torch.float32):
+            for cfg in (dict(lags=(2, 1), residual=True, feedback=2, O=3, truncate=3), dict(Du=0, delay=2)):
+                p = _problem(cfg, shared, shared, dtype=dtype, B=37, T=9, layers=3, activation="silu")
+                _check_cpp(p, dtype, f"{cfg} {variant} shared={shared}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("variant", VARIANTS[:2], ids=lambda v: "-".join(v))
+def test_cpp_gradcheck_and_gradgradcheck(variant):
+    with cpu_variant(*variant):
+        for shared in (False, True):
+            p = make_problem(B=2, Du=1, O=2, H=3, T=3, lags=(1, 2), feedback=1, residual=True,
+                             ensemble=2, shared_x0=shared, shared_u=shared, activation="tanh")
+
+            def f(*inputs):
+                x0, u, *params = inputs
+                return fbfast.rollout(x0, *params, u=u, activation="tanh", backend="cpp", **p.structure)
+
+            assert torch.autograd.gradcheck(f, p.inputs())
+            assert torch.autograd.gradgradcheck(f, p.inputs())
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", [dict(T=0), dict(B=0), dict(O=0), dict(ensemble=1)], ids=["T0", "B0", "O0", "E1"])
+def test_cpp_zero_size_ensembles(case):
+    args = dict(B=2, Du=1, O=2, H=3, T=3, ensemble=E)
+    args.update(case)
+    for shared in (False, True):
+        p = make_problem(**args, shared_x0=shared, shared_u=shared)
+        y, want = p.run("cpp"), p.reference()
+        assert y.shape == want.shape == (args["T"], args["ensemble"], args["B"], args["O"])
+        assert_close(y, want, F64, "out", f"Y {case}")
+        gy = torch.ones_like(y)
+        for name, a, b in zip(p.names, grads(y, p.inputs(), gy), grads(want, p.inputs(), gy)):
+            assert a.shape == b.shape
+            assert_close(a, b, F64, "grad", f"d{name} {case}")
+
+
+@needs_cpp
+def test_cpp_ensemble_of_no_networks():
+    """E = 0 (weights (0, out, in)): an empty Y (T, 0, B, O) and zero gradients, as the reference."""
+    w1, b1 = torch.randn(0, 4, 3, dtype=F64), torch.randn(0, 4, dtype=F64)
+    w2, b2 = torch.randn(0, 2, 4, dtype=F64), torch.randn(0, 2, dtype=F64)
+    inputs = [t.requires_grad_(True) for t in (torch.randn(1, 2, 2, dtype=F64), torch.randn(5, 2, 1, dtype=F64),
+                                               w1, b1, w2, b2)]
+    ys = [fbfast.rollout(inputs[0], *inputs[2:], u=inputs[1], backend=b) for b in ("cpp", "eager")]
+    assert ys[0].shape == ys[1].shape == (5, 0, 2, 2)
+    for a, b in zip(*(grads(y, inputs, torch.ones_like(y)) for y in ys)):
+        assert a.shape == b.shape and not a.any()
+
+
+@needs_cpp
+def test_cpp_reads_strided_and_expanded_inputs():
+    """An own x0 and u that are one start expanded along the member axis (stride 0), and weights
+    transposed in memory: the kernel reads them through their strides."""
+    p = _problem(dict(lags=(1, 2), residual=True), False, False, B=5, T=6, layers=3, activation="tanh")
+    x0 = torch.randn(2, 1, 5, 2, dtype=F64).expand(2, E, 5, 2).requires_grad_(True)
+    u = torch.randn(6, 1, 5, 2, dtype=F64).expand(6, E, 5, 2).requires_grad_(True)
+    weights = [w.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True) for w in p.weights]
+    assert x0.stride(1) == 0 and u.stride(1) == 0 and not weights[0].is_contiguous()
+    params = [t for w, b in zip(weights, p.biases) for t in (w, b)]
+    kw = dict(u=u, activation="tanh", **p.structure)
+    y = fbfast.rollout(x0, *params, backend="cpp", **kw)
+    want = fbfast.rollout_reference(x0, *params, **kw)
+    assert_close(y, want, F64, "out", "Y")
+    inputs = [x0, u, *params]
+    gy = torch.randn_like(y)
+    for a, b in zip(grads(y, inputs, gy), grads(want, inputs, gy)):
+        assert_close(a, b, F64, "grad", "strided inputs")
+
+
+@needs_cpp
+def test_cpp_double_backward():
+    p = _problem(dict(lags=(2, 1), residual=True, feedback=1, truncate=2), True, False, T=5, activation="tanh")
+    inputs = p.inputs()
+
+    def second(out):
+        g = torch.autograd.grad(out.pow(2).sum(), inputs, create_graph=True)
+        return torch.autograd.grad(sum(t.pow(2).sum() for t in g), inputs)
+
+    for name, a, b in zip(p.names, second(p.run("cpp")), second(p.reference())):
+        assert_close(a, b, F64, "grad", f"second derivative d{name}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
+def test_operator_takes_3d_weights_and_passes_opcheck(shared):
+    p = _problem(dict(lags=(1, 3), feedback=1, O=3, residual=True), shared, shared, T=5)
+    op = torch.ops.fbfast.rollout_forward.default
+    args = (p.x0, p.u, p.weights, p.biases, p.steps, 3, 2, "relu", 0.0)
+    kwargs = dict(lags=[1, 3], feedback=1, residual=True)
+    y = op(*args, **kwargs)
+    assert y.shape == (5, E, 4, 3)
+    torch.library.opcheck(op, args, kwargs)
+
+
+@needs_cpp
+def test_operator_refuses_inconsistent_ensembles():
+    """Direct calls of the operator (no Python validation) get the operator's own messages."""
+    p = _problem({}, False, False)
+    op = torch.ops.fbfast.rollout_forward.default
+    w1, w2 = p.weights
+    b1, b2 = p.biases
+
+    def call(x0=p.x0, u=p.u, weights=(w1, w2), biases=(b1, b2)):
+        return op(x0, u, list(weights), list(biases), p.steps, 1, 0, "relu", 0.0)
+
+    cases = [
+        (dict(weights=(w1, w2[0])), r"every weight must have w1's rank \(3-D: \(E, out, in\), an ensemble\), but w2"),
+        (dict(weights=(w1, w2[:2])), r"ensemble sizes disagree: w1 has E = 3 members, w2 is \[2, 2, 5\]"),
+        (dict(biases=(b1[:2], b2)), r"b1 must be \(E=3, 5\) in an ensemble, got \[2, 5\]"),
+        (dict(x0=p.x0[:, :2]), r"ensemble sizes disagree: x0 \[1, 2, 4, 2\] has E = 2 members"),
+        (dict(u=p.u[:, :2]), r"u must be \(steps=6, E=3, B=4, Du\) or shared"),
+        (dict(x0=p.x0[0]), r"x0 must be \(delay=1, E, B, F\) or shared"),
+    ]
+    for over, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            call(**over)
+    with pytest.raises(RuntimeError, match=r"rollout_forward_hidden.*takes one network"):
+        torch.ops.fbfast.rollout_forward_hidden(p.x0, p.u, p.weights, p.biases, p.steps, 1, "relu", 0.0)
+
+
+@needs_cpp
+def test_auto_takes_the_kernel_silently(monkeypatch):
     monkeypatch.delenv("FBFAST_BACKEND", raising=False)
     p = _problem({}, False, False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         y = p.run("auto")
-    assert fbfast.dispatch.resolve("auto", p.x0, E) == "eager"
-    torch.testing.assert_close(y, p.run("eager"), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("kernel", ["cpp", "cuda"])
-def test_explicit_kernel_refuses_ensembles(kernel, monkeypatch):
-    monkeypatch.delenv("FBFAST_BACKEND", raising=False)
-    p = _problem({}, False, False)
-    with pytest.raises(NotImplementedError, match=rf"^fbfast\.rollout: backend='{kernel}'.*ensemble.*"
-                                                  r"backend='eager'.*backend='compile'"):
-        p.run(kernel)
+    assert fbfast.dispatch.resolve("auto", p.x0) == "cpp"
+    torch.testing.assert_close(y, p.run("cpp"), rtol=0, atol=0)
 
 
 def test_validation_messages():

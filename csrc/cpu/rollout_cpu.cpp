@@ -221,17 +221,19 @@ struct Net {
   }
 };
 
+// member < 0: the one network of 2-D weights; else member `member` of an ensemble (3-D weights).
 Net make_net(const RolloutSizes& sizes, at::TensorList weights, const BiasList& biases, double param,
-             const std::optional<at::Tensor>& u) {
+             const std::optional<at::Tensor>& u, int64_t member = -1) {
   Net net;
+  auto of_member = [&](const at::Tensor& t) { return (member < 0 ? t : t.select(0, member)).contiguous(); };
   for (size_t l = 0; l < weights.size(); ++l) {
-    net.layers.w.push_back(weights[l].contiguous());
+    net.layers.w.push_back(of_member(weights[l]));
     const std::optional<at::Tensor> b = biases.get(l);
-    net.layers.b.push_back(b.has_value() ? b->contiguous() : at::Tensor());
+    net.layers.b.push_back(b.has_value() ? of_member(*b) : at::Tensor());
   }
   net.layers.act = sizes.act;
   net.layers.param = param;
-  net.layers.du = u.has_value() ? u->size(2) : 0;
+  net.layers.du = u.has_value() ? u->size(-1) : 0;
   net.layers.lags = sizes.lags;
   net.layers.f = sizes.f.expect_int();
   net.layers.residual = sizes.residual;
@@ -239,6 +241,36 @@ Net make_net(const RolloutSizes& sizes, at::TensorList weights, const BiasList& 
   net.o = sizes.o.expect_int();
   return net;
 }
+
+// The networks of a call: one, or an ensemble's E members (docs/spec.md §1.3), each with its own
+// contiguous weights and the call's sizes (B is each member's batch).
+std::vector<Net> make_nets(const RolloutSizes& sizes, at::TensorList weights, const BiasList& biases, double param,
+                           const std::optional<at::Tensor>& u) {
+  if (!sizes.ensemble()) return {make_net(sizes, weights, biases, param, u)};
+  std::vector<Net> nets;
+  for (int64_t e = 0; e < sizes.members.expect_int(); ++e) nets.push_back(make_net(sizes, weights, biases, param, u, e));
+  return nets;
+}
+
+// Where member e's rows lie in an ensemble's tensors: x0 (D, E, B, F), u (T, E, B, Du), y and
+// every gradient (., E, B, .) hold member e's B rows at e B within each step's E B rows; a shared
+// x0 (D, B, F) or u (T, B, Du) has B rows per step, read by every member. One network is the
+// case E = 1.
+struct Members {
+  int64_t count = 1, batch = 0;
+  bool x0_shared = false, u_shared = false;
+
+  static Members of(const RolloutSizes& s) {
+    return {s.ensemble() ? s.members.expect_int() : 1, s.batch.expect_int(), s.x0_shared, s.u_shared};
+  }
+  int64_t rows() const { return count * batch; }
+  int64_t rows_x0() const { return x0_shared ? batch : rows(); }
+  int64_t rows_u() const { return u_shared ? batch : rows(); }
+  // Member e's first element in a tensor of rows `width` wide (own: at e B rows; shared: 0).
+  int64_t own(int64_t e, int64_t width) const { return e * batch * width; }
+  int64_t x0_at(int64_t e, int64_t width) const { return x0_shared ? 0 : own(e, width); }
+  int64_t u_at(int64_t e, int64_t width) const { return u_shared ? 0 : own(e, width); }
+};
 
 // The message of a tile-path workspace allocation that failed: what it was for, the sizes, how
 // much it needed against what is available now, and what would fit. These buffers (packed
@@ -264,9 +296,9 @@ void check_dtype(const char* op, const at::Tensor& x0) {
 // Only the rows of x0 that the rollout reads are copied (gemm_path::read_x0): copying all of it
 // (an expanded x0 with a huge delay) would allocate for nothing. Records where each lag's rows
 // start in net.
-at::Tensor read_x0(const at::Tensor& x0, Net& net, int64_t steps) {
-  gemm_path::X0Rows r = gemm_path::read_x0(x0, net.layers.lags, steps);
-  net.layers.x0_base = std::move(r.base);
+at::Tensor read_x0(const at::Tensor& x0, std::vector<Net>& nets, int64_t steps) {
+  gemm_path::X0Rows r = gemm_path::read_x0(x0, nets[0].layers.lags, steps);
+  for (Net& net : nets) net.layers.x0_base = r.base;
   return r.rows;
 }
 
@@ -355,9 +387,11 @@ Strides strides_of(const Net& net) {
   return s;
 }
 
+// Member e's TileParams (e = 0 for one network).
 template <typename T>
 TileParams<T> make_params(const Net& net, const Strides& st, const PackedNetwork<T>& packed, const at::Tensor& x0,
-                          const at::Tensor& u, int64_t steps, int64_t delay, int64_t truncate) {
+                          const at::Tensor& u, int64_t steps, int64_t delay, int64_t truncate, const Members& mem,
+                          int64_t e) {
   TileParams<T> p{};
   p.steps = steps;
   p.batch = net.batch;
@@ -379,8 +413,11 @@ TileParams<T> make_params(const Net& net, const Strides& st, const PackedNetwork
   p.ld_x = st.ld_x;
   p.act = static_cast<int>(net.layers.act);
   p.act_param = static_cast<T>(net.layers.param);
-  p.x0 = x0.data_ptr<T>();
-  p.u = p.du ? u.data_ptr<T>() : nullptr;
+  p.rows_x0 = mem.rows_x0();
+  p.rows_u = mem.rows_u();
+  p.rows_y = mem.rows();
+  p.x0 = x0.data_ptr<T>() + mem.x0_at(e, p.f);
+  p.u = p.du ? u.data_ptr<T>() + mem.u_at(e, p.du) : nullptr;
   return p;
 }
 
@@ -416,33 +453,56 @@ int64_t widest_of(const Strides& st) {
 // ---------------------------------------------------------------------------------------------
 // Forward
 
+// Every member's packed weights (one per network of the call).
 template <typename T>
-void forward_tile_path(const Net& net, const at::Tensor& x0, const at::Tensor& u, int64_t steps, int64_t delay,
-                       at::Tensor& y) {
-  const Strides st = strides_of<T>(net);
-  const int64_t B = net.batch;
-  std::optional<PackedNetwork<T>> packed;
+std::vector<PackedNetwork<T>> pack_members(const char* op, const std::vector<Net>& nets, const Strides& st,
+                                           int64_t steps, bool for_backward) {
+  std::vector<PackedNetwork<T>> packed;
+  packed.reserve(nets.size());
   try {
-    packed.emplace(net, st.ld, st.ld_du, st.ld_x, false);
+    for (const Net& net : nets) packed.emplace_back(net, st.ld, st.ld_du, st.ld_x, for_backward);
   } catch (const std::bad_alloc&) {
-    workspace_failed(kForwardOp, "packed weights", net, steps,
-                     PackedNetwork<T>::size(net, st.ld, st.ld_du, st.ld_x, false) * sizeof(T));
+    workspace_failed(op, "packed weights", nets[0], steps,
+                     static_cast<long double>(nets.size()) *
+                         PackedNetwork<T>::size(nets[0], st.ld, st.ld_du, st.ld_x, for_backward) * sizeof(T));
   }
-  TileParams<T> p = make_params<T>(net, st, *packed, x0, u, steps, delay, 0);
-  p.y = y.data_ptr<T>();
+  return packed;
+}
+
+// Forward of every member: the members' row tiles are independent tasks ("more tiles").
+template <typename T>
+void forward_tile_path(const std::vector<Net>& nets, const Members& mem, const at::Tensor& x0, const at::Tensor& u,
+                       int64_t steps, int64_t delay, at::Tensor& y) {
+  const Net& net = nets[0];
+  const Strides st = strides_of<T>(net);
+  const int64_t B = net.batch, E = mem.count;
+  const std::vector<PackedNetwork<T>> packed = pack_members<T>(kForwardOp, nets, st, steps, false);
+  std::vector<TileParams<T>> params;
+  for (int64_t e = 0; e < E; ++e) {
+    params.push_back(make_params<T>(nets[e], st, packed[e], x0, u, steps, delay, 0, mem, e));
+    params.back().y = y.data_ptr<T>() + mem.own(e, net.o);
+  }
   // Rows are independent and each row's arithmetic does not depend on its tile, so the tile
-  // size may follow the thread count: one tile per thread, 4..64 rows.
-  const int threads = threads_for(2.0 * B * steps * net.work());
-  const int64_t rows = std::min<int64_t>(64, std::max<int64_t>(4, round_up((B + threads - 1) / threads, 4)));
+  // size may follow the thread count: one tile per thread (members share them out), 4..64 rows.
+  const int threads = threads_for(2.0 * E * B * steps * net.work());
+  const int64_t per_member = std::max<int64_t>(1, threads / E);
+  const int64_t rows = std::min<int64_t>(64, std::max<int64_t>(4, round_up((B + per_member - 1) / per_member, 4)));
   const int64_t ntiles = (B + rows - 1) / rows;
   const Isa isa = active_isa();
   std::atomic<bool> ok{true};
-  run_tasks(ntiles, threads, [&](int64_t i) {
-    if (!run_forward_tile<T>(isa, p, i * rows, std::min(B, (i + 1) * rows))) ok = false;
+  run_tasks(E * ntiles, threads, [&](int64_t task) {
+    const int64_t e = task / ntiles, i = task % ntiles;
+    if (!run_forward_tile<T>(isa, params[e], i * rows, std::min(B, (i + 1) * rows))) ok = false;
   });
   if (!ok)
     workspace_failed(kForwardOp, "tile workspace", net, steps,
                      static_cast<long double>(threads) * rows * (net.depth() > 2 ? 2 : 1) * widest_of(st) * sizeof(T));
+}
+
+// An ensemble member's slice of a tensor whose axis 1 is the member axis (x0 (D, E, B, F), u,
+// y and their gradients), or the tensor itself when every member shares it.
+at::Tensor member_of(const at::Tensor& t, bool shared, int64_t e) {
+  return !t.defined() || shared ? t : t.select(1, e);
 }
 
 // Both forward operators: rollout_forward (keep_hidden false: the path rule picks tile or BLAS)
@@ -455,25 +515,42 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
   const RolloutSizes sizes =
       check_rollout_args(op, x0_in, u_in, weights, biases, steps, delay, truncate, activation, fb);
   check_dtype(op, x0_in);
+  if (keep_hidden) check_one_network(op, sizes);
   check_result_fits(op, sizes, x0_in.element_size(), host_memory_bytes());
-  Net net = make_net(sizes, weights, biases, param, u_in);
-  const at::Tensor x0 = read_x0(x0_in, net, steps), u = opt_or_undefined(u_in);
+  if (sizes.ensemble() && sizes.members == 0)  // an ensemble of no networks: no member to slice
+    return {at::empty({steps, 0, sizes.batch.expect_int(), sizes.o.expect_int()}, x0_in.options()), {}};
+  std::vector<Net> nets = make_nets(sizes, weights, biases, param, u_in);
+  const Members mem = Members::of(sizes);
+  const at::Tensor x0 = read_x0(x0_in, nets, steps), u = opt_or_undefined(u_in);
+  const Net& net = nets[0];
   const char* remedy = "use fewer steps or a smaller batch, or run the rollout in chunks";
-  at::Tensor y = checked_empty(op, "the result Y", {steps, net.batch, net.o}, x0.options(), remedy);
+  at::Tensor y = sizes.ensemble()
+                     ? checked_empty(op, "the result Y", {steps, mem.count, net.batch, net.o}, x0.options(), remedy)
+                     : checked_empty(op, "the result Y", {steps, net.batch, net.o}, x0.options(), remedy);
   std::vector<at::Tensor> kept;
-  if (steps == 0 || net.batch == 0 || net.o == 0) {
+  if (y.numel() == 0) {
     if (keep_hidden)
       for (int64_t l = 0; l + 1 < net.depth(); ++l) kept.push_back(at::empty({steps, net.batch, net.out(l)}, x0.options()));
     return {y, kept};
   }
   if (!keep_hidden && choose_path(net.work(), net.widest(), /*for_training=*/false, net.batch, steps) == Path::kTile) {
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_forward_tile", [&] {
-      forward_tile_path<scalar_t>(net, x0, u, steps, delay, y);
+      forward_tile_path<scalar_t>(nets, mem, x0, u, steps, delay, y);
     });
-  } else {
+  } else if (!sizes.ensemble()) {
     // The mm_out on y.select(0, t) fills the matrix in place; with a zero-width hidden layer it
     // writes the bias or 0.
     gemm_path::forward(op, x0, u, net.layers, y, keep_hidden ? &kept : nullptr);
+  } else {
+    // The members one after another, each step of each a full-batch GEMM per layer: this path is
+    // taken for layers wide enough that one member's GEMMs are already large (choose_path), so
+    // batching members into one call would add little; y.select(1, e)'s steps are contiguous
+    // (B, O) blocks that the GEMMs write in place.
+    for (int64_t e = 0; e < mem.count; ++e) {
+      at::Tensor ye = y.select(1, e);
+      gemm_path::forward(op, member_of(x0, mem.x0_shared, e), member_of(u, mem.u_shared, e), nets[e].layers, ye,
+                         nullptr);
+    }
   }
   return {y, kept};
 }
@@ -494,8 +571,8 @@ using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, st
 // Gradients that are asked for start at zero: steps t < k that never run (steps < delay) and
 // zero-size inputs then come out right without special cases. x0's gradient has the full shape
 // of the x0 passed in; the kernels write its first min(delay, steps) slots.
-gemm_path::Grads zero_grads(const char* op, const at::Tensor& x0_in, const at::Tensor& u, const Net& net,
-                            const c10::List<bool>& mask) {
+gemm_path::Grads zero_grads(const char* op, const at::Tensor& x0_in, const at::Tensor& u, at::TensorList weights,
+                            const BiasList& biases, const c10::List<bool>& mask) {
   const auto opts = x0_in.options();
   // The argument's name is spelled out only for the message of a failed allocation.
   auto zeros = [&](const char* kind, int64_t l, at::IntArrayRef shape) {
@@ -506,13 +583,14 @@ gemm_path::Grads zero_grads(const char* op, const at::Tensor& x0_in, const at::T
       return checked_empty(op, what.c_str(), shape, opts, "split the batch into smaller parts").zero_();
     }
   };
-  const int64_t L = net.depth();
+  const int64_t L = static_cast<int64_t>(weights.size());
   gemm_path::Grads g;
   g.x0 = mask[0] ? zeros("x0", -1, x0_in.sizes()) : at::Tensor();
   g.u = mask[1] && u.defined() ? zeros("u", -1, u.sizes()) : at::Tensor();
   for (int64_t l = 0; l < L; ++l) {
-    g.w.push_back(mask[2 + l] ? zeros("w", l, net.layers.w[l].sizes()) : at::Tensor());
-    g.b.push_back(mask[2 + L + l] && net.layers.b[l].defined() ? zeros("b", l, {net.out(l)}) : at::Tensor());
+    const std::optional<at::Tensor> b = biases.get(l);
+    g.w.push_back(mask[2 + l] ? zeros("w", l, weights[l].sizes()) : at::Tensor());
+    g.b.push_back(mask[2 + L + l] && b.has_value() ? zeros("b", l, b->sizes()) : at::Tensor());
   }
   return g;
 }
@@ -526,10 +604,16 @@ GradTuple as_tuple(const gemm_path::Grads& g, const at::TensorOptions& opts) {
   return {or_empty(g.x0), or_empty(g.u), w, b};
 }
 
+// Backward of every member. Each member's weight gradients are summed per fixed group of its
+// tiles, and the (member, group) pairs are the parallel tasks. grad_x0 and grad_u are in the
+// ensemble's layout (., E, B, .) (for a shared x0 or u, per member, summed by the caller).
 template <typename T>
-void backward_tile_path(const Net& net, const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
-                        const at::Tensor& u, int64_t delay, int64_t truncate, gemm_path::Grads& out) {
-  const int64_t steps = y.size(0), B = net.batch, du = net.layers.du, O = net.o, L = net.depth();
+void backward_tile_path(const std::vector<Net>& nets, const Members& mem, const at::Tensor& grad_y,
+                        const at::Tensor& y, const at::Tensor& x0, const at::Tensor& u, int64_t delay,
+                        int64_t truncate, gemm_path::Grads& out, const at::Tensor& grad_x0,
+                        const at::Tensor& grad_u) {
+  const Net& net = nets[0];
+  const int64_t steps = y.size(0), B = net.batch, O = net.o, L = net.depth(), E = mem.count;
   const Strides st = strides_of<T>(net);
   const int64_t tile_rows = net.work() > kWideWork ? kWideBackwardTileRows : kBackwardTileRows;
   const int64_t ntiles = (B + tile_rows - 1) / tile_rows;
@@ -549,21 +633,23 @@ void backward_tile_path(const Net& net, const at::Tensor& grad_y, const at::Tens
   const int64_t loop_elems = steps * B * (net.hidden() + O);
   const int64_t groups = std::max<int64_t>(
       1, std::min({ntiles, kMaxGroups, per_group > 0 ? loop_elems / per_group : kMaxGroups}));
-  std::optional<PackedNetwork<T>> packed;
+  const std::vector<PackedNetwork<T>> packed = pack_members<T>(kBackwardOp, nets, st, steps, true);
   std::vector<T> acc;
   try {
-    packed.emplace(net, st.ld, st.ld_du, st.ld_x, true);
-    acc.assign(static_cast<size_t>(groups * per_group), T(0));
+    acc.assign(static_cast<size_t>(E * groups * per_group), T(0));
   } catch (const std::bad_alloc&) {
-    workspace_failed(kBackwardOp, "packed weights and gradient accumulators", net, steps,
-                     (PackedNetwork<T>::size(net, st.ld, st.ld_du, st.ld_x, true) + groups * per_group) *
-                         static_cast<long double>(sizeof(T)));
+    workspace_failed(kBackwardOp, "gradient accumulators", net, steps,
+                     static_cast<long double>(E) * groups * per_group * sizeof(T));
   }
-  TileParams<T> p = make_params<T>(net, st, *packed, x0, u, steps, delay, truncate);
-  p.y_saved = y.data_ptr<T>();
-  p.grad_y = grad_y.data_ptr<T>();
-  p.grad_x0 = out.x0.defined() ? out.x0.data_ptr<T>() : nullptr;
-  p.grad_u = out.u.defined() ? out.u.data_ptr<T>() : nullptr;
+  std::vector<TileParams<T>> params;
+  for (int64_t e = 0; e < E; ++e) {
+    TileParams<T> p = make_params<T>(nets[e], st, packed[e], x0, u, steps, delay, truncate, mem, e);
+    p.y_saved = y.data_ptr<T>() + mem.own(e, O);
+    p.grad_y = grad_y.data_ptr<T>() + mem.own(e, O);
+    p.grad_x0 = grad_x0.defined() ? grad_x0.data_ptr<T>() + mem.own(e, net.layers.f) : nullptr;
+    p.grad_u = grad_u.defined() ? grad_u.data_ptr<T>() + mem.own(e, net.layers.du) : nullptr;
+    params.push_back(p);
+  }
 
   // Where layer l's accumulators start in a group's block.
   std::vector<int64_t> w_at(L), b_at(L);
@@ -576,8 +662,9 @@ void backward_tile_path(const Net& net, const at::Tensor& grad_y, const at::Tens
   const Isa isa = active_isa();
   std::atomic<bool> ok{true};
   // The backward does about twice the forward's multiply-adds.
-  run_tasks(groups, threads_for(4.0 * B * steps * net.work()), [&](int64_t g) {
-    T* base = acc.data() + g * per_group;
+  run_tasks(E * groups, threads_for(4.0 * E * B * steps * net.work()), [&](int64_t task) {
+    const int64_t e = task / groups, g = task % groups;
+    T* base = acc.data() + task * per_group;
     std::vector<T*> w(L), b(L);
     for (int64_t l = 0; l < L; ++l) {
       w[l] = n_w[l] ? base + w_at[l] : nullptr;
@@ -586,7 +673,7 @@ void backward_tile_path(const Net& net, const at::Tensor& grad_y, const at::Tens
     const TileGrads<T> tg{w.data(), b.data()};
     // Tiles [g*ntiles/groups, (g+1)*ntiles/groups) in order: a fixed summation order.
     for (int64_t i = g * ntiles / groups; i < (g + 1) * ntiles / groups; ++i)
-      if (!run_backward_tile<T>(isa, p, i * tile_rows, std::min(B, (i + 1) * tile_rows), tg)) ok = false;
+      if (!run_backward_tile<T>(isa, params[e], i * tile_rows, std::min(B, (i + 1) * tile_rows), tg)) ok = false;
   });
   if (!ok) {
     const int64_t slots = std::min(delay, steps);
@@ -594,23 +681,45 @@ void backward_tile_path(const Net& net, const at::Tensor& grad_y, const at::Tens
     for (int64_t l = 1; l < L; ++l) hidden_ld += st.ld[l];
     const int64_t z = act_needs_z(net.layers.act) ? 2 : 1;
     workspace_failed(kBackwardOp, "tile workspace", net, steps,
-                     static_cast<long double>(groups) * tile_rows *
+                     static_cast<long double>(E * groups) * tile_rows *
                          (z * hidden_ld + std::min<int64_t>(2, L - 1) * widest_of(st) + st.ld_o + slots * st.ld_f) * sizeof(T));
   }
-  for (int64_t g = 1; g < groups; ++g)
-    for (int64_t i = 0; i < per_group; ++i) acc[i] += acc[g * per_group + i];
-  const T* sum = acc.data();
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t in = net.in(l), o = net.out(l);
-    if (n_w[l] && l == 0) {  // dW0[h, c] = (dW0^T)[c, h]
-      T* d = out.w[0].data_ptr<T>();
-      for (int64_t h = 0; h < o; ++h)
-        for (int64_t c = 0; c < in; ++c) d[h * in + c] = sum[w_at[0] + c * st.ld[1] + h];
-    } else if (n_w[l]) {
-      T* d = out.w[l].data_ptr<T>();
-      for (int64_t r = 0; r < o; ++r) std::memcpy(d + r * in, sum + w_at[l] + r * st.ld[l], sizeof(T) * in);
+  for (int64_t e = 0; e < E; ++e) {
+    T* sum = acc.data() + e * groups * per_group;
+    for (int64_t g = 1; g < groups; ++g)
+      for (int64_t i = 0; i < per_group; ++i) sum[i] += sum[g * per_group + i];
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t in = net.in(l), o = net.out(l);
+      if (n_w[l] && l == 0) {  // dW0[h, c] = (dW0^T)[c, h]
+        T* d = out.w[0].data_ptr<T>() + e * o * in;
+        for (int64_t h = 0; h < o; ++h)
+          for (int64_t c = 0; c < in; ++c) d[h * in + c] = sum[w_at[0] + c * st.ld[1] + h];
+      } else if (n_w[l]) {
+        T* d = out.w[l].data_ptr<T>() + e * o * in;
+        for (int64_t r = 0; r < o; ++r) std::memcpy(d + r * in, sum + w_at[l] + r * st.ld[l], sizeof(T) * in);
+      }
+      if (n_b[l]) std::memcpy(out.b[l].data_ptr<T>() + e * o, sum + b_at[l], sizeof(T) * o);
     }
-    if (n_b[l]) std::memcpy(out.b[l].data_ptr<T>(), sum + b_at[l], sizeof(T) * o);
+  }
+}
+
+// The members of an ensemble one after another through the per-step ATen path (see
+// forward_impl). grad_x0 and grad_u are in the ensemble's layout, as for backward_tile_path.
+void backward_members_gemm(const char* op, const std::vector<Net>& nets, const Members& mem,
+                           const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0, const at::Tensor& u,
+                           int64_t delay, int64_t truncate, gemm_path::Grads& out, const at::Tensor& grad_x0,
+                           const at::Tensor& grad_u) {
+  for (int64_t e = 0; e < mem.count; ++e) {
+    gemm_path::Grads g;
+    for (const auto& t : out.w) g.w.push_back(t.defined() ? t.select(0, e) : t);
+    for (const auto& t : out.b) g.b.push_back(t.defined() ? t.select(0, e) : t);
+    g.x0 = member_of(grad_x0, false, e);
+    // The ATen path views a chunk of u's gradient as (rows, Du): it needs the member's own
+    // contiguous block.
+    if (grad_u.defined()) g.u = at::zeros({y.size(0), mem.batch, nets[e].layers.du}, y.options());
+    gemm_path::backward(op, grad_y.select(1, e), y.select(1, e), member_of(x0, mem.x0_shared, e),
+                        member_of(u, mem.u_shared, e), nets[e].layers, delay, truncate, g, {}, kChunkBytes);
+    if (grad_u.defined()) grad_u.select(1, e).copy_(g.u);
   }
 }
 
@@ -626,22 +735,44 @@ GradTuple backward_impl(const char* op, const at::Tensor& grad_y_in, const at::T
   check_dtype(op, x0_in);
   if (from_kept) check_hidden(op, kept_in, sizes, x0_in);
   const int64_t steps = y_in.size(0);
-  Net net = make_net(sizes, weights, biases, param, u_in);
-  const at::Tensor x0 = read_x0(x0_in, net, steps), u = opt_or_undefined(u_in);
+  if (sizes.ensemble() && sizes.members == 0)
+    return as_tuple(zero_grads(op, x0_in, opt_or_undefined(u_in), weights, biases, output_mask), x0_in.options());
+  std::vector<Net> nets = make_nets(sizes, weights, biases, param, u_in);
+  const Members mem = Members::of(sizes);
+  const Net& net = nets[0];
+  const at::Tensor x0 = read_x0(x0_in, nets, steps), u = opt_or_undefined(u_in);
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
   std::vector<at::Tensor> kept;
   for (const auto& t : kept_in) kept.push_back(t.contiguous());
 
-  gemm_path::Grads g = zero_grads(op, x0_in, u, net, output_mask);
-  if (steps > 0 && net.batch > 0 && net.o > 0) {
-    if (!from_kept && choose_path(net.work(), net.widest(), /*for_training=*/true, net.batch, steps) == Path::kTile) {
-      AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_backward_tile", [&] {
-        backward_tile_path<scalar_t>(net, grad_y, y, x0, u, delay, truncate, g);
-      });
-    } else {
-      gemm_path::backward(op, grad_y, y, x0, u, net.layers, delay, truncate, g, kept, kChunkBytes);
-    }
+  gemm_path::Grads g = zero_grads(op, x0_in, u, weights, biases, output_mask);
+  if (y.numel() == 0) return as_tuple(g, x0.options());
+  const bool tile =
+      !from_kept && choose_path(net.work(), net.widest(), /*for_training=*/true, net.batch, steps) == Path::kTile;
+  if (!sizes.ensemble() && !tile) {
+    gemm_path::backward(op, grad_y, y, x0, u, net.layers, delay, truncate, g, kept, kChunkBytes);
+    return as_tuple(g, x0.options());
   }
+  // The kernels write x0's and u's gradients in the ensemble's layout, one block per member: a
+  // shared x0 or u gets per-member gradients here, summed over the members below.
+  auto per_member = [&](const at::Tensor& grad, bool shared, const char* what) {
+    if (!grad.defined() || !shared) return grad;
+    std::vector<int64_t> shape = grad.sizes().vec();
+    shape.insert(shape.begin() + 1, mem.count);
+    return checked_empty(op, what, shape, grad.options(), "split the batch or the ensemble into smaller parts")
+        .zero_();
+  };
+  const at::Tensor gx0 = per_member(g.x0, mem.x0_shared, "the members' gradients of the shared x0");
+  const at::Tensor gu = per_member(g.u, mem.u_shared, "the members' gradients of the shared u");
+  if (tile) {
+    AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_backward_tile", [&] {
+      backward_tile_path<scalar_t>(nets, mem, grad_y, y, x0, u, delay, truncate, g, gx0, gu);
+    });
+  } else {
+    backward_members_gemm(op, nets, mem, grad_y, y, x0, u, delay, truncate, g, gx0, gu);
+  }
+  if (gx0.defined() && !gx0.is_same(g.x0)) at::sum_out(g.x0, gx0, {1});
+  if (gu.defined() && !gu.is_same(g.u)) at::sum_out(g.u, gu, {1});
   return as_tuple(g, x0.options());
 }
 

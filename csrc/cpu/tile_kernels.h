@@ -12,7 +12,9 @@
 // Layout conventions (all row-major; the row strides are set by the host, and every packed
 // buffer and workspace has one vector of slack after its last row, so a whole-vector load that
 // starts inside a row never leaves its buffer): x0 (the rows read, B, F), u (T, B, Du),
-// y and grad_y (T, B, O); each layer's packed weights as TileLayer (tile_params.h) describes.
+// y and grad_y (T, B, O), where consecutive steps lie TileParams::rows_* rows apart (an
+// ensemble member's rows inside (T, E, B, .) tensors); each layer's packed weights as
+// TileLayer (tile_params.h) describes.
 // The activation (csrc/common/act_kind.h) is applied by the GEMM epilogue for ReLU and by a
 // vector pass over the tile's rows for the others (vec_math.h); the backward recomputes every
 // hidden layer's pre-activation per step and keeps z only where act' needs it.
@@ -191,10 +193,10 @@ inline void lag_value(const TileParams<T>& p, const T* y, int64_t t, int64_t j, 
                       int64_t* ld) {
   const int64_t s = t - p.lags[j];
   if (s < 0) {
-    *at = p.x0 + ((p.x0_base[j] + t) * p.batch + r0) * p.f;
+    *at = p.x0 + ((p.x0_base[j] + t) * p.rows_x0 + r0) * p.f;
     *ld = p.f;
   } else {
-    *at = y + (s * p.batch + r0) * p.o;
+    *at = y + (s * p.rows_y + r0) * p.o;
     *ld = p.o;
   }
 }
@@ -240,7 +242,7 @@ void layer_forward(const TileParams<T>& p, int64_t l, int64_t rows, const T* ut,
 // Forward of rows [r0, r1): all steps, writing y[t, r0:r1, :].
 template <typename T>
 bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
-  const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, L = p.n_layers;
+  const int64_t rows = r1 - r0, O = p.o, Du = p.du, L = p.n_layers;
   const bool relu = p.act == static_cast<int>(Act::kRelu);
   // Buffers of the widest hidden layer, two when hidden layers follow each other: layer l writes
   // one while reading the other. (One for a single hidden layer keeps version 1's workspace,
@@ -252,7 +254,7 @@ bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
   if (!buf.data || !xbuf.data) return false;
   for (int64_t t = 0; t < p.steps; ++t) {
     const FedBack<T> fb = fed_back(p, p.y, t, r0, rows, xbuf.data);
-    const T* ut = Du ? p.u + (t * B + r0) * Du : fb.x;
+    const T* ut = Du ? p.u + (t * p.rows_u + r0) * Du : fb.x;
     const T* in = nullptr;
     for (int64_t l = 0; l + 1 < L; ++l) {
       T* h = buf.data + (l % 2) * rows * widest;
@@ -265,7 +267,7 @@ bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
       }
       in = h;
     }
-    T* yt = p.y + (t * B + r0) * O;
+    T* yt = p.y + (t * p.rows_y + r0) * O;
     layer_forward<T, Epilogue::kNone>(p, L - 1, rows, ut, fb, in, yt, O);
     if (p.residual)
       for (int64_t i = 0; i < rows; ++i)
@@ -277,7 +279,7 @@ bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
 // Backward of rows [r0, r1), reverse time, adding this tile's weight gradients into `acc`.
 template <typename T>
 bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGrads<T>& acc) {
-  const int64_t rows = r1 - r0, B = p.batch, O = p.o, Du = p.du, L = p.n_layers, F = p.f;
+  const int64_t rows = r1 - r0, O = p.o, Du = p.du, L = p.n_layers, F = p.f;
   const int64_t op = p.ld_o, lf = p.ld_f;
   const bool relu = p.act == static_cast<int>(Act::kRelu);
   const bool keep_z = act_needs_z(static_cast<Act>(p.act));
@@ -309,7 +311,7 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
 
   for (int64_t t = p.steps - 1; t >= 0; --t) {
     const FedBack<T> fb = fed_back(p, p.y_saved, t, r0, rows, xbuf.data);
-    const T* ut = Du ? p.u + (t * B + r0) * Du : fb.x;
+    const T* ut = Du ? p.u + (t * p.rows_u + r0) * Du : fb.x;
     T* slot = ring + (t % slots) * rows * lf;
 
     // Recompute the hidden layers of this step, as the forward computed them.
@@ -329,7 +331,7 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
     }
 
     // g = dL/dy_t: the loss's, plus what the later steps that read y_t[:F] sent back.
-    const T* gy = p.grad_y + (t * B + r0) * O;
+    const T* gy = p.grad_y + (t * p.rows_y + r0) * O;
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t j = 0; j < F; ++j) g[i * op + j] = gy[i * O + j] + slot[i * lf + j];
       for (int64_t j = F; j < O; ++j) g[i * op + j] = gy[i * O + j];
@@ -382,7 +384,7 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
         for (int64_t j = 0; j < n0; ++j) acc.b[0][j] += adj[i * adj_ld + j];
     if (p.grad_u && Du) {  // du_t = adj W0u
       const GemmArgs gu{.m = rows, .n = Du, .k = n0, .as0 = adj_ld, .as1 = 1, .ldb = p.ld_du, .ldc = Du};
-      gemm<T, Epilogue::kNone>(gu, adj, first.w, adj, first.w, nullptr, nullptr, p.grad_u + (t * B + r0) * Du);
+      gemm<T, Epilogue::kNone>(gu, adj, first.w, adj, first.w, nullptr, nullptr, p.grad_u + (t * p.rows_y + r0) * Du);
     }
     // dx_t = adj W0x: each lag's share to the step that produced the value unless the edges into
     // step t are cut (truncate), or to x0; the residual's dL/dy_t[:F] to lag 0's value alike.
@@ -396,7 +398,7 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
           gemm<T, Epilogue::kNone>(gx, adj, first.wx, adj, first.wx, nullptr, nullptr, slot);
       } else if (p.grad_x0) {
         gx.ldc = O;
-        gemm<T, Epilogue::kNone>(gx, adj, first.wx, adj, first.wx, nullptr, nullptr, p.grad_x0 + (t * B + r0) * O);
+        gemm<T, Epilogue::kNone>(gx, adj, first.wx, adj, first.wx, nullptr, nullptr, p.grad_x0 + (t * p.rows_y + r0) * O);
       }
       continue;
     }
@@ -404,7 +406,7 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
       const int64_t s = t - p.lags[j];
       *ld = s >= 0 ? lf : F;
       if (s >= 0) return cut ? nullptr : ring + (s % slots) * rows * lf;
-      return p.grad_x0 ? p.grad_x0 + ((s + p.delay) * B + r0) * F : nullptr;
+      return p.grad_x0 ? p.grad_x0 + ((s + p.delay) * p.rows_y + r0) * F : nullptr;
     };
     if (p.m == 1) {
       int64_t ld;

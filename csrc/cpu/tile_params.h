@@ -44,6 +44,10 @@ struct TileParams {
   const TileLayer<T>* layers;  // n_layers, the last one producing y
   int act;                     // fbfast::Act (csrc/common/act_kind.h)
   T act_param;
+  // Rows from one step to the next in x0, u, and y (also y_saved, grad_y, grad_x0, grad_u): B
+  // for one network; E B in an ensemble's (T, E, B, .) tensors, whose member e starts e B rows
+  // in (a shared x0 or u keeps B). The kernels read and write rows [r0, r1) of the member.
+  int64_t rows_x0, rows_u, rows_y;
   const T* x0;  // (rows read, B, F): only the rows that are read (gemm_path::read_x0)
   const T* u;   // null when du == 0
   T* y;         // forward output

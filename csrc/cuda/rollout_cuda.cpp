@@ -14,6 +14,7 @@
 // Everything runs on the current stream of the tensors' device, under a device guard.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -206,6 +207,27 @@ std::vector<const void*> bias_pointers(const gemm_path::Network& net) {
   return b;
 }
 
+// An ensemble (docs/spec.md §1.3) runs its members one after another through the one-network
+// kernels: member e's weights w[e], its own x0[:, e] and u[:, e] or the shared ones. (A grid axis
+// per member in the fused kernels, launching all members at once, is not written yet.)
+struct Member {
+  std::vector<at::Tensor> w;
+  BiasList b;
+  std::optional<at::Tensor> x0, u;
+};
+Member member(const RolloutSizes& s, int64_t e, const at::Tensor& x0, const std::optional<at::Tensor>& u,
+              at::TensorList weights, const BiasList& biases) {
+  Member m;
+  for (const auto& w : weights) m.w.push_back(w.select(0, e));
+  for (size_t l = 0; l < biases.size(); ++l) {
+    const std::optional<at::Tensor> b = biases.get(l);
+    m.b.push_back(b.has_value() ? std::optional<at::Tensor>(b->select(0, e)) : std::nullopt);
+  }
+  m.x0 = s.x0_shared ? x0 : x0.select(1, e);
+  if (u.has_value()) m.u = s.u_shared ? *u : u->select(1, e);
+  return m;
+}
+
 at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in,
                                 at::TensorList weights, const BiasList& biases, int64_t steps, int64_t delay,
                                 int64_t truncate, c10::string_view activation, double activation_param,
@@ -215,6 +237,17 @@ at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at:
   check_dtype(kForwardOp, x0_in);
   const c10::cuda::CUDAGuard guard(x0_in.device());
   check_result_fits(kForwardOp, sizes, x0_in.element_size(), device_memory(x0_in.get_device()));
+  if (sizes.ensemble()) {
+    const int64_t E = sizes.members.expect_int();
+    at::Tensor y = checked_empty(kForwardOp, "the result Y", {steps, E, sizes.batch.expect_int(), sizes.o.expect_int()},
+                                 x0_in.options(), "use fewer steps or a smaller batch, or run the rollout in chunks");
+    for (int64_t e = 0; e < E; ++e) {
+      const Member m = member(sizes, e, x0_in, u_in, weights, biases);
+      y.select(1, e).copy_(rollout_forward_cuda(*m.x0, m.u, m.w, m.b, steps, delay, truncate, activation,
+                                                activation_param, lags, feedback, residual));
+    }
+    return y;
+  }
   // Only the rows of x0 that the rollout reads are copied (gemm_path::read_x0).
   gemm_path::X0Rows rows = gemm_path::read_x0(x0_in, sizes.lags, steps);
   const at::Tensor x0 = rows.rows, u = opt_or_undefined(u_in);
@@ -249,6 +282,33 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   check_dtype(kBackwardOp, x0_in);
   const int64_t steps = y_in.size(0);
   const c10::cuda::CUDAGuard guard(x0_in.device());
+  if (sizes.ensemble()) {
+    // Member by member (see Member); a shared x0's or u's gradient sums the members'.
+    const auto opts = x0_in.options();
+    auto zeros_if = [&](bool want, at::IntArrayRef shape) { return want ? at::zeros(shape, opts) : at::empty({0}, opts); };
+    const size_t L = weights.size();
+    at::Tensor gx0 = zeros_if(output_mask[0], x0_in.sizes());
+    at::Tensor gu = zeros_if(output_mask[1] && u_in.has_value(), u_in.has_value() ? u_in->sizes() : at::IntArrayRef{0});
+    std::vector<at::Tensor> gw, gb;
+    for (size_t l = 0; l < L; ++l) {
+      const std::optional<at::Tensor> b = biases.get(l);
+      gw.push_back(zeros_if(output_mask[2 + l], weights[l].sizes()));
+      gb.push_back(zeros_if(output_mask[2 + L + l] && b.has_value(), b.has_value() ? b->sizes() : at::IntArrayRef{0}));
+    }
+    for (int64_t e = 0; e < sizes.members.expect_int(); ++e) {
+      const Member m = member(sizes, e, x0_in, u_in, weights, biases);
+      const auto [d_x0, d_u, d_w, d_b] =
+          rollout_backward_cuda(grad_y_in.select(1, e), y_in.select(1, e), *m.x0, m.u, m.w, m.b, delay, truncate,
+                                activation, activation_param, output_mask, lags, feedback, residual);
+      if (output_mask[0]) (sizes.x0_shared ? gx0 : gx0.select(1, e)).add_(d_x0);
+      if (output_mask[1] && u_in.has_value()) (sizes.u_shared ? gu : gu.select(1, e)).add_(d_u);
+      for (size_t l = 0; l < L; ++l) {
+        if (output_mask[2 + l]) gw[l].select(0, e).copy_(d_w[l]);
+        if (d_b[l].numel()) gb[l].select(0, e).copy_(d_b[l]);
+      }
+    }
+    return {gx0, gu, gw, gb};
+  }
   // Only the rows of x0 that the rollout reads are copied (gemm_path::read_x0).
   gemm_path::X0Rows rows = gemm_path::read_x0(x0_in, sizes.lags, steps);
   const at::Tensor x0 = rows.rows, u = opt_or_undefined(u_in);
