@@ -3,11 +3,11 @@
 The C++ side (`csrc/fbfast.cpp`) defines the schemas; each backend registers its kernels for
 its dispatch key.
 
-Nothing else is registered from Python: the fake (meta) kernels that torch.compile traces with
-are C++ (`csrc/meta.cpp`) and run the same argument checks as the real kernels
-(`csrc/rollout_checks.h`); autograd is C++ too (`csrc/autograd.cpp`): the backward of
-`rollout_forward` is one `rollout_backward` call, and the Python autograd.Function it replaces
-cost more than the whole rollout at small shapes.
+From Python only the batching rule of `rollout_forward` is registered (fbfast/_vmap.py): the
+fake (meta) kernels that torch.compile traces with are C++ (`csrc/meta.cpp`) and run the same
+argument checks as the real kernels (`csrc/rollout_checks.h`); autograd is C++ too
+(`csrc/autograd.cpp`): the backward of `rollout_forward` is one `rollout_backward` call, and the
+Python autograd.Function it replaces cost more than the whole rollout at small shapes.
 
 If the extension is missing, fails to load, or was built from other sources (its schemas are
 not the ones called here), `LOAD_ERROR` says why and `LOADED` is False: the compiled backends
@@ -115,3 +115,9 @@ def has_kernel(dispatch_key: str) -> bool:
 # The operator handle, looked up once: torch.ops attribute chains cost ~0.5 us per call, a
 # measurable share of a small rollout.
 forward_op = torch.ops.fbfast.rollout_forward.default if LOADED else None
+
+if LOADED:
+    # torch.func.vmap of a rollout runs the fused kernel once for the whole batch (fbfast/_vmap.py).
+    from ._vmap import register as _register_vmap
+
+    _register_vmap()

@@ -1,7 +1,10 @@
-"""fbfast.rollout under torch.func transforms (grad, vmap, jacrev): "auto" runs the reference
-there, which the transforms differentiate and batch like any torch function (the fused operator's
-autograd is a C++ torch::autograd::Function and it has no batching rule yet); an explicitly named
-kernel backend refuses with a message that names fbfast and what to do instead."""
+"""fbfast.rollout under torch.func transforms (grad, vmap, jacrev).
+
+vmap runs the fused kernel once for the whole batch through the operator's batching rule
+(fbfast/_vmap.py): vmapped weights become an ensemble's member axis, vmapped data more batch rows.
+grad and jacrev cannot pass through the operator's C++ autograd, so "auto" runs the reference
+there, which the transforms differentiate like any torch function; an explicitly named kernel
+backend refuses with a message that names fbfast and what to do instead."""
 
 from __future__ import annotations
 
@@ -54,16 +57,89 @@ def test_vmap_over_stacked_weights_is_the_ensemble():
     torch.testing.assert_close(y.transpose(0, 1), ens, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("transform", ["grad", "vmap"])
-def test_an_explicit_kernel_backend_says_what_to_do(transform):
+@pytest.fixture
+def no_reference(monkeypatch):
+    """Fail if the reference runs: under vmap the fused kernel must."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference ran instead of the fused kernel")
+    monkeypatch.setattr(fbfast.functional, "run_reference", refuse)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp"])
+def test_vmap_runs_the_ensemble_kernel(backend, no_reference):
+    x0, _, b1, w2, b2, u = _inputs(5)
+    W1 = torch.randn(7, 6, 5, dtype=F64) * 0.4
+    B2 = torch.randn(7, 3, dtype=F64) * 0.4
+    y = vmap(lambda w, b: fbfast.rollout(x0, w, b1, w2, b, u=u, activation="silu", backend=backend))(W1, B2)
+    members = [fbfast.rollout_reference(x0, W1[e], b1, w2, B2[e], u=u, activation="silu") for e in range(7)]
+    torch.testing.assert_close(y, torch.stack(members), rtol=1e-10, atol=1e-10)
+
+
+def test_vmap_over_data_only_folds_into_the_batch(no_reference):
+    """Only x0 and u vmapped (different starts and inputs, one network): V B rows of one call."""
+    _, _, b1, w2, b2, _ = _inputs(6)
+    w1 = torch.randn(6, 2 + 2 * 3, dtype=F64) * 0.3
+    X0 = torch.randn(3, 2, 4, 3, dtype=F64)
+    U = torch.randn(5, 3, 4, 2, dtype=F64)  # vmapped on axis 1
+    f = lambda x, v: fbfast.rollout(x, w1, b1, w2, b2, u=v, delay=(2, 1), residual=True)  # noqa: E731
+    y = vmap(f, in_dims=(0, 1), out_dims=1)(X0, U)
+    assert y.shape == (5, 3, 4, 3)
+    for v in range(3):
+        want = fbfast.rollout_reference(X0[v], w1, b1, w2, b2, u=U[:, v], delay=(2, 1), residual=True)
+        torch.testing.assert_close(y[:, v], want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
+def test_vmap_of_an_ensemble_folds_into_more_members(shared, no_reference):
+    """vmap over a stacked ensemble's weights (V, E, out, in) is one ensemble of V E members; a
+    shared x0/u stays shared, an own one is read per member."""
+    from fbfast.testing import make_problem
+    p = make_problem(B=4, Du=2, O=2, H=5, T=6, ensemble=3, shared_x0=shared, shared_u=shared, lags=(1, 2),
+                     residual=True, feedback=1)
+    W1 = torch.stack([p.weights[0], 0.5 * p.weights[0]], dim=1)  # vmapped on axis 1
+    X0 = torch.stack([p.x0, p.x0.flip(-2)])
+
+    def f(w, x0):
+        return fbfast.rollout(x0, w, p.biases[0], p.weights[1], p.biases[1], u=p.u, **p.structure)
+
+    y = vmap(f, in_dims=(1, 0))(W1, X0)
+    assert y.shape == (2, 6, 3, 4, 2)
+    for v in range(2):
+        want = fbfast.rollout_reference(X0[v], W1[:, v], p.biases[0], p.weights[1], p.biases[1], u=p.u,
+                                        **p.structure)
+        torch.testing.assert_close(y[v], want, rtol=1e-10, atol=1e-10)
+
+
+def test_vmap_inside_autograd_trains_through_the_kernel(no_reference):
+    x0, _, b1, w2, b2, u = _inputs(7)
+    W = (torch.randn(4, 6, 5, dtype=F64) * 0.4).requires_grad_()
+    y = vmap(lambda w: fbfast.rollout(x0, w, b1, w2, b2, u=u, activation="tanh"))(W)
+    (got,) = torch.autograd.grad(y.square().sum(), W)
+    # The oracle: each network's own fused rollout and its autograd.
+    W2 = W.detach().clone().requires_grad_()
+    want_y = torch.stack([fbfast.rollout(x0, W2[e], b1, w2, b2, u=u, activation="tanh", backend="cpp")
+                          for e in range(4)])
+    (want,) = torch.autograd.grad(want_y.square().sum(), W2)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_grad_with_an_explicit_kernel_backend_says_what_to_do():
     x0, w1, b1, w2, b2, u = _inputs(3)
     f = lambda w: fbfast.rollout(x0, w, b1, w2, b2, u=u, backend="cpp")  # noqa: E731
     with pytest.raises(RuntimeError, match=r"fbfast\.rollout: backend 'cpp' cannot run under torch\.func "
                                            r"transforms.*backend='auto' or backend='eager'"):
-        if transform == "grad":
-            grad(lambda w: f(w).sum())(w1)
-        else:
-            vmap(f)(torch.stack([w1, w1]))
+        grad(lambda w: f(w).sum())(w1)
+
+
+def test_grad_of_vmap_falls_back_to_the_reference():
+    x0, _, b1, w2, b2, u = _inputs(8)
+    W1 = torch.randn(3, 6, 5, dtype=F64) * 0.4
+    loss = lambda W: vmap(lambda w: fbfast.rollout(x0, w, b1, w2, b2, u=u))(W).square().sum()  # noqa: E731
+    got = grad(loss)(W1)
+    W = W1.clone().requires_grad_()
+    y = torch.stack([fbfast.rollout_reference(x0, W[e], b1, w2, b2, u=u) for e in range(3)])
+    (want,) = torch.autograd.grad(y.square().sum(), W)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_outside_a_transform_nothing_changes():
