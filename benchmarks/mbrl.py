@@ -204,6 +204,19 @@ def mm_fns(shape: Shape, big) -> Dict[str, Callable[[], object]]:
     return {"layer": lambda: torch.mm(a, w), "large": lambda: torch.mm(a2, w2)}
 
 
+def _peak_rss_kib() -> int:
+    """The process's peak RSS in KiB: VmHWM, which clear_refs resets (_reset_peak_rss); getrusage's
+    ru_maxrss also remembers peaks of threads that have exited, so it may not drop after a reset."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def child_memory(method: str, quick: bool) -> Dict:
     """Runs in a fresh process (benchmarks/memory.py's method): a warm-up step at a tiny batch
     pays for code pages, thread pools and BLAS buffers; the peak RSS is reset to the current RSS;
@@ -216,9 +229,9 @@ def child_memory(method: str, quick: bool) -> Dict:
     del tiny
     gc.collect()
     reset = _reset_peak_rss()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    before = _peak_rss_kib()
     step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _peak_rss_kib()
     return {"method": method, "peak_rss_delta_mib": (after - before) / 1024, "peak_rss_reset": reset,
             "allocator_peak_mib": _allocator_peak(step) / MIB}
 

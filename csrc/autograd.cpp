@@ -176,16 +176,15 @@ GradTuple call_backward_hidden(const at::Tensor& grad_y, const at::Tensor& y, at
 // dynamic-shape trace) keep the default, recomputing backward. Runs after the operator's
 // checks, so every shape read here is valid.
 bool keep_hidden(const at::Tensor& x0, at::TensorList w, const c10::SymInt& steps) {
-  // An ensemble's rollout always recomputes (rollout_forward_hidden takes one network).
-  if (!x0.device().is_cpu() || w.size() < 2 || w[0].dim() == 3) return false;
+  if (!x0.device().is_cpu() || w.size() < 2) return false;
   int64_t work = 0, widest = 0;
-  for (const at::Tensor& wl : w) {
-    const auto out = wl.sym_size(0).maybe_as_int(), in = wl.sym_size(1).maybe_as_int();
+  for (const at::Tensor& wl : w) {  // (out, in), or an ensemble's (E, out, in)
+    const auto out = wl.sym_size(-2).maybe_as_int(), in = wl.sym_size(-1).maybe_as_int();
     if (!out || !in) return false;
     work += *out * *in;
     widest = std::max(widest, *out * *in);
   }
-  const auto batch = x0.sym_size(1).maybe_as_int(), t = steps.maybe_as_int();
+  const auto batch = x0.sym_size(-2).maybe_as_int(), t = steps.maybe_as_int();
   return batch && t && cpu::saves_hidden(work, widest, *batch, *t);
 }
 

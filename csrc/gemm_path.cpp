@@ -190,14 +190,19 @@ void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Ne
   const std::vector<at::Tensor> w0x = lag_columns(net.w[0], net);
   const bool needs_z = act_needs_z(net.act);
   // Per hidden layer: the buffer the GEMM writes (z, or h activated in place) and, for the
-  // activations that need z, the activation h; a kept layer writes z or h into `kept`.
+  // activations that need z, the activation h; a kept layer writes z or h into `kept`, a layer
+  // the backward recomputes (keeps_layer) gets an empty (0,) entry there.
   std::vector<at::Tensor> zbuf(L), hbuf(L);
+  std::vector<bool> keep(L, false);
   const char* remedy = "use fewer steps or a smaller batch, or run the rollout in chunks";
   for (int64_t l = 0; l + 1 < L; ++l) {
     const int64_t H = net.w[l].size(0);
-    if (kept) kept->push_back(checked_empty(op, "the hidden activations kept for the backward", {steps, B, H},
-                                            y.options(), remedy));
-    if (!kept || needs_z) hbuf[l] = checked_empty(op, "the hidden activations", {B, H}, y.options(), remedy);
+    keep[l] = kept && keeps_layer(l, L, net.w[0].size(1));
+    if (kept)
+      kept->push_back(keep[l] ? checked_empty(op, "the hidden activations kept for the backward", {steps, B, H},
+                                              y.options(), remedy)
+                              : at::empty({0}, y.options()));
+    if (!keep[l] || needs_z) hbuf[l] = checked_empty(op, "the hidden activations", {B, H}, y.options(), remedy);
   }
   std::vector<at::Tensor> x(net.lags.size());
   for (const auto t : c10::irange(steps)) {
@@ -219,8 +224,8 @@ void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Ne
         break;
       }
       // z goes to kept[l][t] when the backward reads z, else h is activated in place there.
-      at::Tensor z = kept ? (*kept)[l].select(0, t) : hbuf[l];
-      at::Tensor h = kept && needs_z ? hbuf[l] : at::Tensor();
+      at::Tensor z = keep[l] ? (*kept)[l].select(0, t) : hbuf[l];
+      at::Tensor h = keep[l] && needs_z ? hbuf[l] : at::Tensor();
       if (l == 0)
         first_layer(z, du ? u.select(0, t) : at::Tensor(), x, w0u, w0x);
       else
@@ -235,7 +240,11 @@ void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, con
               const at::Tensor& u, const Network& net, int64_t delay, int64_t truncate, Grads& out,
               at::TensorList kept, int64_t chunk_bytes) {
   const int64_t steps = y.size(0), B = y.size(1), O = y.size(2), L = net.layers(), du = net.du, f = net.f;
-  const bool needs_z = act_needs_z(net.act), recompute = kept.empty();
+  const bool needs_z = act_needs_z(net.act);
+  // Per hidden layer: recomputed, or read from what the forward kept (a (0,) entry: recomputed).
+  std::vector<bool> recompute(L, true);
+  for (int64_t l = 0; l + 1 < L && !kept.empty(); ++l) recompute[l] = kept[l].dim() == 1;
+  const bool any_recompute = std::find(recompute.begin(), recompute.end() - 1, true) != recompute.end() - 1;
   const at::Tensor w0u = net.w[0].narrow(1, 0, du);
   const std::vector<at::Tensor> w0x = lag_columns(net.w[0], net);
   const size_t m = net.lags.size();
@@ -250,7 +259,7 @@ void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, con
   // stay within the loop's memory (benchmarks/wide.py). Per step: the adjoints of every hidden
   // layer and of y, and the recomputed activations (and pre-activations where act'(z) needs z).
   const int64_t itemsize = static_cast<int64_t>(y.element_size());
-  const int64_t recomputed = recompute ? (needs_z ? 2 : 1) : (needs_z ? 1 : 0);
+  const int64_t recomputed = any_recompute ? (needs_z ? 2 : 1) : (needs_z ? 1 : 0);
   const int64_t step_bytes = B * ((1 + recomputed) * hidden + O) * itemsize;
   const int64_t budget = std::min(chunk_bytes, steps * B * (hidden + O) * itemsize / 2);
   const int64_t chunk = std::min({steps, std::max<int64_t>(1, kChunkRows / std::max<int64_t>(B, 1)),
@@ -259,8 +268,10 @@ void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, con
   std::vector<at::Tensor> zbuf(L), hbuf(L), dzbuf(L);
   for (int64_t l = 0; l + 1 < L; ++l) {
     const int64_t H = net.w[l].size(0);
-    if (recompute && needs_z) zbuf[l] = checked_empty(op, "the recomputed pre-activations", {chunk, B, H}, opts, kRemedy);
-    if (recompute || needs_z) hbuf[l] = checked_empty(op, "the recomputed activations", {chunk, B, H}, opts, kRemedy);
+    if (recompute[l] && needs_z)
+      zbuf[l] = checked_empty(op, "the recomputed pre-activations", {chunk, B, H}, opts, kRemedy);
+    if (recompute[l] || needs_z)
+      hbuf[l] = checked_empty(op, "the recomputed activations", {chunk, B, H}, opts, kRemedy);
     dzbuf[l] = checked_empty(op, "the activation adjoints", {chunk, B, H}, opts, kRemedy);
   }
   at::Tensor g_buf = checked_empty(op, "the output adjoints", {chunk, B, O}, opts, kRemedy);
@@ -294,7 +305,7 @@ void backward(const char* op, const at::Tensor& grad_y, const at::Tensor& y, con
     std::vector<at::Tensor> zc(L), hc(L);
     for (int64_t l = 0; l + 1 < L; ++l) {
       const int64_t H = net.w[l].size(0);
-      if (!recompute) {
+      if (!recompute[l]) {
         const at::Tensor k = kept[l].narrow(0, t0, n);
         if (needs_z) {
           zc[l] = k;

@@ -51,7 +51,8 @@ struct Grads {
 // (T, B, Du) or undefined, contiguous; y (T, B, O) written.
 // kept: null, or filled with one (T, B, out_l) tensor per hidden layer l < L - 1, for a backward
 // that then need not recompute them: z where the activation's derivative reads it (act_needs_z,
-// csrc/common/act_kind.h), act(z) otherwise (ReLU, tanh, sigmoid).
+// csrc/common/act_kind.h), act(z) otherwise (ReLU, tanh, sigmoid); an empty (0,) tensor for a
+// layer the backward recomputes (keeps_layer, csrc/rollout_checks.h).
 // `op` names the operator in allocation failures.
 void forward(const char* op, const at::Tensor& x0, const at::Tensor& u, const Network& net, at::Tensor& y,
              std::vector<at::Tensor>* kept);

@@ -63,12 +63,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> rollout_forward_hidden_meta(
   const char* op = "fbfast::rollout_forward_hidden";
   const RolloutSizes s =
       check_rollout_args(op, x0, u, weights, biases, steps, delay, 0, activation, {lags, feedback, residual});
-  check_one_network(op, s);
   check_result_fits(op, s, x0.element_size(), 0);
+  // (T, [E,] B, width) for the hidden layers and Y.
+  auto shaped = [&](const c10::SymInt& width) {
+    return s.ensemble() ? at::empty_symint({s.steps, s.members, s.batch, width}, x0.options())
+                        : at::empty_symint({s.steps, s.batch, width}, x0.options());
+  };
   std::vector<at::Tensor> hidden;
   for (int64_t l = 0; l + 1 < s.layers(); ++l)
-    hidden.push_back(at::empty_symint({s.steps, s.batch, s.widths[l]}, x0.options()));
-  return {at::empty_symint({s.steps, s.batch, s.o}, x0.options()), hidden};
+    hidden.push_back(keeps_layer(l, s.layers(), weights[0].sym_size(-1)) ? shaped(s.widths[l])
+                                                                          : at::empty({0}, x0.options()));
+  return {shaped(s.o), hidden};
 }
 
 GradTuple rollout_backward_hidden_meta(const at::Tensor& grad_y, const at::Tensor& y, at::TensorList hidden,
@@ -80,7 +85,7 @@ GradTuple rollout_backward_hidden_meta(const at::Tensor& grad_y, const at::Tenso
   const char* op = "fbfast::rollout_backward_hidden";
   const RolloutSizes s = check_backward_args(op, grad_y, y, x0, u, weights, biases, delay, truncate, activation, mask,
                                              {lags, feedback, residual});
-  check_hidden(op, hidden, s, x0);
+  check_hidden(op, hidden, s, x0, weights[0].sym_size(-1));
   return backward_outputs(x0, u, weights, biases, mask);
 }
 

@@ -247,25 +247,41 @@ inline RolloutSizes check_backward_args(const char* op, const at::Tensor& grad_y
   return s;
 }
 
-// What a forward kept for its backward (rollout_forward_hidden): one (T, B, out_l) tensor per
-// hidden layer l < L - 1, in x0's dtype and on its device.
-// The operators that keep hidden activations take one network: an ensemble's rollout never keeps
-// them (csrc/autograd.cpp keep_hidden).
-inline void check_one_network(const char* op, const RolloutSizes& s) {
-  TORCH_CHECK(!s.ensemble(), op, " takes one network (2-D weights); an ensemble's rollout (3-D weights) is "
-              "fbfast::rollout_forward / fbfast::rollout_backward");
+// Whether a training forward keeps hidden layer l's activations for the backward
+// (rollout_forward_hidden) or the backward recomputes them: the first layer of a deeper network
+// (L >= 3) is recomputed when its input is narrow (in_1 = Du + m F < 64, the state and action of
+// a dynamics model): its GEMM is a few percent of a step's work, while keeping it would cost as
+// much memory as any other layer. A two-layer network (version 1's) keeps its one hidden layer.
+constexpr int64_t kKeepMinInputs = 64;
+// On a symbolic width (a dynamic-shape trace) the comparison guards on it, so that the traced
+// graph's shapes are the kernel's.
+inline bool keeps_layer(size_t l, size_t layers, const c10::SymInt& in) {
+  return l != 0 || layers < 3 || in >= kKeepMinInputs;
 }
 
-inline void check_hidden(const char* op, at::TensorList hidden, const RolloutSizes& s, const at::Tensor& x0) {
-  check_one_network(op, s);
+// What a forward kept for its backward (rollout_forward_hidden): one (T, B, out_l) tensor per
+// hidden layer l < L - 1 (an ensemble's (T, E, B, out_l)), in x0's dtype and on its device; an
+// empty (0,) tensor for a layer that is recomputed (keeps_layer).
+inline void check_hidden(const char* op, at::TensorList hidden, const RolloutSizes& s, const at::Tensor& x0,
+                         const c10::SymInt& in_1) {
   TORCH_CHECK(static_cast<int64_t>(hidden.size()) == s.layers() - 1, op, ": hidden must hold one tensor per hidden layer (",
               s.layers() - 1, "), got ", hidden.size());
   for (size_t l = 0; l < hidden.size(); ++l) {
     const at::Tensor& h = hidden[l];
     check_dense(op, "hidden", h);
-    TORCH_CHECK(h.dim() == 3 && h.sym_size(0) == s.steps && h.sym_size(1) == s.batch && h.sym_size(2) == s.widths[l],
-                op, ": hidden[", l, "] must be (T=", s.steps, ", B=", s.batch, ", ", s.widths[l], "), got ",
-                h.sym_sizes());
+    if (!keeps_layer(l, s.layers(), in_1)) {
+      TORCH_CHECK(h.dim() == 1 && h.sym_size(0) == 0, op, ": hidden[", l, "] must be an empty (0,) tensor (layer ",
+                  l + 1, " is recomputed: its input is narrow), got ", h.sym_sizes());
+    } else if (s.ensemble()) {
+      TORCH_CHECK(h.dim() == 4 && h.sym_size(0) == s.steps && h.sym_size(1) == s.members &&
+                      h.sym_size(2) == s.batch && h.sym_size(3) == s.widths[l],
+                  op, ": hidden[", l, "] must be (T=", s.steps, ", E=", s.members, ", B=", s.batch, ", ",
+                  s.widths[l], "), got ", h.sym_sizes());
+    } else {
+      TORCH_CHECK(h.dim() == 3 && h.sym_size(0) == s.steps && h.sym_size(1) == s.batch && h.sym_size(2) == s.widths[l],
+                  op, ": hidden[", l, "] must be (T=", s.steps, ", B=", s.batch, ", ", s.widths[l], "), got ",
+                  h.sym_sizes());
+    }
     check_like_x0(op, "hidden", h, x0);
   }
 }

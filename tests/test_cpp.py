@@ -147,24 +147,28 @@ def test_opcheck_backward(args):
 
 
 @pytest.mark.parametrize("args", _opcheck_samples())
-def test_opcheck_hidden_variants(args):
+@pytest.mark.parametrize("path", ["blas", "tile"])
+def test_opcheck_hidden_variants(args, path):
     # The pair autograd uses on the CPU for wide layers: the forward keeps what every hidden
-    # layer's backward reads, the backward reads it instead of recomputing (csrc/cpu/path_rule.h).
+    # layer's backward reads, the backward reads it instead of recomputing (csrc/cpu/path_rule.h),
+    # on either path; a narrow first layer of a deeper network is recomputed, its entry (0,).
     x0, u, w, b, steps, delay, truncate, act, param = _detached(args)
-    torch.library.opcheck(torch.ops.fbfast.rollout_forward_hidden.default, (x0, u, w, b, steps, delay, act, param))
-    y, hidden = torch.ops.fbfast.rollout_forward_hidden.default(x0, u, w, b, steps, delay, act, param)
-    assert len(hidden) == len(w) - 1
-    # The same ATen calls, writing into buffers of another alignment: MKL may round differently.
-    with fbfast.kernel_options(cpu_path="blas"):
+    with fbfast.kernel_options(cpu_path=path):
+        torch.library.opcheck(torch.ops.fbfast.rollout_forward_hidden.default, (x0, u, w, b, steps, delay, act, param))
+        y, hidden = torch.ops.fbfast.rollout_forward_hidden.default(x0, u, w, b, steps, delay, act, param)
+        assert len(hidden) == len(w) - 1
+        assert [tuple(h.shape) for h in hidden] == [
+            (0,) if l == 0 and len(w) >= 3 and w[0].shape[1] < 64 else (steps, 5, w[l].shape[0])
+            for l in range(len(w) - 1)]
+        # The same calls, writing into buffers of another alignment: MKL may round differently.
         torch.testing.assert_close(y, torch.ops.fbfast.rollout_forward.default(x0, u, w, b, steps, delay, 0, act, param),
                                    rtol=1e-5, atol=1e-6)
-    gy = torch.randn_like(y)
-    args_b = (gy, y, hidden, x0, u, w, b, delay, truncate, act, param, _mask(u, w, b))
-    torch.library.opcheck(torch.ops.fbfast.rollout_backward_hidden.default, args_b)
-    with fbfast.kernel_options(cpu_path="blas"):
+        gy = torch.randn_like(y)
+        args_b = (gy, y, hidden, x0, u, w, b, delay, truncate, act, param, _mask(u, w, b))
+        torch.library.opcheck(torch.ops.fbfast.rollout_backward_hidden.default, args_b)
         expected = torch.ops.fbfast.rollout_backward.default(gy, y, x0, u, w, b, delay, truncate, act, param,
                                                              _mask(u, w, b))
-    got = torch.ops.fbfast.rollout_backward_hidden.default(*args_b)
+        got = torch.ops.fbfast.rollout_backward_hidden.default(*args_b)
     for a, e in zip([got[0], got[1], *got[2], *got[3]], [expected[0], expected[1], *expected[2], *expected[3]]):
         assert_close(a, e, torch.float32, "grad")  # MKL may split its GEMMs differently from call to call
 

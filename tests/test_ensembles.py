@@ -320,8 +320,45 @@ def test_operator_refuses_inconsistent_ensembles():
     for over, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             call(**over)
-    with pytest.raises(RuntimeError, match=r"rollout_forward_hidden.*takes one network"):
-        torch.ops.fbfast.rollout_forward_hidden(p.x0, p.u, p.weights, p.biases, p.steps, 1, "relu", 0.0)
+    with pytest.raises(RuntimeError, match=r"hidden\[0\] must be \(T=6, E=3, B=4, 5\), got \[6, 4, 5\]"):
+        torch.ops.fbfast.rollout_backward_hidden(torch.zeros(6, E, 4, 2, dtype=F64), torch.zeros(6, E, 4, 2, dtype=F64),
+                                                 [torch.zeros(6, 4, 5, dtype=F64)], p.x0, p.u, p.weights, p.biases,
+                                                 1, 0, "relu", 0.0, [True] * 6)
+
+
+@needs_cpp
+@pytest.mark.parametrize("path", ["tile", "blas"])
+@pytest.mark.parametrize("activation", ["silu", "tanh", "relu"])
+def test_wide_layers_keep_their_activations_for_the_backward(path, activation):
+    """Layers wider than 128 x 128 keep their hidden activations in a training forward
+    (fbfast::rollout_forward_hidden; csrc/cpu/path_rule.h) on either path, for one network and
+    for an ensemble, except a narrow first layer: the backward reads them instead of
+    recomputing, with the same results."""
+    with cpu_variant(path):
+        for ensemble in (None, 2):
+            p = make_problem(B=5, Du=2, O=3, H=136, T=5, layers=3, activation=activation, ensemble=ensemble,
+                             shared_x0=bool(ensemble), lags=(1, 2), residual=True, feedback=2, truncate=3)
+            op = torch.ops.fbfast
+            # The operators themselves (no autograd kernel for the hidden ones): plain tensors.
+            detach = lambda ts: [None if t is None else t.detach() for t in ts]  # noqa: E731
+            args = (p.x0.detach(), p.u.detach(), detach(p.weights), detach(p.biases))
+            kw = dict(lags=[1, 2], feedback=2, residual=True)
+            y, hidden = op.rollout_forward_hidden(*args, p.steps, 2, activation, 0.0, **kw)
+            lead = (5, ensemble, 5) if ensemble else (5, 5)
+            # The first layer reads only Du + 2F = 6 columns: recomputed, not kept (keeps_layer in
+            # csrc/rollout_checks.h); the 136 x 136 layer is kept.
+            assert [tuple(h.shape) for h in hidden] == [(0,), lead + (136,)]
+            torch.testing.assert_close(y, op.rollout_forward(*args, p.steps, 2, 3, activation, 0.0, **kw),
+                                       rtol=0, atol=0)
+            gy = torch.randn_like(y)
+            mask = [True] * (2 + 2 * 3)
+            kept = op.rollout_backward_hidden(gy, y, hidden, *args, 2, 3, activation, 0.0, mask, **kw)
+            fresh = op.rollout_backward(gy, y, *args, 2, 3, activation, 0.0, mask, **kw)
+            flat = lambda g: [g[0], g[1], *g[2], *g[3]]  # noqa: E731
+            for a, b in zip(flat(kept), flat(fresh)):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            # Through autograd, which asks for the kept activations at these widths.
+            _check_cpp(p, F64, f"{path} {activation} E={ensemble}")
 
 
 @needs_cpp

@@ -469,18 +469,32 @@ std::vector<PackedNetwork<T>> pack_members(const char* op, const std::vector<Net
   return packed;
 }
 
-// Forward of every member: the members' row tiles are independent tasks ("more tiles").
+// Per member, the pointers TileParams::kept reads: member e's first row of each kept (T, [E,] B,
+// out_l) tensor; empty when nothing is kept.
+template <typename T>
+std::vector<std::vector<T*>> kept_pointers(at::TensorList kept, const Members& mem) {
+  std::vector<std::vector<T*>> ptrs(kept.empty() ? 0 : mem.count);
+  for (int64_t e = 0; e < static_cast<int64_t>(ptrs.size()); ++e)
+    for (const at::Tensor& k : kept)  // a (0,) entry: a layer the backward recomputes
+      ptrs[e].push_back(k.dim() > 1 ? k.data_ptr<T>() + mem.own(e, k.size(-1)) : nullptr);
+  return ptrs;
+}
+
+// Forward of every member: the members' row tiles are independent tasks ("more tiles"). kept:
+// empty, or the contiguous (T, [E,] B, out_l) tensors a training forward fills (TileParams::kept).
 template <typename T>
 void forward_tile_path(const std::vector<Net>& nets, const Members& mem, const at::Tensor& x0, const at::Tensor& u,
-                       int64_t steps, int64_t delay, at::Tensor& y) {
+                       int64_t steps, int64_t delay, at::Tensor& y, at::TensorList kept) {
   const Net& net = nets[0];
   const Strides st = strides_of<T>(net);
   const int64_t B = net.batch, E = mem.count;
   const std::vector<PackedNetwork<T>> packed = pack_members<T>(kForwardOp, nets, st, steps, false);
+  const std::vector<std::vector<T*>> kept_at = kept_pointers<T>(kept, mem);
   std::vector<TileParams<T>> params;
   for (int64_t e = 0; e < E; ++e) {
     params.push_back(make_params<T>(nets[e], st, packed[e], x0, u, steps, delay, 0, mem, e));
     params.back().y = y.data_ptr<T>() + mem.own(e, net.o);
+    if (!kept_at.empty()) params.back().kept = kept_at[e].data();
   }
   // Rows are independent and each row's arithmetic does not depend on its tile, so the tile
   // size may follow the thread count: one tile per thread (members share them out), 4..64 rows.
@@ -506,8 +520,9 @@ at::Tensor member_of(const at::Tensor& t, bool shared, int64_t e) {
 }
 
 // Both forward operators: rollout_forward (keep_hidden false: the path rule picks tile or BLAS)
-// and rollout_forward_hidden (the BLAS path, keeping what the backward of every hidden layer
-// reads, act_needs_z in csrc/common/act_kind.h).
+// and rollout_forward_hidden (the path of a training rollout, keeping what the backward of every
+// hidden layer reads, act_needs_z in csrc/common/act_kind.h: one contiguous (T, [E,] B, out_l)
+// tensor per hidden layer, in the same form on both paths).
 std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
     const char* op, const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in, at::TensorList weights,
     const BiasList& biases, int64_t steps, int64_t delay, int64_t truncate, c10::string_view activation,
@@ -515,10 +530,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
   const RolloutSizes sizes =
       check_rollout_args(op, x0_in, u_in, weights, biases, steps, delay, truncate, activation, fb);
   check_dtype(op, x0_in);
-  if (keep_hidden) check_one_network(op, sizes);
   check_result_fits(op, sizes, x0_in.element_size(), host_memory_bytes());
-  if (sizes.ensemble() && sizes.members == 0)  // an ensemble of no networks: no member to slice
-    return {at::empty({steps, 0, sizes.batch.expect_int(), sizes.o.expect_int()}, x0_in.options()), {}};
+  if (sizes.ensemble() && sizes.members == 0) {  // an ensemble of no networks: no member to slice
+    std::vector<at::Tensor> kept;
+    for (int64_t l = 0; keep_hidden && l + 1 < sizes.layers(); ++l)
+      kept.push_back(keeps_layer(l, sizes.layers(), weights[0].size(-1))
+                         ? at::empty({steps, 0, sizes.batch.expect_int(), sizes.widths[l].expect_int()}, x0_in.options())
+                         : at::empty({0}, x0_in.options()));
+    return {at::empty({steps, 0, sizes.batch.expect_int(), sizes.o.expect_int()}, x0_in.options()), kept};
+  }
   std::vector<Net> nets = make_nets(sizes, weights, biases, param, u_in);
   const Members mem = Members::of(sizes);
   const at::Tensor x0 = read_x0(x0_in, nets, steps), u = opt_or_undefined(u_in);
@@ -527,15 +547,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
   at::Tensor y = sizes.ensemble()
                      ? checked_empty(op, "the result Y", {steps, mem.count, net.batch, net.o}, x0.options(), remedy)
                      : checked_empty(op, "the result Y", {steps, net.batch, net.o}, x0.options(), remedy);
+  // The kept layers, allocated here for the tile path and the ensembles (the one-network BLAS
+  // path allocates its own, gemm_path::forward).
   std::vector<at::Tensor> kept;
-  if (y.numel() == 0) {
-    if (keep_hidden)
-      for (int64_t l = 0; l + 1 < net.depth(); ++l) kept.push_back(at::empty({steps, net.batch, net.out(l)}, x0.options()));
-    return {y, kept};
+  const Path path = choose_path(net.work(), net.widest(), /*for_training=*/keep_hidden, net.batch, steps);
+  const bool own_kept = keep_hidden && (y.numel() == 0 || path == Path::kTile || sizes.ensemble());
+  for (int64_t l = 0; own_kept && l + 1 < net.depth(); ++l) {
+    std::vector<int64_t> shape{steps, net.batch, net.out(l)};
+    if (sizes.ensemble()) shape.insert(shape.begin() + 1, mem.count);
+    if (!keeps_layer(l, net.depth(), net.in(0))) shape = {0};
+    kept.push_back(checked_empty(op, "the hidden activations kept for the backward", shape, x0.options(), remedy));
   }
-  if (!keep_hidden && choose_path(net.work(), net.widest(), /*for_training=*/false, net.batch, steps) == Path::kTile) {
+  if (y.numel() == 0) return {y, kept};
+  if (path == Path::kTile) {
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_forward_tile", [&] {
-      forward_tile_path<scalar_t>(nets, mem, x0, u, steps, delay, y);
+      forward_tile_path<scalar_t>(nets, mem, x0, u, steps, delay, y, kept);
     });
   } else if (!sizes.ensemble()) {
     // The mm_out on y.select(0, t) fills the matrix in place; with a zero-width hidden layer it
@@ -545,11 +571,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
     // The members one after another, each step of each a full-batch GEMM per layer: this path is
     // taken for layers wide enough that one member's GEMMs are already large (choose_path), so
     // batching members into one call would add little; y.select(1, e)'s steps are contiguous
-    // (B, O) blocks that the GEMMs write in place.
+    // (B, O) blocks that the GEMMs write in place. A member's kept layers are its own
+    // (T, B, out_l) tensors, copied into the ensemble's.
     for (int64_t e = 0; e < mem.count; ++e) {
       at::Tensor ye = y.select(1, e);
+      std::vector<at::Tensor> kept_e;
       gemm_path::forward(op, member_of(x0, mem.x0_shared, e), member_of(u, mem.u_shared, e), nets[e].layers, ye,
-                         nullptr);
+                         keep_hidden ? &kept_e : nullptr);
+      for (size_t l = 0; l < kept_e.size(); ++l)
+        if (kept[l].dim() > 1) kept[l].select(1, e).copy_(kept_e[l]);
     }
   }
   return {y, kept};
@@ -611,7 +641,7 @@ template <typename T>
 void backward_tile_path(const std::vector<Net>& nets, const Members& mem, const at::Tensor& grad_y,
                         const at::Tensor& y, const at::Tensor& x0, const at::Tensor& u, int64_t delay,
                         int64_t truncate, gemm_path::Grads& out, const at::Tensor& grad_x0,
-                        const at::Tensor& grad_u) {
+                        const at::Tensor& grad_u, at::TensorList kept) {
   const Net& net = nets[0];
   const int64_t steps = y.size(0), B = net.batch, O = net.o, L = net.depth(), E = mem.count;
   const Strides st = strides_of<T>(net);
@@ -641,9 +671,11 @@ void backward_tile_path(const std::vector<Net>& nets, const Members& mem, const 
     workspace_failed(kBackwardOp, "gradient accumulators", net, steps,
                      static_cast<long double>(E) * groups * per_group * sizeof(T));
   }
+  const std::vector<std::vector<T*>> kept_at = kept_pointers<T>(kept, mem);
   std::vector<TileParams<T>> params;
   for (int64_t e = 0; e < E; ++e) {
     TileParams<T> p = make_params<T>(nets[e], st, packed[e], x0, u, steps, delay, truncate, mem, e);
+    if (!kept_at.empty()) p.kept = kept_at[e].data();
     p.y_saved = y.data_ptr<T>() + mem.own(e, O);
     p.grad_y = grad_y.data_ptr<T>() + mem.own(e, O);
     p.grad_x0 = grad_x0.defined() ? grad_x0.data_ptr<T>() + mem.own(e, net.layers.f) : nullptr;
@@ -708,7 +740,7 @@ void backward_tile_path(const std::vector<Net>& nets, const Members& mem, const 
 void backward_members_gemm(const char* op, const std::vector<Net>& nets, const Members& mem,
                            const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0, const at::Tensor& u,
                            int64_t delay, int64_t truncate, gemm_path::Grads& out, const at::Tensor& grad_x0,
-                           const at::Tensor& grad_u) {
+                           const at::Tensor& grad_u, at::TensorList kept) {
   for (int64_t e = 0; e < mem.count; ++e) {
     gemm_path::Grads g;
     for (const auto& t : out.w) g.w.push_back(t.defined() ? t.select(0, e) : t);
@@ -717,14 +749,18 @@ void backward_members_gemm(const char* op, const std::vector<Net>& nets, const M
     // The ATen path views a chunk of u's gradient as (rows, Du): it needs the member's own
     // contiguous block.
     if (grad_u.defined()) g.u = at::zeros({y.size(0), mem.batch, nets[e].layers.du}, y.options());
+    // The ATen path views chunks of the kept layers as (rows, out_l) blocks: the member's own
+    // contiguous copy, one member at a time.
+    std::vector<at::Tensor> kept_e;
+    for (const at::Tensor& k : kept) kept_e.push_back(k.dim() > 1 ? k.select(1, e).contiguous() : k);
     gemm_path::backward(op, grad_y.select(1, e), y.select(1, e), member_of(x0, mem.x0_shared, e),
-                        member_of(u, mem.u_shared, e), nets[e].layers, delay, truncate, g, {}, kChunkBytes);
+                        member_of(u, mem.u_shared, e), nets[e].layers, delay, truncate, g, kept_e, kChunkBytes);
     if (grad_u.defined()) grad_u.select(1, e).copy_(g.u);
   }
 }
 
 // Both backward operators: rollout_backward (kept empty: recomputed, on the path the rule
-// picks) and rollout_backward_hidden (the BLAS path, reading what the forward kept).
+// picks) and rollout_backward_hidden (reading what the forward kept, on the path the rule picks).
 GradTuple backward_impl(const char* op, const at::Tensor& grad_y_in, const at::Tensor& y_in, at::TensorList kept_in,
                         bool from_kept, const at::Tensor& x0_in, const std::optional<at::Tensor>& u_in,
                         at::TensorList weights, const BiasList& biases, int64_t delay, int64_t truncate,
@@ -733,7 +769,7 @@ GradTuple backward_impl(const char* op, const at::Tensor& grad_y_in, const at::T
   const RolloutSizes sizes = check_backward_args(op, grad_y_in, y_in, x0_in, u_in, weights, biases, delay, truncate,
                                                  activation, output_mask, fb);
   check_dtype(op, x0_in);
-  if (from_kept) check_hidden(op, kept_in, sizes, x0_in);
+  if (from_kept) check_hidden(op, kept_in, sizes, x0_in, weights[0].sym_size(-1));
   const int64_t steps = y_in.size(0);
   if (sizes.ensemble() && sizes.members == 0)
     return as_tuple(zero_grads(op, x0_in, opt_or_undefined(u_in), weights, biases, output_mask), x0_in.options());
@@ -747,8 +783,7 @@ GradTuple backward_impl(const char* op, const at::Tensor& grad_y_in, const at::T
 
   gemm_path::Grads g = zero_grads(op, x0_in, u, weights, biases, output_mask);
   if (y.numel() == 0) return as_tuple(g, x0.options());
-  const bool tile =
-      !from_kept && choose_path(net.work(), net.widest(), /*for_training=*/true, net.batch, steps) == Path::kTile;
+  const bool tile = choose_path(net.work(), net.widest(), /*for_training=*/true, net.batch, steps) == Path::kTile;
   if (!sizes.ensemble() && !tile) {
     gemm_path::backward(op, grad_y, y, x0, u, net.layers, delay, truncate, g, kept, kChunkBytes);
     return as_tuple(g, x0.options());
@@ -766,10 +801,10 @@ GradTuple backward_impl(const char* op, const at::Tensor& grad_y_in, const at::T
   const at::Tensor gu = per_member(g.u, mem.u_shared, "the members' gradients of the shared u");
   if (tile) {
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_backward_tile", [&] {
-      backward_tile_path<scalar_t>(nets, mem, grad_y, y, x0, u, delay, truncate, g, gx0, gu);
+      backward_tile_path<scalar_t>(nets, mem, grad_y, y, x0, u, delay, truncate, g, gx0, gu, kept);
     });
   } else {
-    backward_members_gemm(op, nets, mem, grad_y, y, x0, u, delay, truncate, g, gx0, gu);
+    backward_members_gemm(op, nets, mem, grad_y, y, x0, u, delay, truncate, g, gx0, gu, kept);
   }
   if (gx0.defined() && !gx0.is_same(g.x0)) at::sum_out(g.x0, gx0, {1});
   if (gu.defined() && !gu.is_same(g.u)) at::sum_out(g.u, gu, {1});
@@ -811,7 +846,7 @@ GradTuple rollout_backward_hidden_cpu(const at::Tensor& grad_y, const at::Tensor
 }  // namespace
 
 bool saves_hidden(int64_t work, int64_t widest, int64_t batch, int64_t steps) {
-  return choose_path(work, widest, true, batch, steps) == Path::kBlas;
+  return choose_path(work, widest, true, batch, steps) == Path::kBlas || widest > kNarrowLayerWork;
 }
 
 TORCH_LIBRARY_IMPL(fbfast, CPU, m) {

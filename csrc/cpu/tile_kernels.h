@@ -239,11 +239,27 @@ void layer_forward(const TileParams<T>& p, int64_t l, int64_t rows, const T* ut,
   }
 }
 
-// Forward of rows [r0, r1): all steps, writing y[t, r0:r1, :].
+// Rows [r0, r1) of step t of a kept hidden layer (TileParams::kept, rows `out` wide) to or from
+// a tile buffer of row stride ld.
+template <typename T>
+void keep_rows(const TileParams<T>& p, int64_t l, int64_t t, int64_t r0, int64_t rows, const T* buf, int64_t ld) {
+  const int64_t out = p.layers[l].out;
+  T* dst = p.kept[l] + (t * p.rows_y + r0) * out;
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * out, buf + i * ld, sizeof(T) * out);
+}
+template <typename T>
+void kept_rows(const TileParams<T>& p, int64_t l, int64_t t, int64_t r0, int64_t rows, T* buf, int64_t ld) {
+  const int64_t out = p.layers[l].out;
+  const T* src = p.kept[l] + (t * p.rows_y + r0) * out;
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(buf + i * ld, src + i * out, sizeof(T) * out);
+}
+
+// Forward of rows [r0, r1): all steps, writing y[t, r0:r1, :] (and the kept layers, if any).
 template <typename T>
 bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
   const int64_t rows = r1 - r0, O = p.o, Du = p.du, L = p.n_layers;
   const bool relu = p.act == static_cast<int>(Act::kRelu);
+  const bool keep_z = act_needs_z(static_cast<Act>(p.act));
   // Buffers of the widest hidden layer, two when hidden layers follow each other: layer l writes
   // one while reading the other. (One for a single hidden layer keeps version 1's workspace,
   // which stays below glibc's 128 KiB mmap threshold for 64 rows of 256 floats: a larger one is
@@ -263,8 +279,10 @@ bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
         layer_forward<T, Epilogue::kRelu>(p, l, rows, ut, fb, in, h, ld);
       } else {
         layer_forward<T, Epilogue::kNone>(p, l, rows, ut, fb, in, h, ld);
+        if (keep_z && p.kept && p.kept[l]) keep_rows(p, l, t, r0, rows, h, ld);
         activation_forward<T>(p.act, p.act_param, h, h, rows * ld);
       }
+      if (!keep_z && p.kept && p.kept[l]) keep_rows(p, l, t, r0, rows, h, ld);
       in = h;
     }
     T* yt = p.y + (t * p.rows_y + r0) * O;
@@ -314,12 +332,19 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
     const T* ut = Du ? p.u + (t * p.rows_u + r0) * Du : fb.x;
     T* slot = ring + (t % slots) * rows * lf;
 
-    // Recompute the hidden layers of this step, as the forward computed them.
+    // The hidden layers of this step: what the forward kept (act(z) recomputed from a kept z),
+    // or recomputed as the forward computed them. Either way the same bits.
     for (int64_t l = 0; l + 1 < L; ++l) {
       const int64_t ld = p.layers[l].ld_out;
       const T* in = l ? h_of(l - 1) : nullptr;
       T* h = h_of(l);
-      if (relu) {
+      const bool kept = p.kept && p.kept[l];
+      if (kept && keep_z) {
+        kept_rows(p, l, t, r0, rows, z_of(l), ld);
+        activation_forward<T>(p.act, p.act_param, z_of(l), h, rows * ld);
+      } else if (kept) {
+        kept_rows(p, l, t, r0, rows, h, ld);
+      } else if (relu) {
         layer_forward<T, Epilogue::kRelu>(p, l, rows, ut, fb, in, h, ld);
       } else if (keep_z) {
         layer_forward<T, Epilogue::kNone>(p, l, rows, ut, fb, in, z_of(l), ld);

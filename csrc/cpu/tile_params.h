@@ -51,6 +51,12 @@ struct TileParams {
   const T* x0;  // (rows read, B, F): only the rows that are read (gemm_path::read_x0)
   const T* u;   // null when du == 0
   T* y;         // forward output
+  // Null, or one pointer per hidden layer l < n_layers - 1 to a contiguous (T, rows_y, out_l)
+  // tensor at the member's first row: what a training forward keeps for its backward (z where
+  // act' reads it, act_needs_z; act(z) otherwise), written by forward_tile and read by
+  // backward_tile instead of recomputing the layer's GEMM. A null entry: that layer is
+  // recomputed (keeps_layer, csrc/rollout_checks.h).
+  T* const* kept;
   // Backward only.
   const T* y_saved;
   const T* grad_y;
