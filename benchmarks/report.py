@@ -309,6 +309,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--target", type=float, help="seconds per measurement (default 0.3, quick 0.2)")
     p.add_argument("--json", metavar="PATH", help="also write every measurement as JSON to PATH")
     p.add_argument("-v", "--verbose", action="store_true", help="print each timing as it is measured")
+    p.add_argument("--no-workloads", action="store_true",
+                   help="leave out the feedback-structure and ensemble workloads (benchmarks/narx.py, "
+                        "benchmarks/mbrl.py), which a full run appends")
     args = p.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 7)
     args.target = args.target or (0.2 if args.quick else 0.3)
@@ -379,6 +382,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"Check (outside timing): cpp vs seed-loop, max relative error over {len(checks)} case(s): "
               f"Y {max(c['y'] for c in checks):.2g} (tolerance {CHECK_RTOL:g}), {grad_txt}.")
     print(f"\n({elapsed:.0f} s)")
+    # The feedback structures and ensembles, each against the loop its users write: a NARX model's
+    # tapped delay line (torch.cat of past outputs) and a model-based-RL ensemble of delta models
+    # (baddbmm per layer, as mbrl-lib). Their own modules time them; --quick and --cases leave
+    # them out.
+    if not (args.quick or args.cases or args.no_workloads):
+        from . import mbrl, narx
+        print()
+        narx.main(["--runs", str(args.runs), "--target", str(args.target)])
+        print()
+        mbrl.main(["--runs", str(args.runs), "--target", str(args.target)])
 
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -34,3 +34,5 @@ def test_quick_start_runs_as_printed():
     assert tuple(namespace["Y"].shape) == (50, 64, 2)
     assert tuple(namespace["S"].shape) == (20, 256, 18)
     assert tuple(namespace["nxt"].shape) == (50, 64, 2)
+    assert tuple(namespace["P"].shape) == (20, 7, 256, 18)
+    assert tuple(namespace["Ys"].shape) == (7, 50, 32, 2)
