@@ -92,7 +92,10 @@ at::Tensor reference_rollout(const at::Tensor& x0_in, const std::optional<at::Te
     const at::Tensor x = x0.narrow(0, 0, std::min<int64_t>(1, x0.size(0))).expand(shape);
     if (w[0].dim() == 3) {
       // The batched GEMMs take (E, rows, in): fold the steps into the rows and back.
-      auto fold = [&](const at::Tensor& t) { return t.transpose(0, 1).reshape({t.size(1), -1, t.size(-1)}); };
+      // Sizes spelled out: a -1 is ambiguous for a tensor of no elements (E, B or a width 0).
+      auto fold = [&](const at::Tensor& t) {
+        return t.transpose(0, 1).reshape({t.size(1), t.size(0) * t.size(2), t.size(-1)});
+      };
       std::optional<at::Tensor> uf;
       if (u.has_value()) uf = fold(*u);
       const at::Tensor y = step(std::vector<at::Tensor>(lags.size(), fold(x)), uf);

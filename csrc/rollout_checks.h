@@ -225,10 +225,13 @@ inline RolloutSizes check_backward_args(const char* op, const at::Tensor& grad_y
                                         const c10::List<bool>& output_mask, const FeedbackArgs& fb = {}) {
   check_dense(op, "grad_y", grad_y);
   check_dense(op, "y", y);
-  // An ensemble's y is (T, E, B, O) (w1 3-D); its rank is checked before its axes are read.
+  // An ensemble's y is (T, E, B, O) (w1 3-D); its rank is checked before its axes are read, once
+  // w1's rank is known good (else the forward's checks name w1).
   const bool ens = !weights.empty() && weights[0].dim() == 3;
   const char* shape = ens ? "(T, E, B, O)" : "(T, B, O)";
-  TORCH_CHECK(y.dim() == (ens ? 4 : 3), op, ": y must be ", shape, ", got ", y.sym_sizes());
+  if (!weights.empty() && (weights[0].dim() == 2 || weights[0].dim() == 3))
+    TORCH_CHECK(y.dim() == (ens ? 4 : 3), op, ": y must be ", shape, ", got ", y.sym_sizes());
+  TORCH_CHECK(y.dim() >= 1, op, ": y must be ", shape, ", got a 0-d tensor");
   const RolloutSizes s =
       check_rollout_args(op, x0, u, weights, biases, y.sym_size(0), delay, truncate, activation, fb);
   if (ens) {

@@ -31,7 +31,8 @@ def _fold_rows(t: Optional[Tensor], bdim: Optional[int], V: int) -> Optional[Ten
         t = t.unsqueeze(-3).expand(*t.shape[:-2], V, *t.shape[-2:])
     else:
         t = t.movedim(bdim, -3)
-    return t.reshape(*t.shape[:-3], -1, t.shape[-1])
+    # Sizes spelled out: a -1 is ambiguous for a tensor of no elements (T = 0, or an empty axis).
+    return t.reshape(*t.shape[:-3], V * t.shape[-2], t.shape[-1])
 
 
 def rollout_forward_vmap(info: Any, in_dims: Tuple[Any, ...], x0: Tensor, u: Optional[Tensor],
@@ -49,7 +50,7 @@ def rollout_forward_vmap(info: Any, in_dims: Tuple[Any, ...], x0: Tensor, u: Opt
         x0f = _fold_rows(x0, x0_dim, V)
         uf = _fold_rows(u, u_dim, V)
         y = op(x0f, uf, list(weights), list(biases), steps, delay, truncate, activation, param, *rest, **kwargs)
-        y = y.reshape(*y.shape[:-2], V, -1, y.shape[-1])
+        y = y.reshape(*y.shape[:-2], V, y.shape[-2] // V, y.shape[-1])
         return y, y.dim() - 3
 
     # The networks differ: an ensemble of V (or V·E) members on axis 0 of every weight.
@@ -57,7 +58,7 @@ def rollout_forward_vmap(info: Any, in_dims: Tuple[Any, ...], x0: Tensor, u: Opt
         if t is None:
             return None
         t = t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(V, *t.shape)
-        return t.reshape(-1, *t.shape[2:]) if ensemble else t
+        return t.reshape(V * t.shape[1], *t.shape[2:]) if ensemble else t
 
     w = [member_axis(t, d) for t, d in zip(weights, w_dims)]
     b = [member_axis(t, d) for t, d in zip(biases, b_dims)]

@@ -84,17 +84,18 @@ def rollout(
         try:
             return _fused(args, u, truncate, act, feedback, residual)
         except RuntimeError as exc:
-            if not _under_functorch(args.x0, u, *args.weights, *args.biases):
+            # torch.func's grad-like transforms (grad, jacrev, vjp, ...) cannot pass through the
+            # fused operator, whose autograd is a C++ torch::autograd::Function (vmap can: the
+            # operator's batching rule, fbfast/_vmap.py); the reference, plain torch ops, is
+            # transformed like any function. Any other error is the kernel's own and is raised.
+            if not (_under_functorch(args.x0, u, *args.weights, *args.biases) and _FUNCTORCH_REFUSAL in str(exc)):
                 raise
-            # torch.func transforms (grad, vmap, jacrev, ...) cannot pass through the fused
-            # operator, whose autograd is a C++ torch::autograd::Function and which has no
-            # batching rule; the reference, plain torch ops, is transformed like any function.
             if backend != "auto" or os.environ.get("FBFAST_BACKEND"):
                 raise RuntimeError(
-                    f"fbfast.rollout: backend {name!r} cannot run under torch.func transforms (grad, vmap, "
-                    "jacrev, ...): its fused kernel has a C++ autograd and no batching rule; use "
-                    "backend='auto' or backend='eager' there (the reference, which the transforms "
-                    "differentiate and batch), or call the rollout outside the transform") from exc
+                    f"fbfast.rollout: backend {name!r} cannot run under torch.func's grad transforms (grad, "
+                    "jacrev, vjp, ...): its fused kernel has a C++ autograd; use backend='auto' or "
+                    "backend='eager' there (the reference, which the transforms differentiate), or call the "
+                    "rollout outside the transform (torch.func.vmap alone runs the fused kernel)") from exc
             name = "eager"
     if name == "compile":
         ens = None if args.ensemble is None else (args.ensemble, args.shared_x0, args.shared_u)
@@ -118,6 +119,10 @@ def _fused(args, u, truncate, act, feedback, residual) -> Tensor:
     return ops.forward_op(args.x0, u, args.weights, args.biases, args.steps, D, truncate or 0,
                           act.name, act.param, lags=list(args.lags), feedback=args.fed_back,
                           residual=residual)
+
+
+# What torch says when a grad transform meets a C++ torch::autograd::Function.
+_FUNCTORCH_REFUSAL = "cannot use C++ torch::autograd::Function with functorch transforms"
 
 
 def _under_functorch(*tensors) -> bool:

@@ -254,6 +254,23 @@ def test_cpp_ensemble_of_no_networks():
 
 
 @needs_cpp
+@pytest.mark.parametrize("case", ["E0", "O0", "Du0_T0"])
+def test_cpp_double_backward_of_empty_ensembles(case):
+    """create_graph=True on an empty ensemble: zero second derivatives, no error."""
+    E = 0 if case == "E0" else 2
+    O = 0 if case == "O0" else 2
+    Du, T = (0, 0) if case == "Du0_T0" else (1, 3)
+    ws = [torch.randn(E, 4, Du + O, dtype=F64), torch.randn(E, O, 4, dtype=F64)]
+    inputs = [torch.randn(1, 3, O, dtype=F64)] + ([torch.randn(T, 3, Du, dtype=F64)] if Du else []) + ws
+    inputs = [t.requires_grad_(True) for t in inputs]
+    u = inputs[1] if Du else None
+    y = fbfast.rollout(inputs[0], ws[0], None, ws[1], None, u=u, steps=T, backend="cpp")
+    assert y.shape == (T, E, 3, O)
+    g = torch.autograd.grad(y.sum(), ws, create_graph=True, allow_unused=True)
+    assert all(t is None or not t.any() for t in g)
+
+
+@needs_cpp
 def test_cpp_reads_strided_and_expanded_inputs():
     """An own x0 and u that are one start expanded along the member axis (stride 0), and weights
     transposed in memory: the kernel reads them through their strides."""

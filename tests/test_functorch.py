@@ -126,9 +126,27 @@ def test_vmap_inside_autograd_trains_through_the_kernel(no_reference):
 def test_grad_with_an_explicit_kernel_backend_says_what_to_do():
     x0, w1, b1, w2, b2, u = _inputs(3)
     f = lambda w: fbfast.rollout(x0, w, b1, w2, b2, u=u, backend="cpp")  # noqa: E731
-    with pytest.raises(RuntimeError, match=r"fbfast\.rollout: backend 'cpp' cannot run under torch\.func "
-                                           r"transforms.*backend='auto' or backend='eager'"):
+    with pytest.raises(RuntimeError, match=r"fbfast\.rollout: backend 'cpp' cannot run under torch\.func's "
+                                           r"grad transforms.*backend='auto' or backend='eager'"):
         grad(lambda w: f(w).sum())(w1)
+
+
+@pytest.mark.parametrize("case", ["T0", "E0", "Du0"])
+def test_vmap_of_empty_rollouts(case, no_reference):
+    """Zero-size rollouts under vmap: the folds spell their sizes out (a -1 cannot be inferred
+    for a tensor of no elements)."""
+    T = 0 if case == "T0" else 4
+    E = 0 if case == "E0" else 2
+    Du = 0 if case == "Du0" else 2
+    w1, b1 = torch.randn(E, 5, Du + 3, dtype=F64), torch.randn(E, 5, dtype=F64)
+    w2, b2 = torch.randn(E, 3, 5, dtype=F64), torch.randn(E, 3, dtype=F64)
+    X0 = torch.randn(3, 1, 4, 3, dtype=F64)
+    U = torch.randn(3, T, 4, Du, dtype=F64) if Du else None
+    y = vmap(lambda x, v: fbfast.rollout(x, w1, b1, w2, b2, u=v, steps=T), in_dims=(0, 0 if Du else None))(X0, U)
+    assert y.shape == (3, T, E, 4, 3)
+    for v in range(3):
+        want = fbfast.ops.forward_op(X0[v], None if U is None else U[v], [w1, w2], [b1, b2], T, 1, 0, "relu", 0.0)
+        torch.testing.assert_close(y[v], want)
 
 
 def test_grad_of_vmap_falls_back_to_the_reference():

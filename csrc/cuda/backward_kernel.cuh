@@ -2,17 +2,27 @@
 // Y (nothing but the forward's inputs and output is saved) and produces every gradient of
 // docs/spec.md §1.
 //
-// Same structure as the forward (forward_kernel.cuh): a block owns a tile of rows, the weights
-// of every layer stay in shared memory, and the grid is persistent. Per step t, from T-1 down:
+// Same structure as the forward (forward_kernel.cuh): a block owns a tile of rows of one member
+// (blockIdx.y), the weights of every layer stay in shared memory, and the grid is persistent.
+// Per step t, from T-1 down:
 //   z_l, h_{l+1} = act(z_l)  for l < L-1, recomputed from [u_t ; x_t] with the forward's exact
 //                            arithmetic (kept per layer: h_{l+1}, and z_l where act' reads z)
-//   g_{L-1} = dL/dy_t + ring[t % k]      the ring holds the adjoint of y_t sent by step t+k
+//   g_{L-1} = dL/dy_t + the ring's adjoint of y_t[:F], sent by the steps that read it
 //   g_{l-1} = act'(z_{l-1}) * (g_l W_l)  for l = L-1 .. 1, dL/dz of each layer in turn
-//   dx = g_0 W_0x -> ring[t % k] (the adjoint of y_{t-k}; zero where truncation cuts the edge
-//          y_{t-k} -> x_t), or dL/dx0[t] when t < k;   du_t = g_0 W_0u
+//   dx_t = g_0 W_0x: each lag's share to the adjoint of the value it read, unless truncation cuts
+//          the edges into step t;   du_t = g_0 W_0u
 //   dW_l += g_l^T h_l, db_l += sum g_l
+// The ring of adjoints (rollout_params.h), like the CPU tile kernel's (csrc/cpu/tile_kernels.h):
+//  * version 1's feedback: slot t % k holds the adjoint of y_t sent by step t + k; once read into
+//    g it takes dx_t, the adjoint of y_{t-k} (zero when truncation cuts y_{t-k} -> x_t), or dx_t
+//    goes to dL/dx0[t] when t < k. This is version 1's code, unchanged.
+//  * other structures: D slots, the adjoint of the value of step s (x0's row s + D for s < 0) at
+//    slot (s + D) % D. Step t reads and clears its own slot t % D, adds a residual model's
+//    dL/dy_t[:F] to the first lag's value and every lag's share of dx_t to its value; after step 0
+//    the slots hold the adjoints of x0's rows, written to grad_x0 in full. The values of steps
+//    s >= 0 get nothing from a step that truncation cuts; x0's never are cut.
 // The weight gradients accumulate in fp32 in shared memory, per block, over all its tiles and
-// steps. With several blocks each writes its partials to a workspace row and
+// steps. With several blocks per member each writes its partials to a workspace row and
 // reduce_gradients_kernel sums the rows in block order: no atomics, so the result is the same
 // on every run.
 #pragma once
@@ -67,24 +77,33 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
   const SmemLayout& lay = p.lay;
   const int R = lay.rows, last = d.layers - 1;
   const int64_t B = d.batch, T = d.steps, k = d.delay;
-  const int64_t step_x = B * d.o, step_u = B * d.du;
+  const bool plain = d.plain();
+  // This block's member: the offsets of its rows in every (T, [E,] B, .) tensor (0 for one network).
+  const int64_t e = blockIdx.y;
+  const int64_t x0_member = e * p.x0_rows.member, u_member = e * p.u_rows.member, y_member = e * p.y_rows.member;
+  const int64_t gx0_member = e * p.grad_x0_rows.member, gu_member = e * p.grad_u_rows.member;
 
-  float* ring = smem + lay.ring;          // (slots, R, O_pad) adjoints of y
+  float* ring = smem + lay.ring;          // (slots, R, ring_pad) adjoints of the fed-back values
   float* u_stage = smem + lay.u_stage;    // (S, R, Du_pad)
-  float* x_stage = smem + lay.x_stage;    // (S, R, O_pad)
+  float* x_stage = smem + lay.x_stage;    // (S, R, X_pad)
   float* gy_stage = smem + lay.gy_stage;  // (S, R, O_pad)
 
   zero_fill(smem, lay.total);
   __syncthreads();
   for (int l = 0; l <= last; ++l) {
     const LayerLayout& layer = lay.layer[l];
-    load_weight(smem + layer.w, p.w[l], p.dtype, d.width[l], d.in(l), layer.ld, column_map(d, lay, l));
-    if (l < last) load_vector(smem + layer.b, p.b[l], p.dtype, d.width[l]);
+    const int64_t out = d.width[l], in = d.in(l);
+    load_weight(smem + layer.w, element_at(p.w[l], e * out * in, p.dtype), p.dtype, d.width[l], d.in(l), layer.ld,
+                column_map(d, lay, l));
+    if (l < last) load_vector(smem + layer.b, element_at(p.b[l], e * out, p.dtype), p.dtype, d.width[l]);
   }
 
   const int slots = static_cast<int>(lay.slots);
-  const int ring_slot = R * lay.o_pad;
-  const int u_step = R * lay.du_pad, x_step = R * lay.o_pad;
+  const int ring_slot = R * lay.ring_pad;
+  const int u_step = R * lay.du_pad, x_step = R * lay.x_pad, gy_step = R * lay.o_pad;
+  const int D = static_cast<int>(k);
+  int64_t shortest = k;  // the shortest lag: steps t < shortest read only x0
+  for (int j = 0; j < d.m; ++j) shortest = d.lags[j] < shortest ? d.lags[j] : shortest;
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     const int64_t row0 = tile * R;
     const int rows_valid = static_cast<int>(B - row0 < R ? B - row0 : R);
@@ -92,33 +111,61 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
     zero_fill(ring, int64_t(slots) * ring_slot);
 
     int s = static_cast<int>((T - 1) % lay.chunk);  // t % S
-    int slot = static_cast<int>((T - 1) % slots);   // t % k
+    int slot = static_cast<int>((T - 1) % slots);   // t % slots (other structures: t % D)
     for (int64_t t = T - 1; t >= 0; --t) {
       if (t == T - 1 || s == lay.chunk - 1) {
         // Steps [t - s, t] of u, x and dL/dY, the chunk this reverse sweep enters now.
         const int64_t chunk_start = t - s;
         const int count = s + 1;
         if (d.du > 0)
-          stage_rows(u_stage, [&](int64_t tt) { return StepRows{p.u, tt * step_u}; }, p.dtype, chunk_start, count,
-                     row0, R, B, d.du, lay.du_pad);
-        stage_rows(
-            x_stage,
-            [&](int64_t tt) { return tt < k ? StepRows{p.x0, tt * step_x} : StepRows{p.y, (tt - k) * step_x}; },
-            p.dtype, chunk_start, count, row0, R, B, d.o, lay.o_pad);
-        stage_rows(gy_stage, [&](int64_t tt) { return StepRows{p.grad_y, tt * step_x}; }, p.dtype, chunk_start,
-                   count, row0, R, B, d.o, lay.o_pad);
+          stage_rows(u_stage, [&](int64_t tt) { return StepRows{p.u, tt * p.u_rows.step + u_member}; }, p.dtype,
+                     chunk_start, count, row0, R, B, d.du, lay.du_pad);
+        if (plain)
+          stage_rows(
+              x_stage,
+              [&](int64_t tt) {
+                return tt < k ? StepRows{p.x0, tt * p.x0_rows.step + x0_member}
+                              : StepRows{p.y, (tt - k) * p.y_rows.step + y_member};
+              },
+              p.dtype, chunk_start, count, row0, R, B, d.o, lay.o_pad);
+        else
+          stage_lags(x_stage, p, x0_member, y_member, chunk_start, count, row0);
+        stage_rows(gy_stage, [&](int64_t tt) { return StepRows{p.grad_y, tt * p.y_rows.step + y_member}; },
+                   p.dtype, chunk_start, count, row0, R, B, d.o, lay.o_pad);
         __syncthreads();
       }
       const float* u_t = u_stage + s * u_step;
       const float* x_t = x_stage + s * x_step;
-      const float* gy_t = gy_stage + s * x_step;
+      const float* gy_t = gy_stage + s * gy_step;
       float* adj = ring + slot * ring_slot;
+      const bool cut = d.truncate > 0 && t % d.truncate == 0;
 
-      // g_{L-1} = dL/dy_t + the adjoint of y_t through x_{t+k}. Its pad columns are zero (those
-      // of gy_t and of the ring are), so the product through W_{L-1} reads no stale value.
+      // g_{L-1} = dL/dy_t + the adjoint of y_t[:F] through the later steps. Its pad columns are
+      // zero (those of gy_t and of the ring are), so the product through W_{L-1} reads no stale
+      // value.
       float* g_out = smem + lay.act[last & 1];
-      for (int i = threadIdx.x; i < ring_slot; i += blockDim.x)
-        g_out[(i / lay.o_pad) * lay.act_pad + i % lay.o_pad] = gy_t[i] + adj[i];
+      if (plain) {
+        for (int i = threadIdx.x; i < ring_slot; i += blockDim.x)
+          g_out[(i / lay.o_pad) * lay.act_pad + i % lay.o_pad] = gy_t[i] + adj[i];
+      } else {
+        // The slot is cleared as it is read (from now on it collects the value of step t - D), by
+        // the thread that reads it; a residual model's dL/dy_t[:F] goes to the first lag's value,
+        // whose slot (possibly this very one) no other thread touches in this loop.
+        const int64_t first_lag = d.lags[0];
+        float* skip = d.residual && !(cut && t >= first_lag) ? ring + lag_slot(slot, first_lag, D) * ring_slot
+                                                             : nullptr;
+        for (int i = threadIdx.x; i < R * lay.o_pad; i += blockDim.x) {
+          const int r = i / lay.o_pad, n = i - r * lay.o_pad;
+          float v = gy_t[i];
+          if (n < d.f) {
+            float* a = adj + r * lay.ring_pad + n;
+            v += *a;
+            *a = 0.f;
+            if (skip) skip[r * lay.ring_pad + n] += v;
+          }
+          g_out[r * lay.act_pad + n] = v;
+        }
+      }
       // The hidden layers, recomputed in the forward's order (each barrier also publishes g_out;
       // a one-layer network has no hidden layer and needs a barrier of its own).
       for (int l = 0; l < last; ++l) {
@@ -141,7 +188,7 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
         const LayerLayout& layer = lay.layer[l];
         const float* g = smem + lay.act[l & 1];
         const float* w = smem + layer.w;
-        LayerInput h_l{u_t, lay.du_pad, d.du, x_t, lay.o_pad};
+        LayerInput h_l{u_t, lay.du_pad, d.du, x_t, lay.x_pad};
         if (l > 0) {
           // act' reads z_{l-1} or h_l = act(z_{l-1}), whichever act_needs_z says was kept.
           const LayerLayout& below = lay.layer[l - 1];
@@ -160,25 +207,35 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
           clear_columns(g_below, R, lay.act_pad, d.width[l - 1], below.out_pad);
           h_l = LayerInput{nullptr, 0, 0, smem + below.hidden, below.out_pad};
         } else {
-          // The ring slot was read into g_out at the top of this step (barriers since); it now
-          // takes the adjoint of y_{t-k}.
-          const bool to_ring = t >= k;
-          const bool cut = to_ring && d.truncate > 0 && t % d.truncate == 0;
-          if (cut) {
-            for (int i = threadIdx.x; i < ring_slot; i += blockDim.x) adj[i] = 0.f;
-          } else if (to_ring || p.grad_x0) {
-            const int64_t gx0_first = t * step_x + row0 * d.o;
-            const TileGemm through_x{{g, nullptr}, {lay.act_pad, 0}, {layer.out_pad, 0}, w + lay.du_pad, layer.ld,
-                                     nullptr, R, d.o};
+          const TileGemm through_x{{g, nullptr}, {lay.act_pad, 0}, {layer.out_pad, 0}, w + lay.du_pad, layer.ld,
+                                   nullptr, R, d.x()};
+          if (plain) {
+            // The ring slot was read into g_out at the top of this step (barriers since); it now
+            // takes the adjoint of y_{t-k}.
+            const bool to_ring = t >= k;
+            if (to_ring && cut) {
+              for (int i = threadIdx.x; i < ring_slot; i += blockDim.x) adj[i] = 0.f;
+            } else if (to_ring || p.grad_x0) {
+              const int64_t gx0_first = t * p.grad_x0_rows.step + gx0_member + row0 * d.o;
+              tile_gemm<kRB, WeightLayout::kRowPerInput>(through_x, [&](int r, int n, float v) {
+                if (to_ring)
+                  adj[r * lay.o_pad + n] = v;
+                else if (r < rows_valid)
+                  store_element(p.grad_x0, gx0_first + r * d.o + n, p.dtype, v);
+              });
+            }
+          } else if (p.grad_x0 || (t >= shortest && !cut)) {
+            // Lag j's share, columns [j F, (j + 1) F) of dx_t, to the adjoint of the value it read:
+            // distinct lags, distinct slots, so each element has one writer.
             tile_gemm<kRB, WeightLayout::kRowPerInput>(through_x, [&](int r, int n, float v) {
-              if (to_ring)
-                adj[r * lay.o_pad + n] = v;
-              else if (r < rows_valid)
-                store_element(p.grad_x0, gx0_first + r * d.o + n, p.dtype, v);
+              const int j = n / d.f;
+              const int64_t lag = d.lags[j];
+              if (cut && t >= lag) return;
+              ring[lag_slot(slot, lag, D) * ring_slot + r * lay.ring_pad + (n - j * d.f)] += v;
             });
           }
           if (p.grad_u && d.du > 0) {
-            const int64_t gu_first = t * step_u + row0 * d.du;
+            const int64_t gu_first = t * p.grad_u_rows.step + gu_member + row0 * d.du;
             const TileGemm through_u{{g, nullptr}, {lay.act_pad, 0}, {layer.out_pad, 0}, w, layer.ld, nullptr, R,
                                      d.du};
             tile_gemm<kRB, WeightLayout::kRowPerInput>(through_u, [&](int r, int n, float v) {
@@ -196,17 +253,32 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
       if (--s < 0) s = lay.chunk - 1;
       if (--slot < 0) slot = slots - 1;
     }
+    if (!plain && p.grad_x0) {
+      // Slot i now holds the adjoint of x0's row i (rows no step reads hold zero). The barrier
+      // keeps the next tile's clearing of the ring behind these reads.
+      const int total = D * R * d.f;
+      for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+        const int c = idx % d.f;
+        const int sr = idx / d.f;
+        const int r = sr % R, i = sr / R;
+        if (r < rows_valid)
+          store_element(p.grad_x0, i * p.grad_x0_rows.step + gx0_member + (row0 + r) * d.f + c, p.dtype,
+                        ring[i * ring_slot + r * lay.ring_pad + c]);
+      }
+      __syncthreads();
+    }
   }
 
-  // This block's weight gradients: to its workspace row, or (one block) straight to the outputs.
-  // The row is laid out as grad_elements (rollout_params.h) says: dW_0 | db_0 | dW_1 | ...
-  float* partial = p.workspace ? p.workspace + blockIdx.x * grad_elements(d) : nullptr;
+  // This block's weight gradients: to its workspace row, or (one block per member) straight to
+  // its member's outputs. The row is laid out as grad_elements (rollout_params.h) says:
+  // dW_0 | db_0 | dW_1 | ...
+  float* partial = p.workspace ? p.workspace + (e * gridDim.x + blockIdx.x) * grad_elements(d) : nullptr;
   int64_t base = 0;
-  auto emit = [&](void* out, int64_t i, float v) {
+  auto emit = [&](void* out, int64_t member_first, int64_t i, float v) {
     if (partial)
       partial[base + i] = v;
     else
-      store_element(out, i, p.dtype, v);
+      store_element(out, member_first + i, p.dtype, v);
   };
   for (int l = 0; l <= last; ++l) {
     const LayerLayout& layer = lay.layer[l];
@@ -215,29 +287,32 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
       const ColumnMap col = column_map(d, lay, l);
       const float* dw = smem + layer.dw;
       int i = threadIdx.x;
-      for (StridedIndex e(threadIdx.x, blockDim.x, in); e.row < out; e.advance(in), i += blockDim.x)
-        emit(p.grad_w[l], i, dw[e.row * layer.ld + col(e.col)]);
+      for (StridedIndex x(threadIdx.x, blockDim.x, in); x.row < out; x.advance(in), i += blockDim.x)
+        emit(p.grad_w[l], e * out * in, i, dw[x.row * layer.ld + col(x.col)]);
     }
     base += int64_t(out) * in;
     if (p.grad_b[l])
-      for (int i = threadIdx.x; i < out; i += blockDim.x) emit(p.grad_b[l], i, smem[layer.db + i]);
+      for (int i = threadIdx.x; i < out; i += blockDim.x) emit(p.grad_b[l], e * out, i, smem[layer.db + i]);
     base += out;
   }
 }
 
-// grad[i] = sum over blocks b = 0, 1, ... of workspace[b][i], in that order, cast to the
-// parameter dtype. One thread per gradient element; reads are coalesced along i.
+// grad[e][i] = sum over member e's blocks b = 0, 1, ... of workspace[e blocks + b][i], in that
+// order, cast to the parameter dtype. One thread per gradient element, member e on blockIdx.y;
+// reads are coalesced along i.
 __global__ void reduce_gradients_kernel(const BackwardParams p) {
   const int64_t row = grad_elements(p.dims);
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t e = blockIdx.y;
+  const float* rows = p.workspace + e * p.blocks * row;
   int64_t base = 0;  // offset of the current gradient in a workspace row
   auto reduce = [&](void* out, int64_t n) {
     if (out) {
       for (int64_t i = first; i < n; i += stride) {
         float sum = 0.f;
-        for (int64_t b = 0; b < p.blocks; ++b) sum += p.workspace[b * row + base + i];
-        store_element(out, i, p.dtype, sum);
+        for (int64_t b = 0; b < p.blocks; ++b) sum += rows[b * row + base + i];
+        store_element(out, e * n + i, p.dtype, sum);
       }
     }
     base += n;

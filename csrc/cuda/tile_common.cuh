@@ -42,6 +42,16 @@ __device__ __forceinline__ float round_to(Dtype dtype, float v) {
   return v;
 }
 
+// base advanced by i elements of the call's dtype (null stays null): member e's weights in an
+// ensemble's (E, out, in) tensor.
+__device__ __forceinline__ const void* element_at(const void* base, int64_t i, Dtype dtype) {
+  if (!base) return nullptr;
+  return static_cast<const char*>(base) + i * (dtype == Dtype::kFloat32 ? 4 : 2);
+}
+__device__ __forceinline__ void* element_at(void* base, int64_t i, Dtype dtype) {
+  return const_cast<void*>(element_at(static_cast<const void*>(base), i, dtype));
+}
+
 __device__ __forceinline__ void store_element(void* base, int64_t i, Dtype dtype, float v) {
   switch (dtype) {
     case Dtype::kFloat16: static_cast<c10::Half*>(base)[i] = static_cast<c10::Half>(v); return;
@@ -122,12 +132,13 @@ __device__ __forceinline__ void tile_gemm(const TileGemm& g, Epilogue&& epilogue
 }
 
 // z_l = W_l h_l + b_l for the rows of one tile, W_l and b_l in shared memory (`smem`): h_0 is
-// [u_t ; x_t], two segments of pitch Du_pad and O_pad; h_l for l > 0 the rows of h, pitch ldh.
+// [u_t ; x_t], two segments of pitch Du_pad and X_pad (x_t's rows: version 1's ring slots, O_pad
+// wide, or the gathered lags); h_l for l > 0 the rows of h, pitch ldh.
 __device__ __forceinline__ TileGemm layer_gemm(const Dims& d, const SmemLayout& lay, const float* smem, int l,
                                                const float* u_t, const float* x_t, const float* h, int ldh) {
   const LayerLayout& layer = lay.layer[l];
   if (l == 0)
-    return TileGemm{{u_t, x_t}, {lay.du_pad, lay.o_pad}, {lay.du_pad, lay.o_pad}, smem + layer.w, layer.ld,
+    return TileGemm{{u_t, x_t}, {lay.du_pad, lay.x_pad}, {lay.du_pad, lay.x_pad}, smem + layer.w, layer.ld,
                     smem + layer.b, lay.rows, d.width[0]};
   return TileGemm{{h, nullptr}, {ldh, 0}, {layer.in_pad, 0}, smem + layer.w, layer.ld, smem + layer.b, lay.rows,
                   d.width[l]};
@@ -158,6 +169,84 @@ __device__ __forceinline__ void stage_rows(float* dst, StepFn&& step_rows, Dtype
     if (c < width && row0 + r < batch) {
       const StepRows src = step_rows(t0 + s);
       v = load_element(src.base, src.first + (row0 + r) * width + c, dtype);
+    }
+    dst[idx] = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Feedback structures other than version 1's (rollout_params.h): a ring of D slots, the value of
+// step s (F wide; x0's row s + D for s < 0) at slot (s + D) % D, forward and backward alike.
+
+// The slot of step t - lag's value, from t's own slot t % D (1 <= lag <= D).
+__device__ __forceinline__ int lag_slot(int slot_t, int64_t lag, int D) {
+  const int s = slot_t - static_cast<int>(lag);
+  return s < 0 ? s + D : s;
+}
+
+// The row of gemm_path::read_x0's copy that holds x0's row i (the value of step i - D): lag j
+// reads it at step t = i - D + d_j when that is a step of the rollout (t < d_j always holds), at
+// copied row x0_base[j] + t; the first such lag is taken. -1: no lag reads it in this rollout.
+__device__ __forceinline__ int64_t x0_copy_row(const RolloutParams& p, int i) {
+  const Dims& d = p.dims;
+  for (int j = 0; j < d.m; ++j) {
+    const int64_t t = i - d.delay + d.lags[j];
+    if (t >= 0 && t < d.steps) return p.x0_base[j] + t;
+  }
+  return -1;
+}
+
+// The ring's D slots (R, ring_pad) for a tile starting at batch row row0: slot i holds x0's row i
+// (zero where no lag reads it, in the pad columns and for rows past the batch).
+__device__ __forceinline__ void stage_x0_ring(float* ring, const RolloutParams& p, int64_t x0_first,
+                                              int64_t row0) {
+  const Dims& d = p.dims;
+  const int R = p.lay.rows, pitch = p.lay.ring_pad;
+  const int total = static_cast<int>(d.delay) * R * pitch;
+  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const int c = idx % pitch;
+    const int sr = idx / pitch;
+    const int r = sr % R;
+    float v = 0.f;
+    if (c < d.f && row0 + r < d.batch) {
+      const int64_t row = x0_copy_row(p, sr / R);
+      if (row >= 0) v = load_element(p.x0, row * p.x0_rows.step + x0_first + (row0 + r) * d.f + c, p.dtype);
+    }
+    ring[idx] = v;
+  }
+}
+
+// x_t = [past(t - d_1) ; ... ; past(t - d_m)] for the rows of a tile, from the ring into x
+// (pitch X_pad; its pad columns are never written, so they stay zero). slot_t = t % D.
+__device__ __forceinline__ void gather_lags(float* x, const float* ring, const Dims& d, const SmemLayout& lay,
+                                            int slot_t) {
+  const int width = d.x(), D = static_cast<int>(d.delay), slot_size = lay.rows * lay.ring_pad;
+  for (int i = threadIdx.x; i < lay.rows * width; i += blockDim.x) {
+    const int r = i / width, c = i - r * width, j = c / d.f, cc = c - j * d.f;
+    x[r * lay.x_pad + c] = ring[lag_slot(slot_t, d.lags[j], D) * slot_size + r * lay.ring_pad + cc];
+  }
+}
+
+// Steps [t0, t0 + count) of x_t for the rows of a tile from global memory: past(s) from Y's
+// first F columns for s >= 0 (member offset y_first), else x0's copied rows; dst (count, R,
+// X_pad), zero in the pad columns and for rows past the batch. The backward's staging of x.
+__device__ __forceinline__ void stage_lags(float* dst, const RolloutParams& p, int64_t x0_first, int64_t y_first,
+                                           int64_t t0, int count, int64_t row0) {
+  const Dims& d = p.dims;
+  const int R = p.lay.rows, pitch = p.lay.x_pad, width = d.x();
+  const int total = count * R * pitch;
+  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const int c = idx % pitch;
+    const int sr = idx / pitch;
+    const int r = sr % R;
+    float v = 0.f;
+    if (c < width && row0 + r < d.batch) {
+      const int64_t t = t0 + sr / R;
+      const int j = c / d.f, cc = c - j * d.f;
+      const int64_t s = t - d.lags[j];
+      v = s >= 0 ? load_element(p.y, s * p.y_rows.step + y_first + (row0 + r) * d.o + cc, p.dtype)
+                 : load_element(p.x0, (p.x0_base[j] + t) * p.x0_rows.step + x0_first + (row0 + r) * d.f + cc,
+                                p.dtype);
     }
     dst[idx] = v;
   }
