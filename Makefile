@@ -33,6 +33,7 @@ setup:
 	@$(PYTHON) scripts/python_env.py --venv $(VENV) --python-name "$(PYTHON)" --create
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	@$(PY) -m pip install -q -r requirements-dev.txt
+	@$(PY) -m pip install -q -r requirements-examples.txt
 
 # Editable install: the compiled fbfast/_C*.so lands in the source tree, so tests and examples
 # run from here import the same build. --no-build-isolation links against the installed torch.
@@ -58,10 +59,15 @@ test: build
 test-long: build
 	$(PY) -m pytest tests -m slow $(PYTEST_ARGS)
 
-# The main job: train a FeedbackMLP on a simulated pendulum with the seed-style loop and with
-# fbfast side by side (losses, time per epoch, speedup, out/pendulum.png), then the drop-in,
-# streaming and seed examples, and a quick benchmark table.
+# The main job: learn MuJoCo HalfCheetah's dynamics with an ensemble of delta models, trained
+# through 10-step rollouts by the per-step loop and by fbfast side by side (time per epoch,
+# speedup, open-loop error against the horizon for a one-step versus the multi-step loss,
+# out/halfcheetah.png); then a NARX model of the sunspot numbers (out/sunspots.png), the
+# pendulum (out/pendulum.png), the drop-in, streaming and seed examples, and a quick benchmark
+# table. requirements-examples.txt (installed by setup) has the simulator and the data.
 demo: build
+	$(PY) examples/halfcheetah_dynamics.py --quick --out out
+	$(PY) examples/sunspots_narx.py --quick --out out
 	$(PY) examples/train_pendulum.py --out out
 	$(PY) examples/drop_in.py
 	$(PY) examples/streaming.py

@@ -189,6 +189,13 @@ def _readme() -> str:
         return ""
 
 
+def _requirements(name: str) -> list:
+    """The requirement lines of a requirements file beside setup.py (comments and blanks left out)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
 def main():
     metadata = dict(
         name="fbfast",
@@ -198,6 +205,8 @@ def main():
         long_description_content_type="text/markdown",
         packages=find_packages(include=["fbfast", "fbfast.*"]),
         python_requires=">=3.9",
+        # `pip install .[examples]`: what the real-workload examples need (requirements-examples.txt).
+        extras_require={"examples": _requirements("requirements-examples.txt")},
         classifiers=[
             "Programming Language :: Python :: 3",
             "Programming Language :: C++",
