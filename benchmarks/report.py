@@ -310,8 +310,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", metavar="PATH", help="also write every measurement as JSON to PATH")
     p.add_argument("-v", "--verbose", action="store_true", help="print each timing as it is measured")
     p.add_argument("--no-workloads", action="store_true",
-                   help="leave out the feedback-structure and ensemble workloads (benchmarks/narx.py, "
-                        "benchmarks/mbrl.py), which a full run appends")
+                   help="leave out the feedback-structure, ensemble and real workloads (benchmarks/narx.py, "
+                        "benchmarks/mbrl.py, benchmarks/workloads.py), which a full run appends")
     args = p.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 7)
     args.target = args.target or (0.2 if args.quick else 0.3)
@@ -387,11 +387,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     # (baddbmm per layer, as mbrl-lib). Their own modules time them; --quick and --cases leave
     # them out.
     if not (args.quick or args.cases or args.no_workloads):
-        from . import mbrl, narx
+        from . import mbrl, narx, workloads
         print()
         narx.main(["--runs", str(args.runs), "--target", str(args.target)])
         print()
         mbrl.main(["--runs", str(args.runs), "--target", str(args.target)])
+        print()
+        workloads.main(["--runs", str(args.runs), "--target", str(args.target)])
 
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
