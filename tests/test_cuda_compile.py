@@ -20,6 +20,7 @@ stand-in is put on the include path.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import shutil
@@ -31,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from torch import nn
 from torch.utils import cpp_extension
 
+import fbfast
 from testing import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,17 +139,17 @@ ACTIVATION_HEADER = ROOT / "csrc" / "common" / "act_kind.h"
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 # Every activation of docs/spec.md §1.1 with the parameter these tests give it (leaky_relu's
-# slope, elu's alpha) and its torch function f(z, param).
+# slope, elu's alpha) and the `activation` argument that gives fbfast.rollout_reference the same.
 ACTIVATIONS = {
-    "relu": (0.0, lambda z, a: F.relu(z)),
-    "leaky_relu": (0.2, lambda z, a: F.leaky_relu(z, a)),
-    "elu": (0.7, lambda z, a: F.elu(z, a)),
-    "tanh": (0.0, lambda z, a: torch.tanh(z)),
-    "sigmoid": (0.0, lambda z, a: torch.sigmoid(z)),
-    "silu": (0.0, lambda z, a: F.silu(z)),
-    "gelu": (0.0, lambda z, a: F.gelu(z)),
-    "gelu_tanh": (0.0, lambda z, a: F.gelu(z, approximate="tanh")),
-    "mish": (0.0, lambda z, a: F.mish(z)),
+    "relu": (0.0, "relu"),
+    "leaky_relu": (0.2, nn.LeakyReLU(0.2)),
+    "elu": (0.7, nn.ELU(0.7)),
+    "tanh": (0.0, "tanh"),
+    "sigmoid": (0.0, "sigmoid"),
+    "silu": (0.0, "silu"),
+    "gelu": (0.0, "gelu"),
+    "gelu_tanh": (0.0, "gelu_tanh"),
+    "mish": (0.0, "mish"),
 }
 
 
@@ -166,12 +168,19 @@ def test_activation_table_matches_the_header():
 
 
 class Net:
-    """A random rollout problem: x0 (delay, B, O), u (T, B, Du) or None, weights[l] (out_l, in_l)
-    scaled ~1/sqrt(in_l) so that long rollouts stay bounded, biases[l] (out_l,) or None; every
-    tensor rounded to `dtype` once, so the kernel and the float64 reference see the same values."""
+    """A random rollout problem: x0 (D, [E,] B, F), u (T, [E,] B, Du) or None, weights[l]
+    ([E,] out_l, in_l) scaled ~1/sqrt(in_l) so that long rollouts stay bounded, biases[l]
+    ([E,] out_l) or None; every tensor rounded to `dtype` once, so the kernel and the float64
+    reference see the same values.
+
+    The feedback structure of docs/spec.md §1.2: `delay` is one lag or the lags in order (D their
+    maximum), `feedback` F (None: every output), `residual`. `ensemble=E` makes E members
+    (docs/spec.md §1.3), x0 and u each their own or, with shared_x0 / shared_u, shared. With the
+    defaults (one lag, F = O, one network) the draws are those of version 1's cases."""
 
     def __init__(self, B, Du, widths, T, delay=1, truncate=None, bias=True, activation="relu",
-                 dtype=torch.float32, seed=0):
+                 dtype=torch.float32, seed=0, feedback=None, residual=False, ensemble=None,
+                 shared_x0=False, shared_u=False):
         g = torch.Generator().manual_seed(seed)
 
         def rnd(*shape, scale=1.0):
@@ -179,40 +188,44 @@ class Net:
 
         widths = tuple(widths)
         O = widths[-1]
-        ins = (Du + O,) + widths[:-1]
+        self.lags = (delay,) if isinstance(delay, int) else tuple(delay)
+        F = O if feedback is None else feedback
+        members = () if ensemble is None else (ensemble,)
+        ins = (Du + len(self.lags) * F,) + widths[:-1]
         has_bias = bias if isinstance(bias, tuple) else (bias,) * len(widths)
-        self.x0 = rnd(delay, B, O)
-        self.u = rnd(T, B, Du) if Du else None
-        self.weights = [rnd(out, n, scale=0.9 / max(1, n) ** 0.5) for out, n in zip(widths, ins)]
-        self.biases = [rnd(out, scale=0.1) if b else None for out, b in zip(widths, has_bias)]
-        self.widths, self.steps, self.delay, self.truncate = widths, T, delay, truncate
+        self.x0 = rnd(max(self.lags), *(() if shared_x0 else members), B, F)
+        self.u = rnd(T, *(() if shared_u else members), B, Du) if Du else None
+        self.weights = [rnd(*members, out, n, scale=0.9 / max(1, n) ** 0.5) for out, n in zip(widths, ins)]
+        self.biases = [rnd(*members, out, scale=0.1) if b else None for out, b in zip(widths, has_bias)]
+        self.widths, self.steps, self.delay, self.truncate = widths, T, max(self.lags), truncate
         self.activation, self.dtype = activation, dtype
+        self.batch, self.du, self.feedback, self.residual = B, Du, F, residual
+        self.ensemble, self.shared_x0, self.shared_u = ensemble, shared_x0, shared_u
+
+    @property
+    def y_shape(self):
+        return (self.steps, *(() if self.ensemble is None else (self.ensemble,)), self.batch, self.widths[-1])
+
+    @property
+    def structure(self) -> dict:
+        """The structure as scripts/gpu_smoke.py's plan_rollout takes it."""
+        return dict(lags=self.lags, feedback=self.feedback, residual=self.residual, members=self.ensemble or 1)
 
     def tensors(self):
         """x0, u, w_1 .. w_L, b_1 .. b_L: the order of the operator's output_mask."""
         return [self.x0, self.u, *self.weights, *self.biases]
 
 
-def _reference(net: Net, tensors, dtype) -> torch.Tensor:
-    """Y of docs/spec.md §1.2 (one lag), computed in `dtype` from `tensors` (Net.tensors order)."""
+def _reference(net: Net, tensors) -> torch.Tensor:
+    """Y of docs/spec.md §1 from fbfast.rollout_reference, in the dtype of `tensors` (Net.tensors
+    order)."""
     L = len(net.widths)
     x0, u, weights, biases = tensors[0], tensors[1], tensors[2:2 + L], tensors[2 + L:]
-    param, fn = ACTIVATIONS[net.activation]
-    ys = []
-    for t in range(net.steps):
-        if t < net.delay:
-            x = x0[t]
-        else:
-            x = ys[t - net.delay]
-            if net.truncate and t % net.truncate == 0:
-                x = x.detach()
-        h = x if u is None else torch.cat([u[t], x], -1)
-        for l, (w, b) in enumerate(zip(weights, biases)):
-            h = F.linear(h, w, b)
-            if l < L - 1:
-                h = fn(h, param)
-        ys.append(h)
-    return torch.stack(ys).to(dtype)
+    params = [t for pair in zip(weights, biases) for t in pair]
+    return fbfast.rollout_reference(x0, *params, steps=net.steps, u=u,
+                                    delay=net.lags[0] if len(net.lags) == 1 else net.lags, truncate=net.truncate,
+                                    activation=ACTIVATIONS[net.activation][1], feedback=net.feedback,
+                                    residual=net.residual)
 
 
 def _sanitizer_flags(tmp: Path) -> list[str]:
@@ -241,12 +254,11 @@ def emulator(tmp_path_factory) -> Path:
 def _emulate(exe: Path, net: Net, grad_y: torch.Tensor, mask, num_sms: int, smem: int):
     """Runs the emulated forward + backward; returns y, the gradients in Net.tensors order (None
     where not asked for), as float32, and the plans the emulator printed."""
-    k, B, O = net.x0.shape
     T, L = net.steps, len(net.widths)
-    du = net.u.shape[2] if net.u is not None else 0
-    header = [_DTYPE_CODE[net.dtype], ACT_CODES[net.activation], B, T, du, L, net.delay, net.truncate or 0,
-              net.u is not None, num_sms, smem]
-    tail = [*net.widths, *(b is not None for b in net.biases), *map(int, mask)]
+    header = [_DTYPE_CODE[net.dtype], ACT_CODES[net.activation], net.batch, T, net.du, L, net.delay,
+              net.truncate or 0, net.u is not None, num_sms, smem, len(net.lags), net.feedback, net.residual,
+              net.ensemble or 0, net.shared_x0, net.shared_u]
+    tail = [*net.widths, *(b is not None for b in net.biases), *map(int, mask), *net.lags]
     tensors = net.tensors()
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
@@ -260,7 +272,8 @@ def _emulate(exe: Path, net: Net, grad_y: torch.Tensor, mask, num_sms: int, smem
         out = subprocess.run([str(exe), str(src), str(dst)], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, f"emulation failed (rc {out.returncode}):\n{out.stdout}\n{out.stderr}"
         data = torch.from_numpy(np.fromfile(dst, dtype=np.float32))
-    y, offset = data[: T * B * O].reshape(T, B, O), T * B * O
+    y = data[: math.prod(net.y_shape)].reshape(net.y_shape)
+    offset = y.numel()
     got = []
     for t, m in zip(tensors, mask):
         if m and t is not None:
@@ -284,12 +297,11 @@ smoke = _load_gpu_smoke()
 
 def _check_plan_mirror(net: Net, num_sms: int, smem: int, printed: str):
     """The emulator's "forward rows=4 rows_per_item=4 ..." lines equal the mirror's plans."""
-    du = net.u.shape[2] if net.u is not None else 0
     for line in printed.splitlines():
         direction, *fields = line.split()
         got = {k: int(v) for k, v in (f.split("=") for f in fields)}
-        want = smoke.plan_rollout(net.x0.shape[1], net.steps, du, net.widths, net.delay, net.activation,
-                                  direction == "backward", num_sms, smem)
+        want = smoke.plan_rollout(net.batch, net.steps, net.du, net.widths, net.delay, net.activation,
+                                  direction == "backward", num_sms, smem, **net.structure)
         assert want is not None and got == {k: want[k] for k in got}, (
             f"scripts/gpu_smoke.py's plan_rollout disagrees with csrc/cuda/rollout_params.h ({direction}): "
             f"mirror {want}, header {got}")
@@ -305,13 +317,13 @@ def _check_emulated(exe, net: Net, num_sms: int, smem: int, mask=None):
     tensors = net.tensors()
     mask = tuple(bool(m) and t is not None for m, t in zip(mask or (1,) * len(tensors), tensors))
     gen = torch.Generator().manual_seed(1)
-    grad_y = torch.randn(net.steps, *net.x0.shape[1:], generator=gen).to(net.dtype)
+    grad_y = torch.randn(net.y_shape, generator=gen).to(net.dtype)
     y, got, plan = _emulate(exe, net, grad_y, mask, num_sms, smem)
     _check_plan_mirror(net, num_sms, smem, plan)
 
     def run(dtype):
         ins = [None if t is None else t.to(dtype).requires_grad_(m) for t, m in zip(tensors, mask)]
-        y_ref = _reference(net, ins, dtype)
+        y_ref = _reference(net, ins)
         wanted = [t for t in ins if t is not None and t.requires_grad]
         g = iter(torch.autograd.grad(y_ref, wanted, grad_y.to(dtype), allow_unused=True) if wanted else ())
         out = [y_ref.detach()]
@@ -412,4 +424,102 @@ def test_emulated_output_mask(emulator, mask):
 @pytest.mark.parametrize("activation,widths", [("relu", (8, 3)), ("mish", (8, 6, 3))], ids=["relu-L2", "mish-L3"])
 def test_emulated_low_precision(emulator, activation, widths, dtype):
     net = Net(33, 4, widths, 10, 2, None, True, activation, dtype=dtype)
+    _check_emulated(emulator, net, 4, 48 << 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feedback structures other than version 1's (docs/spec.md §1.2) in the fused kernels: D ring
+# slots of F-wide values gathered per step, their adjoints in the backward's ring, x0's adjoints
+# written in full from it (rollout_params.h).
+
+# (name, Net keywords, num_sms): each with odd widths and batches and its own plan kind: a
+# partial 4-row tile with 2 blocks, one-row tiles with z kept per layer, no hidden layer (one
+# GEMM reads x_t and writes y_t), T < D (x0's rows read by few steps, some by none), T past the
+# staging chunk with several blocks, persistent blocks over 64-row tiles, truncate=1, a
+# zero-width hidden layer.
+STRUCTURES = [
+    ("lags31-F2-residual-K2", dict(B=7, Du=2, widths=(5, 3), T=9, delay=(3, 1), feedback=2, residual=True,
+                                   truncate=2, activation="tanh"), 2),
+    ("narx123-F1-gelu-L3", dict(B=5, Du=0, widths=(7, 5, 3), T=11, delay=(1, 2, 3), feedback=1,
+                                activation="gelu", bias=(True, False, True)), 5),
+    ("lag2-residual-L1-K3", dict(B=6, Du=3, widths=(3,), T=8, delay=2, residual=True, truncate=3,
+                                 activation="elu"), 2),
+    ("lags42-F2-residual-T3", dict(B=6, Du=1, widths=(5, 4), T=3, delay=(4, 2), feedback=2, residual=True), 2),
+    ("lag1-F2-T40-K4", dict(B=13, Du=5, widths=(9, 4), T=40, delay=1, feedback=2, truncate=4, bias=False), 3),
+    ("lags15-F3-B130", dict(B=130, Du=3, widths=(6, 5), T=7, delay=(1, 5), feedback=3, truncate=3,
+                            activation="silu"), 1),
+    ("lags213-residual-K1", dict(B=9, Du=2, widths=(6, 4, 3), T=6, delay=(2, 1, 3), residual=True, truncate=1,
+                                 activation="mish"), 2),
+    ("lags12-F1-H0", dict(B=9, Du=0, widths=(0, 5), T=5, delay=(1, 2), feedback=1, residual=True), 2),
+]
+
+
+@pytest.mark.parametrize("name,kw,num_sms", STRUCTURES, ids=[c[0] for c in STRUCTURES])
+def test_emulated_feedback_structures(emulator, name, kw, num_sms):
+    _check_emulated(emulator, Net(**kw), num_sms, 48 << 10)
+
+
+# The structure grid: lags one (not version 1's: with F < O or residual), delayed, (3, 1) and a
+# tapped delay line (1, 2, 3); F = 2 < O = 3 or every output; residual or not; truncate None, 1,
+# 3; with u, two tanh layers, 4-row tiles with a partial one. Version 1's combinations are the
+# mode grid above.
+STRUCTURE_GRID = [
+    (lags, feedback, residual, truncate)
+    for lags, feedback, residual, truncate in itertools.product(
+        ((1,), (2,), (3, 1), (1, 2, 3)), (None, 2), (False, True), (None, 1, 3))
+    if not (len(lags) == 1 and feedback is None and not residual)
+]
+
+
+def test_emulated_structure_grid(emulator):
+    for lags, feedback, residual, truncate in STRUCTURE_GRID:
+        net = Net(7, 2, (5, 3), 6, lags, truncate, True, "tanh", feedback=feedback, residual=residual)
+        _check_emulated(emulator, net, 2, 48 << 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles (docs/spec.md §1.3): one launch, a grid row per member, each with its own weights
+# and its own or the shared x0 / u; a shared one's gradient is the sum of the members' own.
+
+# (name, Net keywords, num_sms): version 1's feedback and other structures; own and shared x0
+# and u in every combination; several blocks per member (the reduction per member) and one block
+# per member (gradients written directly); a member count that does not divide the resident
+# blocks; E = 1.
+ENSEMBLES = [
+    ("E3-own-lags31-F2-residual", dict(B=5, Du=2, widths=(6, 3), T=7, delay=(3, 1), feedback=2, residual=True,
+                                       truncate=2, ensemble=3), 4),
+    ("E2-shared-x0-u-v1", dict(B=7, Du=2, widths=(6, 3), T=7, delay=2, truncate=3, ensemble=2, shared_x0=True,
+                               shared_u=True), 2),
+    ("E3-shared-x0-narx-gelu-L3", dict(B=6, Du=3, widths=(5, 4, 3), T=10, delay=(1, 2, 3), feedback=1, ensemble=3,
+                                       shared_x0=True, activation="gelu"), 2),
+    ("E2-shared-u-1block", dict(B=3, Du=2, widths=(6, 3), T=7, delay=(2, 1), residual=True, ensemble=2,
+                                shared_u=True, activation="silu"), 1),
+    ("E5-own-v1-L1", dict(B=9, Du=1, widths=(4,), T=5, delay=1, ensemble=5, activation="sigmoid"), 3),
+    ("E1-shared-x0-residual", dict(B=4, Du=0, widths=(5, 3), T=6, delay=3, residual=True, truncate=2, ensemble=1,
+                                   shared_x0=True), 2),
+    ("E4-shared-u-T35-lags14", dict(B=11, Du=2, widths=(7, 3), T=35, delay=(1, 4), feedback=2, truncate=5,
+                                    ensemble=4, shared_u=True, activation="leaky_relu"), 8),
+]
+
+
+@pytest.mark.parametrize("name,kw,num_sms", ENSEMBLES, ids=[c[0] for c in ENSEMBLES])
+def test_emulated_ensembles(emulator, name, kw, num_sms):
+    _check_emulated(emulator, Net(**kw), num_sms, 48 << 10)
+
+
+# Output masks with other structures and ensembles: x0's gradient alone (no weight gradient, no
+# workspace), weights alone (x0's never written), nothing.
+@pytest.mark.parametrize("mask", [(1, 0, 0, 0, 0, 0), (0, 1, 1, 0, 1, 0), (0,) * 6])
+@pytest.mark.parametrize("ensemble", [None, 3], ids=["one", "E3-shared-x0"])
+def test_emulated_structure_output_mask(emulator, mask, ensemble):
+    net = Net(8, 1, (4, 3), 6, (2, 1), 2, True, "tanh", feedback=2, residual=True, ensemble=ensemble,
+              shared_x0=ensemble is not None)
+    _check_emulated(emulator, net, 2, 48 << 10, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("ensemble", [None, 3], ids=["one", "E3-shared-u"])
+def test_emulated_structure_low_precision(emulator, dtype, ensemble):
+    net = Net(33, 4, (8, 4), 10, (3, 1), 3, True, "silu", dtype=dtype, feedback=3, residual=True,
+              ensemble=ensemble, shared_u=ensemble is not None)
     _check_emulated(emulator, net, 4, 48 << 10)

@@ -475,3 +475,20 @@ def test_feedback_mlp_ensemble_checks_and_from_module():
         fbfast.FeedbackMLP(10, 5, 2, ensemble=2.0)
     with pytest.raises(TypeError, match=r"from_module.*ensemble"):
         fbfast.from_module(fbfast.FeedbackMLP(10, 5, 2, ensemble=2))
+
+
+@needs_cpp
+def test_cpp_under_torch_compile_fullgraph():
+    """The fused operator with 3-D weights inside torch.compile(fullgraph=True): the meta kernel
+    gives Y (T, E, B, O) and the compiled graph calls the kernel, forward and backward."""
+    p = _problem(dict(lags=(1, 2), residual=True, feedback=1, O=3), True, False, T=5)
+    kw = dict(u=p.u, activation="relu", **p.structure)
+
+    def f(x0, *params):
+        return fbfast.rollout(x0, *params, backend="cpp", **kw).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    got = torch.autograd.grad(compiled(p.x0, *p.params), p.weights)
+    want = torch.autograd.grad(f(p.x0, *p.params), p.weights)
+    for a, b in zip(got, want):
+        assert_close(a, b, F64, "grad", "compiled")

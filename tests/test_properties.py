@@ -68,6 +68,9 @@ class Drawn:
     wants_grad: Dict[str, bool] = field(default_factory=dict)  # name -> requires grad; True when absent
     feedback: Optional[int] = None  # F; None feeds back all O
     residual: bool = False
+    ensemble: Optional[int] = None  # E networks side by side (docs/spec.md §1.3), or one
+    shared_x0: bool = False  # an ensemble's x0 (D, B, F) shared by the members, else (D, E, B, F)
+    shared_u: bool = False
 
     @property
     def lags(self) -> Tuple[int, ...]:
@@ -108,7 +111,8 @@ def problems(draw) -> Drawn:
         biases=tuple(draw(st.booleans()) for _ in range(layers)),
         activation=activation, param=draw(st.sampled_from(PARAMS.get(activation, (0.0,)))),
         layouts={n: draw(st.sampled_from(LAYOUTS)) for n in names},
-        wants_grad={n: draw(st.booleans()) for n in names})
+        wants_grad={n: draw(st.booleans()) for n in names},
+        ensemble=draw(st.none() | st.integers(1, 3)), shared_x0=draw(st.booleans()), shared_u=draw(st.booleans()))
 
 
 def _laid_out(values: torch.Tensor, layout: str) -> torch.Tensor:
@@ -133,10 +137,13 @@ def build(d: Drawn):
         return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
 
     sizes = [d.Du + len(d.lags) * d.fed, *d.widths, d.O]
-    values = {"x0": rnd(max(d.lags), d.B, d.fed), "u": rnd(d.T, d.B, d.Du) if d.Du else None}
+    E = () if d.ensemble is None else (d.ensemble,)  # the member axis of an ensemble's tensors
+    x0_e = () if d.shared_x0 else E
+    u_e = () if d.shared_u else E
+    values = {"x0": rnd(max(d.lags), *x0_e, d.B, d.fed), "u": rnd(d.T, *u_e, d.B, d.Du) if d.Du else None}
     for l in range(d.layers):
-        values[f"w{l + 1}"] = rnd(sizes[l + 1], sizes[l], scale=0.9 / max(1, sizes[l]) ** 0.5)
-        values[f"b{l + 1}"] = rnd(sizes[l + 1], scale=0.1) if d.biases[l] else None
+        values[f"w{l + 1}"] = rnd(*E, sizes[l + 1], sizes[l], scale=0.9 / max(1, sizes[l]) ** 0.5)
+        values[f"b{l + 1}"] = rnd(*E, sizes[l + 1], scale=0.1) if d.biases[l] else None
     out = {}
     for name, v in values.items():
         if v is None:
@@ -144,8 +151,8 @@ def build(d: Drawn):
             continue
         t = _laid_out(v.to(d.dtype), d.layouts.get(name, "contiguous"))
         out[name] = t.requires_grad_(d.wants_grad.get(name, True))  # stays a leaf, keeps its strides
-    # D == 1 also exercises the (B, F) form of x0
-    if max(d.lags) == 1 and d.layouts.get("x0") != "expanded":
+    # D == 1 also exercises the (B, F) form of x0 (one network's, or an ensemble's shared one)
+    if max(d.lags) == 1 and d.layouts.get("x0") != "expanded" and out["x0"].dim() == 3:
         out["x0"] = out["x0"].detach()[0].requires_grad_(d.wants_grad.get("x0", True))
     return out
 
@@ -163,6 +170,11 @@ def _min_abs_preactivation(ins, d: Drawn) -> float:
     x0 = f64(ins["x0"])
     x0 = x0.unsqueeze(0) if x0.dim() == 2 else x0
     u = f64(ins["u"])
+    if d.ensemble is not None:  # every member's values, shared inputs expanded
+        if x0.dim() == 3:
+            x0 = x0.unsqueeze(1).expand(x0.shape[0], d.ensemble, *x0.shape[1:])
+        if u is not None and u.dim() == 3:
+            u = u.unsqueeze(1).expand(u.shape[0], d.ensemble, *u.shape[1:])
     params = [f64(t) for t in _params(ins, d.layers)]
     act = d.act().fn
     D, fed = max(d.lags), d.fed
@@ -171,7 +183,8 @@ def _min_abs_preactivation(ins, d: Drawn) -> float:
         read = [x0[t - lag + D] if t < lag else past[t - lag] for lag in d.lags]
         h = torch.cat(([] if u is None else [u[t]]) + read, -1)
         for l in range(d.layers):
-            h = F.linear(h, params[2 * l], params[2 * l + 1])
+            w, b = params[2 * l], params[2 * l + 1]  # (out, in) or an ensemble's (E, out, in)
+            h = h @ w.transpose(-1, -2) + (0 if b is None else b.unsqueeze(-2))
             if l < d.layers - 1:
                 if h.numel():
                     smallest = min(smallest, h.abs().min().item())
@@ -207,7 +220,8 @@ def check_cpp_equals_reference(d: Drawn) -> None:
     with kernel_variant(d.path, d.isa):
         y = fbfast.rollout(*args, backend="cpp", **kw)
     y_ref = fbfast.rollout(*args, backend="eager", **kw)
-    assert y.shape == y_ref.shape == (d.T, d.B, d.O) and y.dtype == d.dtype
+    E = () if d.ensemble is None else (d.ensemble,)
+    assert y.shape == y_ref.shape == (d.T, *E, d.B, d.O) and y.dtype == d.dtype
     assert_close(y, y_ref, d.dtype, "out", f"Y {d}")
     wanted = [(n, ins[n]) for n in d.names if ins[n] is not None and ins[n].requires_grad]
     if not wanted:
