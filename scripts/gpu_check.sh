@@ -6,9 +6,10 @@
 #   build      120 s  setup.py build_ext --inplace; nvcc for this GPU's arch only (from
 #                     nvidia-smi's compute_cap, else torch), MAX_JOBS=16
 #   smoke       30 s  scripts/gpu_smoke.py in its own process under CUDA_LAUNCH_BLOCKING=1: one
-#                     case per launch plan (and per depth 1-4, z-keeping activations, bf16 deep),
-#                     each named before it runs, so a device fault names its case instead of
-#                     cascading through a pytest run
+#                     case per launch plan (and per depth 1-4, z-keeping activations, bf16 deep,
+#                     feedback structures, ensembles with own and shared x0 / u), each named
+#                     before it runs, so a device fault names its case instead of cascading
+#                     through a pytest run
 #   sanitizer   30 s  the smoke's fused cases under compute-sanitizer memcheck (when installed),
 #                     only in time that the later steps' full caps do not need
 #   tests       90 s  tests/test_cuda.py (FBFAST_CUDA_TESTS=quick; each test at most

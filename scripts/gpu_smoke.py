@@ -18,7 +18,9 @@ Python mirror of ``plan_rollout`` below, so that each plan kind is really hit on
 1-row and 4-row tiles with a partial last tile, several blocks (the ordered gradient
 reduction), persistent blocks (more tiles than blocks), a forward plan above the 48 KB that
 needs the opt-in, staged chunks shorter than T, delay > 1 with truncation, bfloat16 and
-float16, and the general path (pinned, and chosen by "auto" for a width that does not fit).
+float16, the feedback structures (lags, partial feedback, residual) and ensembles (own and shared
+x0 / u, persistent blocks per member), and the general path (pinned, and chosen by "auto" for a
+width that does not fit).
 
 Exit status: 0 every case within its bound; 1 a case out of bound or raising a Python error;
 2 a CUDA error (the cases after it are not run: the context is unusable); 77 no GPU; 78 a GPU,
@@ -37,7 +39,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 if __name__ == "__main__":
     # Read by the driver when the CUDA context is created: every launch then returns only once
@@ -61,6 +63,8 @@ K_MAX_CHUNK = 32
 K_STAGE_BUDGET_FLOATS = 8192
 K_BLOCKS_PER_SM = 2
 K_MAX_LAYERS = 8
+K_MAX_LAGS = 16
+K_MAX_MEMBERS = 65535
 DEFAULT_SMEM_BYTES = 48 * 1024  # a launch above this needs cudaFuncAttributeMaxDynamicSharedMemorySize
 
 
@@ -81,20 +85,35 @@ def _ceil_div(a: int, b: int) -> int:
 NEEDS_Z = {"leaky_relu", "elu", "silu", "gelu", "gelu_tanh", "mish"}
 
 
+def _structure(widths: Sequence[int], delay: int, lags: Optional[Sequence[int]], feedback: Optional[int],
+               residual: bool):
+    """(m, F, plain) of a feedback structure (Dims in csrc/cuda/rollout_params.h): plain is version
+    1's feedback (one lag, every output fed back, no residual), which keeps version 1's layout."""
+    m = 1 if lags is None else len(lags)
+    f = widths[-1] if feedback is None else feedback
+    return m, f, m == 1 and f == widths[-1] and not residual
+
+
 def make_layout(steps: int, du: int, widths: Sequence[int], delay: int, activation: str, rows: int, chunk: int,
-                backward: bool) -> Dict[str, int]:
-    """SmemLayout's slots and total (in floats) of make_layout(); widths are out_0 .. out_{L-1}."""
+                backward: bool, lags: Optional[Sequence[int]] = None, feedback: Optional[int] = None,
+                residual: bool = False) -> Dict[str, int]:
+    """SmemLayout's slots and total (in floats) of make_layout(); widths are out_0 .. out_{L-1};
+    delay is D = max(lags) (lags None: the one lag delay)."""
     L, o = len(widths), widths[-1]
+    m, f, plain = _structure(widths, delay, lags, feedback, residual)
     fed = min(delay, steps)
-    slots = fed + 1 if not backward and L == 1 and delay < steps else fed
-    du_pad, o_pad = _round_up4(du), _round_up4(o)
-    in_pad = [du_pad + o_pad] + [_round_up4(w) for w in widths[:-1]]
+    slots = delay if not plain else fed + 1 if not backward and L == 1 and delay < steps else fed
+    du_pad, o_pad, x_pad = _round_up4(du), _round_up4(o), _round_up4(m * f)
+    ring_pad = o_pad if plain else _round_up4(f)
+    in_pad = [du_pad + x_pad] + [_round_up4(w) for w in widths[:-1]]
     out_pad = [_round_up4(w) for w in widths]
     act_pad = max([out_pad[l] for l in range(L) if backward or l < L - 1], default=0)
     act_buffers = min(L, 2) if backward else min(L - 1, 2)
     R, S, bw = rows, chunk, int(backward)
     keep_pre = int(backward and activation in NEEDS_Z)
-    total = slots * R * o_pad + S * R * du_pad + bw * 2 * S * R * o_pad + act_buffers * R * act_pad
+    x_buf = R * x_pad if not backward and not plain else 0
+    total = (slots * R * ring_pad + S * R * du_pad + x_buf + bw * S * R * (x_pad + o_pad)
+             + act_buffers * R * act_pad)
     for l in range(L):
         hidden = int(l < L - 1)
         weights = out_pad[l] * _weight_ld(in_pad[l])
@@ -104,16 +123,21 @@ def make_layout(steps: int, du: int, widths: Sequence[int], delay: int, activati
 
 
 def plan_rollout(B: int, steps: int, du: int, widths: Sequence[int], delay: int, activation: str, backward: bool,
-                 num_sms: int, smem_limit_bytes: int) -> Optional[Dict[str, int]]:
-    """The fused plan of plan_rollout(), or None where it takes the general path."""
-    if len(widths) > K_MAX_LAYERS:
+                 num_sms: int, smem_limit_bytes: int, lags: Optional[Sequence[int]] = None,
+                 feedback: Optional[int] = None, residual: bool = False,
+                 members: int = 1) -> Optional[Dict[str, int]]:
+    """The fused plan of plan_rollout(), or None where it takes the general path. ``blocks`` and
+    ``tiles`` are per member: an ensemble's grid is blocks x members."""
+    m, f, _ = _structure(widths, delay, lags, feedback, residual)
+    if len(widths) > K_MAX_LAYERS or not 1 <= m <= K_MAX_LAGS or not 1 <= members <= K_MAX_MEMBERS:
         return None
     limit = smem_limit_bytes // 4
+    structure = dict(lags=lags, feedback=feedback, residual=residual)
 
     def fits(rows: int, chunk: int) -> bool:
-        return make_layout(steps, du, widths, delay, activation, rows, chunk, backward)["total"] <= limit
+        return make_layout(steps, du, widths, delay, activation, rows, chunk, backward, **structure)["total"] <= limit
 
-    rows = _ceil_div(B, num_sms if num_sms > 0 else 1)
+    rows = min(_ceil_div(B * members, num_sms if num_sms > 0 else 1), B)
     rows = max(1, min(K_MAX_ROWS, rows))
     if rows >= 4:
         rows = _round_up4(rows)
@@ -123,7 +147,7 @@ def plan_rollout(B: int, steps: int, du: int, widths: Sequence[int], delay: int,
         rows = (rows // 2) & ~3 if rows > 4 else rows // 2
 
     o = widths[-1]
-    stage_per_step = rows * (_round_up4(du) + 2 * _round_up4(o) if backward else _round_up4(du))
+    stage_per_step = rows * (_round_up4(du) + _round_up4(m * f) + _round_up4(o) if backward else _round_up4(du))
     chunk = 1
     if stage_per_step > 0:
         chunk = min(steps, K_MAX_CHUNK)
@@ -132,17 +156,18 @@ def plan_rollout(B: int, steps: int, du: int, widths: Sequence[int], delay: int,
             chunk //= 2
 
     rows_per_item = 4 if rows % 4 == 0 else 1
-    ins = [du + o] + list(widths[:-1])
+    ins = [du + m * f] + list(widths[:-1])
     widest = max(max(widths), max(ins) if backward else 0)
     work = (rows // rows_per_item) * widest
     if backward:
         work = max(work, sum(w * i for w, i in zip(widths, ins)) // 8)
     work = (work + 31) // 32 * 32
     tiles = _ceil_div(B, rows)
-    lay = make_layout(steps, du, widths, delay, activation, rows, chunk, backward)
+    share = max(1, max(num_sms, 1) * K_BLOCKS_PER_SM // members)
+    lay = make_layout(steps, du, widths, delay, activation, rows, chunk, backward, **structure)
     return {"rows": rows, "rows_per_item": rows_per_item, "chunk": chunk, "slots": lay["slots"],
             "threads": max(32, min(K_MAX_THREADS, work)), "tiles": tiles,
-            "blocks": min(tiles, max(num_sms, 1) * K_BLOCKS_PER_SM), "smem_bytes": 4 * lay["total"]}
+            "blocks": min(tiles, share), "smem_bytes": 4 * lay["total"]}
 
 
 def device_limits(device=None) -> Dict[str, int]:
@@ -164,7 +189,10 @@ def device_limits(device=None) -> Dict[str, int]:
 @dataclasses.dataclass
 class Shape:
     """A rollout's sizes: ``layers`` linear layers, every hidden one ``H`` wide, with
-    ``activation`` (a name of csrc/common/act_kind.h) after each."""
+    ``activation`` (a name of csrc/common/act_kind.h) after each. The feedback structure of
+    docs/spec.md §1.2: ``lags`` (None: the one lag ``delay``), ``feedback`` F (None: every
+    output) and ``residual``; ``ensemble`` E members (docs/spec.md §1.3, None: one network) with
+    x0 / u shared by them or each member's own."""
 
     B: int
     Du: int
@@ -176,16 +204,52 @@ class Shape:
     bias: bool = True
     layers: int = 2
     activation: str = "relu"
+    lags: Optional[Tuple[int, ...]] = None
+    feedback: Optional[int] = None
+    residual: bool = False
+    ensemble: Optional[int] = None
+    shared_x0: bool = False
+    shared_u: bool = False
+
+    def __post_init__(self):
+        if self.lags is not None:
+            self.delay = max(self.lags)
+
+    def __repr__(self) -> str:
+        # The fields past T only where they differ from their default, so that a log line stays short.
+        fields = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        shown = [f"{n}={v!r}" for i, (n, v) in enumerate(fields)
+                 if i < 5 or v != dataclasses.fields(self)[i].default]
+        return f"Shape({', '.join(shown)})"
 
     @property
     def widths(self) -> List[int]:
         """out_l of every layer: H for the hidden ones, then O."""
         return [self.H] * (self.layers - 1) + [self.O]
 
+    @property
+    def F(self) -> int:
+        return self.O if self.feedback is None else self.feedback
+
+    @property
+    def lag_tuple(self) -> Tuple[int, ...]:
+        return (self.delay,) if self.lags is None else tuple(self.lags)
+
+    @property
+    def members(self) -> Tuple[int, ...]:
+        """() for one network, (E,) for an ensemble: the member axis of the tensors."""
+        return () if self.ensemble is None else (self.ensemble,)
+
+    def structure(self) -> Dict:
+        """The feedback keywords of fbfast.rollout."""
+        return dict(delay=self.delay if self.lags is None else tuple(self.lags), feedback=self.feedback,
+                    residual=self.residual)
+
 
 def plans_of(s: Shape, sms: int, smem: int):
     args = (s.B, s.T, s.Du, s.widths, s.delay, s.activation)
-    return plan_rollout(*args, False, sms, smem), plan_rollout(*args, True, sms, smem)
+    kw = dict(lags=s.lags, feedback=s.feedback, residual=s.residual, members=s.ensemble or 1)
+    return plan_rollout(*args, False, sms, smem, **kw), plan_rollout(*args, True, sms, smem, **kw)
 
 
 def partial_four_row_tile(sms: int, smem: int) -> Shape:
@@ -235,6 +299,15 @@ def deep_backward_smem_near_limit(sms: int, smem: int) -> Optional[Shape]:
     return backward_smem_near_limit(sms, smem, layers=3, activation="gelu")
 
 
+def ensemble_persistent_blocks(sms: int, smem: int) -> Shape:
+    """An ensemble of 5 delta models with more tiles per member than its share of the persistent
+    grid (2 SMs // 5 blocks per member): 64-row tiles, the last partial, so every member's blocks
+    loop over tiles and reduce their gradients per member."""
+    share = max(1, K_BLOCKS_PER_SM * sms // 5)
+    return Shape(B=K_MAX_ROWS * (share + 2) - 7, Du=2, O=4, H=16, T=5, lags=(2, 1), feedback=3, residual=True,
+                 truncate=3, ensemble=5)
+
+
 # What each sized problem must give on the device (checked on the mirrored plans).
 PLAN_SHAPES: Dict[str, Callable[[int, int], Optional[Shape]]] = {
     "partial-4-row-tile": partial_four_row_tile,
@@ -242,6 +315,7 @@ PLAN_SHAPES: Dict[str, Callable[[int, int], Optional[Shape]]] = {
     "forward-smem-above-48k": forward_smem_above_48k,
     "backward-smem-near-limit": backward_smem_near_limit,
     "deep-gelu-backward-smem-near-limit": deep_backward_smem_near_limit,
+    "ensemble-persistent-blocks": ensemble_persistent_blocks,
 }
 
 
@@ -258,8 +332,8 @@ def plan_shape_problem(kind: str, sms: int, smem: int):
     if kind == "partial-4-row-tile":
         assert fwd["rows_per_item"] == 4 and s.B % fwd["rows"] and fwd["tiles"] > 1, why
         assert bwd is not None and bwd["rows_per_item"] == 4 and s.B % bwd["rows"] and bwd["blocks"] > 1, why
-    elif kind == "persistent-blocks":
-        assert fwd["tiles"] > fwd["blocks"] and bwd is not None and bwd["tiles"] > bwd["blocks"], why
+    elif kind in ("persistent-blocks", "ensemble-persistent-blocks"):
+        assert fwd["tiles"] > fwd["blocks"] and bwd is not None and bwd["tiles"] > bwd["blocks"] > 1, why
     elif kind == "forward-smem-above-48k":
         assert fwd["smem_bytes"] > DEFAULT_SMEM_BYTES, why
     elif kind in ("backward-smem-near-limit", "deep-gelu-backward-smem-near-limit"):
@@ -306,8 +380,26 @@ def smoke_cases(sms: int, smem: int) -> List[Case]:
         Case("fused-backward-f32-gelu-L3-smem-near-limit", deep_backward_smem_near_limit(sms, smem)),
         Case("fused-backward-bf16-mish-L3", Shape(B=33, Du=4, O=3, H=8, T=20, delay=2, layers=3, activation="mish"),
              dtype=torch.bfloat16),
+        # Feedback structures (docs/spec.md §1.2) and ensembles (§1.3) in the fused kernels: D ring
+        # slots gathered per step, the adjoint ring, x0's adjoints written from it; a grid row per
+        # member, own and shared x0 / u (their gradients summed over the members' own), several
+        # blocks per member (the reduction per member) and persistent blocks.
+        Case("fused-backward-f32-lags31-F2-residual-K2",
+             Shape(B=7, Du=2, O=3, H=8, T=10, lags=(3, 1), feedback=2, residual=True, truncate=2)),
+        Case("fused-backward-f32-narx5-F1-gelu-L3-blocks",
+             Shape(B=2 * sms + 5, Du=0, O=3, H=16, T=20, lags=(1, 2, 3, 4, 5), feedback=1, layers=3,
+                   activation="gelu")),
+        Case("fused-backward-f32-ensemble3-shared-x0-u", Shape(B=33, Du=4, O=3, H=8, T=12, delay=2, truncate=3,
+                                                               ensemble=3, shared_x0=True, shared_u=True)),
+        Case("fused-backward-f32-ensemble5-residual-persistent", ensemble_persistent_blocks(sms, smem)),
+        Case("fused-backward-bf16-ensemble4-shared-u-lags21",
+             Shape(B=33, Du=4, O=4, H=8, T=16, lags=(2, 1), feedback=2, residual=True, ensemble=4, shared_u=True,
+                   activation="silu"), dtype=torch.bfloat16),
         Case("general-backward-f32", Shape(B=5, Du=2, O=3, H=7, T=6, delay=2, truncate=3), path="general",
              expect="general"),
+        Case("general-backward-f32-ensemble3-lags31", Shape(B=5, Du=2, O=3, H=7, T=6, lags=(3, 1), feedback=2,
+                                                            residual=True, truncate=2, ensemble=3, shared_x0=True),
+             path="general", expect="general"),
         Case("general-backward-f32-elu-L3", Shape(B=5, Du=2, O=3, H=7, T=6, delay=2, truncate=3, layers=3,
                                                   activation="elu"), path="general", expect="general"),
         Case("auto-general-large-width-f32", Shape(B=3, Du=2, O=300, H=700, T=4, delay=2, truncate=3), path="auto",
@@ -341,24 +433,42 @@ ACT_FN = {
 
 
 def away_from_kinks(w1: torch.Tensor, b1: torch.Tensor):
-    """(w1, b1) rescaled as above, in their own dtype and device."""
+    """(w1, b1) rescaled as above, in their own dtype and device (an ensemble's, (E, out, in) and
+    (E, out), member by member)."""
     w = w1.detach().double()
-    w = w * (0.05 / w.norm(dim=1, keepdim=True).clamp_min(1e-30))
-    signs = torch.where(torch.arange(b1.shape[0], device=b1.device) % 2 == 0, 1.0, -1.0)
-    return w.to(w1.dtype), signs.to(b1.dtype)
+    w = w * (0.05 / w.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+    signs = torch.where(torch.arange(b1.shape[-1], device=b1.device) % 2 == 0, 1.0, -1.0)
+    return w.to(w1.dtype), signs.expand(b1.shape).to(b1.dtype).contiguous()
 
 
-def min_abs_preactivation(x0, u, weights, biases, y, delay: int, activation: str = "relu") -> float:
-    """min |z_t| over every step, row and hidden unit of a rollout, from its output y (float64)."""
+def _linear(h, w, b):
+    """One layer for one network or an ensemble (w (E, out, in), h (E, B, in))."""
+    z = torch.matmul(h, w.transpose(-1, -2))
+    return z if b is None else z + b.unsqueeze(-2)
+
+
+def min_abs_preactivation(x0, u, weights, biases, y, delay, activation: str = "relu", feedback=None,
+                          ensemble=None) -> float:
+    """min |z_t| over every step, row and hidden unit of a rollout, from its output y (float64).
+    ``delay`` is one lag or the lags in order (docs/spec.md §1.2); ``ensemble`` E broadcasts a
+    shared x0 or u to the members."""
+    lags = (delay,) if isinstance(delay, int) else tuple(delay)
+    D = max(lags)
     x0, y = x0.detach().double(), y.detach().double()
+    F = y.shape[-1] if feedback is None else feedback
     weights = [w.detach().double() for w in weights]
     biases = [None if b is None else b.detach().double() for b in biases]
+    if ensemble is not None:  # every tensor (T or D, E, B, .)
+        if x0.dim() == 3:
+            x0 = x0.unsqueeze(1).expand(-1, ensemble, -1, -1)
+        if u is not None and u.dim() == 3:
+            u = u.unsqueeze(1).expand(-1, ensemble, -1, -1)
     worst = float("inf")
     for t in range(y.shape[0]):
-        x = x0[t] if t < delay else y[t - delay]
+        x = torch.cat([x0[t - d + D] if t < d else y[t - d][..., :F] for d in lags], -1)
         h = x if u is None else torch.cat([u[t].detach().double(), x], -1)
         for w, b in zip(weights[:-1], biases[:-1]):
-            z = torch.nn.functional.linear(h, w, b)
+            z = _linear(h, w, b)
             if z.numel():
                 worst = min(worst, z.abs().min().item())
             h = ACT_FN[activation](z)
@@ -379,11 +489,13 @@ def _problem(s: Shape, dtype: torch.dtype, seed: int = 0):
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
-    t = {"x0": rnd(s.delay, s.B, s.O), "u": rnd(s.T, s.B, s.Du) if s.Du else None}
-    fan_in = s.Du + s.O
+    E = s.members
+    t = {"x0": rnd(s.delay, *(() if s.shared_x0 else E), s.B, s.F),
+         "u": rnd(s.T, *(() if s.shared_u else E), s.B, s.Du) if s.Du else None}
+    fan_in = s.Du + len(s.lag_tuple) * s.F
     for l, out in enumerate(s.widths):
-        t[f"w{l + 1}"] = rnd(out, fan_in, scale=0.9 / max(1, fan_in) ** 0.5)
-        t[f"b{l + 1}"] = rnd(out, scale=0.1) if s.bias else None
+        t[f"w{l + 1}"] = rnd(*E, out, fan_in, scale=0.9 / max(1, fan_in) ** 0.5)
+        t[f"b{l + 1}"] = rnd(*E, out, scale=0.1) if s.bias else None
         fan_in = out
     if s.bias and s.activation in KINKED and s.layers > 1:
         t["w1"], t["b1"] = away_from_kinks(t["w1"], t["b1"])
@@ -393,8 +505,8 @@ def _problem(s: Shape, dtype: torch.dtype, seed: int = 0):
 def _rollout(fn, t: Dict, s: Shape, backward: bool, grad_y: torch.Tensor, **kw):
     leaves = {n: (v.requires_grad_(backward) if v is not None else None) for n, v in t.items()}
     params = [leaves[n] for n in layer_names(s.layers)]
-    y = fn(leaves["x0"], *params, steps=s.T, u=leaves["u"], delay=s.delay, truncate=s.truncate,
-           activation=s.activation, **kw)
+    y = fn(leaves["x0"], *params, steps=s.T, u=leaves["u"], truncate=s.truncate, activation=s.activation,
+           **s.structure(), **kw)
     out = {"Y": y.detach()}
     if backward:
         wanted = [n for n in ["x0", "u"] + layer_names(s.layers) if leaves[n] is not None]
@@ -431,11 +543,12 @@ def run_case(case: Case, log: Callable[[str], None], device: str = "cuda") -> Di
     s, dtype = case.shape, case.dtype
     t_cpu = _problem(s, dtype)
     g = torch.Generator().manual_seed(1)
-    grad_y = torch.randn(s.T, s.B, s.O, generator=g, dtype=torch.float64).to(dtype)
+    grad_y = torch.randn(s.T, *s.members, s.B, s.O, generator=g, dtype=torch.float64).to(dtype)
     exact = _reference(t_cpu, s, case.backward, grad_y.double(), "cpu", torch.float64)
     weights = [t_cpu[f"w{l + 1}"] for l in range(s.layers)]
     biases = [t_cpu[f"b{l + 1}"] for l in range(s.layers)]
-    margin = min_abs_preactivation(t_cpu["x0"], t_cpu["u"], weights, biases, exact["Y"], s.delay, s.activation)
+    margin = min_abs_preactivation(t_cpu["x0"], t_cpu["u"], weights, biases, exact["Y"], s.structure()["delay"],
+                                   s.activation, s.feedback, s.ensemble)
     t_dev = {n: None if v is None else v.to(device) for n, v in t_cpu.items()}
     if device == "cuda":
         backend, options = "cuda", fbfast.kernel_options(cuda_path=case.path)

@@ -5,16 +5,19 @@ GEMM path, pinned with fbfast.kernel_options(cuda_path=...)) and on "auto" (the 
 
 * float32 outputs and gradients against the float64 reference, over the mode grid of the
   foundation (delay 1/2/3, u on/off, truncate None/1/3, bias on/off), odd widths and batches
-  (B in 1, 7, 130; H=5, O=3; a width that does not fit in shared memory), and every activation
-  at depths 1-4 (more layers than the fused kernels hold take the general path);
+  (B in 1, 7, 130; H=5, O=3; a width that does not fit in shared memory), every activation
+  at depths 1-4 (more layers than the fused kernels hold take the general path), the feedback
+  structures (lags, partial feedback, residual, truncation; more lags than the fused kernels
+  hold take the general path) and ensembles with their own or shared x0 / u;
 * bfloat16/float16: the kernel's error against float64 is at most twice the error of the
   eager reference run in that dtype (plus one unit roundoff, for problems where eager happens
   to be nearly exact);
 * the plan kinds that fixed shapes miss on a large GPU, sized at run time from this device's
   SM count and opt-in shared memory: a partial 4-row tile, persistent blocks (more tiles than
-  blocks), a forward plan above 48 KB of shared memory, a backward plan near the opt-in limit
-  (also for a three-layer GELU network, which keeps every hidden layer's z); and the grid,
-  block and shared memory of those launches, as the profiler records them;
+  blocks, also per member of an ensemble with a residual two-lag structure), a forward plan
+  above 48 KB of shared memory, a backward plan near the opt-in limit (also for a three-layer
+  GELU network, which keeps every hidden layer's z); and the grid (a row per member), block and
+  shared memory of those launches, as the profiler records them;
 * opcheck, output masks, zero sizes, NaN, non-contiguous inputs, bitwise determinism, a
   non-default stream, and torch.compile(mode="reduce-overhead", fullgraph=True).
 
@@ -149,23 +152,52 @@ def test_activation_and_depth(activation, depth, path):
     _check_float32(p, f"{activation} L={depth}")
 
 
-# Feedback structures (docs/spec.md §1.2) run on the general path (the fused kernels run one lag
-# with every output fed back): "auto" takes it, and a pinned fused path says why it cannot.
+# Feedback structures (docs/spec.md §1.2) on both paths: the fused kernels gather the lags from a
+# ring of D fed-back values and keep their adjoints in the backward's ring (rollout_params.h).
 FEEDBACK_STRUCTURES = {
     "3,1-F2-residual": dict(lags=(3, 1), feedback=2, residual=True, truncate=2),
     "narx5-F1": dict(lags=(1, 2, 3, 4, 5), feedback=1),
     "2-residual": dict(lags=(2,), residual=True),
+    "1-F2-K1": dict(lags=(1,), feedback=2, truncate=1),
+    "4,2-residual-T3": dict(lags=(4, 2), residual=True, T=3),
 }
 
 
+@pytest.mark.parametrize("path", ["fused", "general"], indirect=True)
 @pytest.mark.parametrize("structure", sorted(FEEDBACK_STRUCTURES))
-def test_feedback_structures(structure):
+def test_feedback_structures(structure, path):
     kw = dict(FEEDBACK_STRUCTURES[structure])
-    p = _cuda_problem(5, 2, 3, 8, 9, layers=3, activation="tanh", **kw)
+    p = _cuda_problem(5, 2, 3, 8, kw.pop("T", 9), layers=3, activation="tanh", **kw)
     _check_float32(p, structure)
-    with fbfast.kernel_options(cuda_path="fused"):
-        with pytest.raises(RuntimeError, match=r"fused path is pinned.*one lag"):
-            p.run("cuda")
+
+
+def test_more_lags_than_the_fused_kernels_hold():
+    # kMaxLags (csrc/cuda/rollout_params.h): "auto" takes the general path without an error, a
+    # pinned fused path says why it cannot.
+    p = _cuda_problem(3, 1, 2, 6, 20, lags=tuple(range(1, smoke.K_MAX_LAGS + 2)), feedback=1)
+    _check_float32(p, f"{len(p.lags)} lags, auto")
+    with fbfast.kernel_options(cuda_path="fused"), pytest.raises(RuntimeError, match="at most"):
+        p.run("cuda")
+
+
+# Ensembles (docs/spec.md §1.3): the fused kernels run every member in one launch (a grid row per
+# member), the general path member after member; own and shared x0 / u, whose gradients are the
+# sums over the members.
+ENSEMBLES = {
+    "E3-own-v1": dict(ensemble=3, delay=2, truncate=3),
+    "E3-shared-x0-u-v1": dict(ensemble=3, delay=2, shared_x0=True, shared_u=True),
+    "E4-shared-u-lags31-F2-residual": dict(ensemble=4, lags=(3, 1), feedback=2, residual=True, truncate=2,
+                                           shared_u=True),
+    "E2-shared-x0-narx3-gelu": dict(ensemble=2, lags=(1, 2, 3), feedback=1, shared_x0=True, activation="gelu"),
+}
+
+
+@pytest.mark.parametrize("path", ["fused", "general"], indirect=True)
+@pytest.mark.parametrize("ensemble", sorted(ENSEMBLES))
+def test_ensembles(ensemble, path):
+    kw = dict(ENSEMBLES[ensemble])
+    p = _cuda_problem(7, 2, 3, 8, 9, layers=kw.pop("layers", 2), **kw)
+    _check_float32(p, ensemble)
 
 
 def test_more_layers_than_the_fused_kernels_hold():
@@ -190,8 +222,10 @@ def _plan_problem(kind):
         shape, fwd, bwd = smoke.plan_shape_problem(kind, dev["sms"], dev["smem_optin"])
     except LookupError as exc:  # e.g. no opt-in beyond 48 KB on this device
         pytest.skip(str(exc))
-    p = _cuda_problem(shape.B, shape.Du, shape.O, shape.H, shape.T, delay=shape.delay,
-                      truncate=shape.truncate, bias=shape.bias, layers=shape.layers, activation=shape.activation)
+    structure = shape.structure()
+    p = _cuda_problem(shape.B, shape.Du, shape.O, shape.H, shape.T, truncate=shape.truncate, bias=shape.bias,
+                      layers=shape.layers, activation=shape.activation, ensemble=shape.ensemble,
+                      shared_x0=shape.shared_x0, shared_u=shape.shared_u, **structure)
     if shape.activation in smoke.KINKED:
         # Millions of pre-activations: keep them away from the kink, where float32 and the float64
         # reference would take different branches (scripts/gpu_smoke.py, away_from_kinks).
@@ -201,7 +235,7 @@ def _plan_problem(kind):
             p.w1.copy_(w1)
             p.b1.copy_(b1)
         margin = smoke.min_abs_preactivation(p.x0, p.u, p.weights, p.biases, _as_float64(p).reference(), p.delay,
-                                             shape.activation)
+                                             shape.activation, shape.feedback, shape.ensemble)
         assert margin > 1e-3, f"{kind}: a pre-activation within {margin:.1e} of the kink; pick other inputs"
     return p, shape, fwd, bwd, dev
 
@@ -231,7 +265,7 @@ def _kernel_launches(trace_path):
 @pytest.mark.parametrize("kind", PLAN_KINDS)
 def test_launch_config_matches_the_mirror(kind, tmp_path):
     p, shape, fwd, bwd, dev = _plan_problem(kind)
-    gy = torch.randn(shape.T, shape.B, shape.O, device="cuda")
+    gy = torch.randn(shape.T, *shape.members, shape.B, shape.O, device="cuda")
     with fbfast.kernel_options(cuda_path="fused"):
         torch.autograd.grad(p.run("cuda"), p.inputs(), gy)  # first calls outside the profile
         torch.cuda.synchronize()
@@ -250,11 +284,13 @@ def test_launch_config_matches_the_mirror(kind, tmp_path):
         args = ev.get("args", {})
         if "grid" not in args or "block" not in args:
             pytest.skip(f"the profiler's kernel records carry no launch configuration: {sorted(args)}")
-        got = {"blocks": args["grid"][0], "threads": args["block"][0],
+        got = {"blocks": args["grid"][0], "members": args["grid"][1] if len(args["grid"]) > 1 else 1,
+               "threads": args["block"][0],
                "smem_bytes": args.get("shared memory", plan["smem_bytes"]),
                # the kernel's template argument, demangled (<float, 4>) or not (ILi4E)
                "rows_per_item": 4 if ", 4>" in names[0] or "Li4E" in names[0] else 1}
-        want = {k: plan[k] for k in got}
+        want = {k: plan[k] for k in got if k != "members"}
+        want["members"] = shape.ensemble or 1
         assert got == want, f"{kind}: {names[0]} launched with {got}, the mirror of plan_rollout says {want}"
 
 
@@ -420,6 +456,22 @@ def test_deterministic_bitwise(network, path):
     # 130 rows: several blocks, so the fused weight gradients go through the block reduction.
     p = _cuda_problem(130, 3, 8, 24, 20, delay=2, truncate=5, **NETWORKS[network])
     gy = torch.randn(20, 130, 8, device="cuda")
+    runs = []
+    for _ in range(3):
+        y = p.run("cuda")
+        runs.append([y] + grads(y, p.inputs(), gy))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["fused", "general"], indirect=True)
+def test_deterministic_bitwise_ensemble_structure(path):
+    # Several blocks per member (the per-member reduction) and a shared x0 and u, whose gradients
+    # are the sums of the members' own: no atomics anywhere, so every run gives the same bits.
+    p = _cuda_problem(130, 3, 8, 24, 12, lags=(3, 1), feedback=5, residual=True, truncate=4, ensemble=3,
+                      shared_x0=True, shared_u=True, activation="silu")
+    gy = torch.randn(12, 3, 130, 8, device="cuda")
     runs = []
     for _ in range(3):
         y = p.run("cuda")

@@ -6,10 +6,12 @@
 2. Every ``csrc/cuda/*.cpp`` (host code, compiled by the C++ compiler into the extension)
    passes ``g++ -fsyntax-only -Wall -Wextra`` with the CUDA headers, warning-free.
 3. The kernels themselves, compiled for the host by ``csrc/cuda/emulation/`` (one thread per
-   CUDA thread, a barrier per block, ThreadSanitizer when the compiler has it), match a float64
-   reference for every activation and depths 1-4, in every mode (delay, truncate, u, biases,
-   output masks, 16-bit dtypes), through the same launch plan as on a GPU, and report no data
-   race, no unbalanced barrier and no shared-memory overrun. This is what lets the kernels'
+   CUDA thread, a barrier per block, ThreadSanitizer when the compiler has it), match
+   ``fbfast.rollout_reference`` in float64 for every activation and depths 1-4, in every mode
+   (delay, truncate, u, biases, output masks, 16-bit dtypes), for the feedback structures of
+   docs/spec.md §1.2 (several lags, F < O, residual, with truncation) and for ensembles (§1.3,
+   own and shared x0 / u), through the same launch plan as on a GPU, and report no data race,
+   no unbalanced barrier and no shared-memory overrun. This is what lets the kernels'
    indexing be tested on the project's GPU-less machines; the real-GPU checks are in
    tests/test_cuda.py.
 
@@ -434,9 +436,9 @@ def test_emulated_low_precision(emulator, activation, widths, dtype):
 
 # (name, Net keywords, num_sms): each with odd widths and batches and its own plan kind: a
 # partial 4-row tile with 2 blocks, one-row tiles with z kept per layer, no hidden layer (one
-# GEMM reads x_t and writes y_t), T < D (x0's rows read by few steps, some by none), T past the
-# staging chunk with several blocks, persistent blocks over 64-row tiles, truncate=1, a
-# zero-width hidden layer.
+# GEMM reads x_t and writes y_t), T < D (x0's rows read by few steps; some by none, whose
+# gradient must come out zero), T past the staging chunk with several blocks, persistent blocks
+# over 64-row tiles, truncate=1, a zero-width hidden layer.
 STRUCTURES = [
     ("lags31-F2-residual-K2", dict(B=7, Du=2, widths=(5, 3), T=9, delay=(3, 1), feedback=2, residual=True,
                                    truncate=2, activation="tanh"), 2),
@@ -451,6 +453,7 @@ STRUCTURES = [
     ("lags213-residual-K1", dict(B=9, Du=2, widths=(6, 4, 3), T=6, delay=(2, 1, 3), residual=True, truncate=1,
                                  activation="mish"), 2),
     ("lags12-F1-H0", dict(B=9, Du=0, widths=(0, 5), T=5, delay=(1, 2), feedback=1, residual=True), 2),
+    ("lags51-T2-unread-x0-rows", dict(B=5, Du=2, widths=(6, 3), T=2, delay=(5, 1), feedback=2, residual=True), 2),
 ]
 
 
@@ -484,7 +487,7 @@ def test_emulated_structure_grid(emulator):
 # (name, Net keywords, num_sms): version 1's feedback and other structures; own and shared x0
 # and u in every combination; several blocks per member (the reduction per member) and one block
 # per member (gradients written directly); a member count that does not divide the resident
-# blocks; E = 1.
+# blocks; E = 1; a one-step rollout.
 ENSEMBLES = [
     ("E3-own-lags31-F2-residual", dict(B=5, Du=2, widths=(6, 3), T=7, delay=(3, 1), feedback=2, residual=True,
                                        truncate=2, ensemble=3), 4),
@@ -499,6 +502,8 @@ ENSEMBLES = [
                                    shared_x0=True), 2),
     ("E4-shared-u-T35-lags14", dict(B=11, Du=2, widths=(7, 3), T=35, delay=(1, 4), feedback=2, truncate=5,
                                     ensemble=4, shared_u=True, activation="leaky_relu"), 8),
+    ("E2-shared-x0-T1-lags13", dict(B=5, Du=2, widths=(6, 3), T=1, delay=(1, 3), feedback=2, residual=True,
+                                    ensemble=2, shared_x0=True), 2),
 ]
 
 

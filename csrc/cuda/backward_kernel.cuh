@@ -68,8 +68,13 @@ __device__ __forceinline__ void accumulate_bias_grad(float* db, const float* g, 
   }
 }
 
+// Register budget: with one-row blocking (kRB = 1, tiles of 1-3 rows) ptxas otherwise aims at
+// more resident blocks than the plan ever places on an SM (kBlocksPerSm; such small tiles mean
+// about one tile per SM) and spills the per-step state of the feedback code to reach them. The
+// 4-row kernels keep ptxas's own choice (a minimum of 0 blocks: none asked for).
 template <Act kAct, int kRB>
-__global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(kMaxThreads, kRB == 1 ? kBlocksPerSm : 0)
+    rollout_backward_kernel(const BackwardParams p) {
   extern __shared__ float4 fbfast_smem[];
   float* smem = reinterpret_cast<float*>(fbfast_smem);
   constexpr bool kNeedsZ = act_needs_z(kAct);
@@ -78,10 +83,7 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
   const int R = lay.rows, last = d.layers - 1;
   const int64_t B = d.batch, T = d.steps, k = d.delay;
   const bool plain = d.plain();
-  // This block's member: the offsets of its rows in every (T, [E,] B, .) tensor (0 for one network).
-  const int64_t e = blockIdx.y;
-  const int64_t x0_member = e * p.x0_rows.member, u_member = e * p.u_rows.member, y_member = e * p.y_rows.member;
-  const int64_t gx0_member = e * p.grad_x0_rows.member, gu_member = e * p.grad_u_rows.member;
+  const int64_t e = blockIdx.y;  // this block's member (0 for one network)
 
   float* ring = smem + lay.ring;          // (slots, R, ring_pad) adjoints of the fed-back values
   float* u_stage = smem + lay.u_stage;    // (S, R, Du_pad)
@@ -102,8 +104,6 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
   const int ring_slot = R * lay.ring_pad;
   const int u_step = R * lay.du_pad, x_step = R * lay.x_pad, gy_step = R * lay.o_pad;
   const int D = static_cast<int>(k);
-  int64_t shortest = k;  // the shortest lag: steps t < shortest read only x0
-  for (int j = 0; j < d.m; ++j) shortest = d.lags[j] < shortest ? d.lags[j] : shortest;
   for (int64_t tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     const int64_t row0 = tile * R;
     const int rows_valid = static_cast<int>(B - row0 < R ? B - row0 : R);
@@ -118,19 +118,20 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
         const int64_t chunk_start = t - s;
         const int count = s + 1;
         if (d.du > 0)
-          stage_rows(u_stage, [&](int64_t tt) { return StepRows{p.u, tt * p.u_rows.step + u_member}; }, p.dtype,
-                     chunk_start, count, row0, R, B, d.du, lay.du_pad);
+          stage_rows(u_stage, [&](int64_t tt) { return StepRows{p.u, tt * p.u_rows.step + member_offset(p.u_rows)}; },
+                     p.dtype, chunk_start, count, row0, R, B, d.du, lay.du_pad);
         if (plain)
           stage_rows(
               x_stage,
               [&](int64_t tt) {
-                return tt < k ? StepRows{p.x0, tt * p.x0_rows.step + x0_member}
-                              : StepRows{p.y, (tt - k) * p.y_rows.step + y_member};
+                return tt < k ? StepRows{p.x0, tt * p.x0_rows.step + member_offset(p.x0_rows)}
+                              : StepRows{p.y, (tt - k) * p.y_rows.step + member_offset(p.y_rows)};
               },
               p.dtype, chunk_start, count, row0, R, B, d.o, lay.o_pad);
         else
-          stage_lags(x_stage, p, x0_member, y_member, chunk_start, count, row0);
-        stage_rows(gy_stage, [&](int64_t tt) { return StepRows{p.grad_y, tt * p.y_rows.step + y_member}; },
+          stage_lags(x_stage, p, chunk_start, count, row0);
+        stage_rows(gy_stage,
+                   [&](int64_t tt) { return StepRows{p.grad_y, tt * p.y_rows.step + member_offset(p.y_rows)}; },
                    p.dtype, chunk_start, count, row0, R, B, d.o, lay.o_pad);
         __syncthreads();
       }
@@ -151,9 +152,8 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
         // The slot is cleared as it is read (from now on it collects the value of step t - D), by
         // the thread that reads it; a residual model's dL/dy_t[:F] goes to the first lag's value,
         // whose slot (possibly this very one) no other thread touches in this loop.
-        const int64_t first_lag = d.lags[0];
-        float* skip = d.residual && !(cut && t >= first_lag) ? ring + lag_slot(slot, first_lag, D) * ring_slot
-                                                             : nullptr;
+        float* skip = d.residual && !(cut && t >= d.lags[0]) ? ring + lag_slot(slot, d.lags[0], D) * ring_slot
+                                                              : nullptr;
         for (int i = threadIdx.x; i < R * lay.o_pad; i += blockDim.x) {
           const int r = i / lay.o_pad, n = i - r * lay.o_pad;
           float v = gy_t[i];
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
             if (to_ring && cut) {
               for (int i = threadIdx.x; i < ring_slot; i += blockDim.x) adj[i] = 0.f;
             } else if (to_ring || p.grad_x0) {
-              const int64_t gx0_first = t * p.grad_x0_rows.step + gx0_member + row0 * d.o;
+              const int64_t gx0_first = t * p.grad_x0_rows.step + member_offset(p.grad_x0_rows) + row0 * d.o;
               tile_gemm<kRB, WeightLayout::kRowPerInput>(through_x, [&](int r, int n, float v) {
                 if (to_ring)
                   adj[r * lay.o_pad + n] = v;
@@ -224,18 +224,21 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
                   store_element(p.grad_x0, gx0_first + r * d.o + n, p.dtype, v);
               });
             }
-          } else if (p.grad_x0 || (t >= shortest && !cut)) {
+          } else if (p.grad_x0 || !cut) {
             // Lag j's share, columns [j F, (j + 1) F) of dx_t, to the adjoint of the value it read:
-            // distinct lags, distinct slots, so each element has one writer.
+            // distinct lags, distinct slots, so each element has one writer. When truncation cuts
+            // the edges into step t, the lags d_j <= min(t, D) (values of this rollout) are
+            // dropped and x0's values still get theirs; the GEMM is skipped only when every
+            // share would be dropped (cut, and x0's adjoints not wanted).
+            const int dropped = cut ? (t < D ? static_cast<int>(t) : D) : 0;
             tile_gemm<kRB, WeightLayout::kRowPerInput>(through_x, [&](int r, int n, float v) {
-              const int j = n / d.f;
-              const int64_t lag = d.lags[j];
-              if (cut && t >= lag) return;
+              const int j = n / d.f, lag = d.lags[j];
+              if (lag <= dropped) return;
               ring[lag_slot(slot, lag, D) * ring_slot + r * lay.ring_pad + (n - j * d.f)] += v;
             });
           }
           if (p.grad_u && d.du > 0) {
-            const int64_t gu_first = t * p.grad_u_rows.step + gu_member + row0 * d.du;
+            const int64_t gu_first = t * p.grad_u_rows.step + member_offset(p.grad_u_rows) + row0 * d.du;
             const TileGemm through_u{{g, nullptr}, {lay.act_pad, 0}, {layer.out_pad, 0}, w, layer.ld, nullptr, R,
                                      d.du};
             tile_gemm<kRB, WeightLayout::kRowPerInput>(through_u, [&](int r, int n, float v) {
@@ -262,8 +265,8 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_backward_kernel(const Bac
         const int sr = idx / d.f;
         const int r = sr % R, i = sr / R;
         if (r < rows_valid)
-          store_element(p.grad_x0, i * p.grad_x0_rows.step + gx0_member + (row0 + r) * d.f + c, p.dtype,
-                        ring[i * ring_slot + r * lay.ring_pad + c]);
+          store_element(p.grad_x0, i * p.grad_x0_rows.step + member_offset(p.grad_x0_rows) + (row0 + r) * d.f + c,
+                        p.dtype, ring[i * ring_slot + r * lay.ring_pad + c]);
       }
       __syncthreads();
     }

@@ -36,9 +36,7 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Roll
   const int R = lay.rows, last = d.layers - 1;
   const int64_t B = d.batch, T = d.steps, k = d.delay;
   const bool plain = d.plain();
-  // This block's member: the offsets of its rows in x0, u and Y (0 for one network).
-  const int64_t e = blockIdx.y;
-  const int64_t x0_member = e * p.x0_rows.member, u_member = e * p.u_rows.member, y_member = e * p.y_rows.member;
+  const int64_t e = blockIdx.y;  // this block's member (0 for one network)
 
   float* ring = smem + lay.ring;        // (slots, R, ring_pad)
   float* u_stage = smem + lay.u_stage;  // (S, R, Du_pad)
@@ -63,10 +61,10 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Roll
     const int rows_valid = static_cast<int>(B - row0 < R ? B - row0 : R);
     // The previous tile's last step ended with a barrier, so the ring is free to refill.
     if (plain)
-      stage_rows(ring, [&](int64_t t) { return StepRows{p.x0, t * p.x0_rows.step + x0_member}; }, p.dtype, 0, fed,
-                 row0, R, B, d.o, lay.o_pad);
+      stage_rows(ring, [&](int64_t t) { return StepRows{p.x0, t * p.x0_rows.step + member_offset(p.x0_rows)}; },
+                 p.dtype, 0, fed, row0, R, B, d.o, lay.o_pad);
     else
-      stage_x0_ring(ring, p, x0_member, row0);
+      stage_x0_ring(ring, p, row0);
     __syncthreads();
 
     int s = 0;     // t % S: position of step t in the staged chunk of u
@@ -78,8 +76,8 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Roll
       const bool stage_u = d.du > 0 && s == 0;
       if (stage_u) {
         const int count = static_cast<int>(T - t < lay.chunk ? T - t : lay.chunk);
-        stage_rows(u_stage, [&](int64_t tt) { return StepRows{p.u, tt * p.u_rows.step + u_member}; }, p.dtype, t,
-                   count, row0, R, B, d.du, lay.du_pad);
+        stage_rows(u_stage, [&](int64_t tt) { return StepRows{p.u, tt * p.u_rows.step + member_offset(p.u_rows)}; },
+                   p.dtype, t, count, row0, R, B, d.du, lay.du_pad);
       }
       if (!plain) gather_lags(x_buf, ring, d, lay, slot);
       if (stage_u || !plain) __syncthreads();
@@ -87,7 +85,7 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Roll
       // once the first layer has read it (barrier), or in a one-layer network a slot of its own.
       // Other structures: y_t[:F] always takes slot t % D (x_t was gathered before the barrier).
       float* y_ring = !plain ? ring + slot * ring_slot : t + k < T ? ring + y_slot * ring_slot : nullptr;
-      const int64_t y_first = t * p.y_rows.step + y_member + row0 * d.o;
+      const int64_t y_first = t * p.y_rows.step + member_offset(p.y_rows) + row0 * d.o;
 
       const float* u_t = u_stage + s * u_step;
       const float* x_t = plain ? ring + slot * ring_slot : x_buf;

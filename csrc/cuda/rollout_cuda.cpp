@@ -5,15 +5,18 @@
 //
 //  * fused path (forward_kernel.cuh, backward_kernel.cuh): one persistent launch runs all T
 //    steps; a block owns a tile of batch rows, with the weights of every layer and the tile's
-//    state in shared memory. Taken whenever the network has at most kMaxLayers layers and the
-//    plan fits the device's opt-in shared memory (plan_rollout, rollout_params.h).
-//  * general path (csrc/gemm_path.h): per-step cuBLAS GEMMs through ATen, for any size; the
-//    same code serves the CPU's wide layers.
+//    state in shared memory. Every feedback structure (lags, partial feedback, residual,
+//    truncation) and a whole ensemble in one launch (a grid row per member). Taken whenever the
+//    network has at most kMaxLayers layers, the rollout at most kMaxLags lags and the plan fits
+//    the device's opt-in shared memory (plan_rollout, rollout_params.h).
+//  * general path (csrc/gemm_path.h): per-step cuBLAS GEMMs through ATen, for any size (an
+//    ensemble member after member); the same code serves the CPU's wide layers.
 // cuda_path='fused'|'general' (fbfast.set_kernel_options, or FBFAST_CUDA_PATH read at load)
 // overrides the rule (the tests run both paths).
 // Everything runs on the current stream of the tensors' device, under a device guard.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -142,46 +145,55 @@ gemm_path::Network make_network(at::TensorList weights, const BiasList& biases, 
 // Widths beyond this never fit in shared memory; checking first keeps them out of Dims' ints.
 constexpr int64_t kMaxFusedWidth = int64_t(1) << 20;
 
-// "Du=2, O=3, widths 16x16x3, delay=2": the sizes that decide whether the fused path fits.
-std::string describe(const gemm_path::Network& net, int64_t delay) {
-  std::string widths;
-  for (const auto& w : net.w) widths += (widths.empty() ? "" : "x") + std::to_string(w.size(0));
-  return "Du=" + std::to_string(net.du) + ", O=" + std::to_string(net.w.back().size(0)) + ", widths " + widths +
-         ", delay=" + std::to_string(delay);
+// "Du=2, O=3, widths 16x16x3, lags (3, 1), F=2, residual": the sizes that decide whether the
+// fused path fits.
+std::string describe(const RolloutSizes& s) {
+  std::string widths, lags;
+  for (const auto& w : s.widths) widths += (widths.empty() ? "" : "x") + std::to_string(w.expect_int());
+  for (const int64_t d : s.lags) lags += (lags.empty() ? "" : ", ") + std::to_string(d);
+  return "Du=" + std::to_string(s.du.expect_int()) + ", O=" + std::to_string(s.o.expect_int()) + ", widths " +
+         widths + (s.lags.size() == 1 ? ", delay=" + lags : ", lags (" + lags + ")") +
+         ", F=" + std::to_string(s.f.expect_int()) + (s.residual ? ", residual" : "");
 }
 
 // The fused plan of one call (plan.fused == false: the general path), and in `dims` the problem
-// as the fused kernels see it.
-Plan choose_plan(const gemm_path::Network& net, int64_t steps, int64_t batch, int64_t delay, int64_t truncate,
-                 bool backward, c10::DeviceIndex device, const char* op, Dims& dims) {
+// as the fused kernels see it: every member of an ensemble in one launch.
+Plan choose_plan(const RolloutSizes& s, int64_t steps, int64_t truncate, bool backward, c10::DeviceIndex device,
+                 const char* op, Dims& dims) {
   const PathChoice choice = path_override();
   if (choice == PathChoice::kGeneral) return Plan{};
-  const int64_t L = net.layers();
-  // The fused kernels run version 1's feedback (one lag, every output fed back, no skip).
-  if (!net.plain_feedback()) {
-    TORCH_CHECK(choice != PathChoice::kFused, op, ": the fused path is pinned (cuda_path='fused'), but it runs one "
-                "lag with every output fed back and no residual; set cuda_path='auto' to take the general path");
-    return Plan{};
-  }
-  if (L > kMaxLayers) {
-    TORCH_CHECK(choice != PathChoice::kFused, op, ": the fused path is pinned (cuda_path='fused'), but the network "
-                "has ", L, " layers and the fused kernels hold at most ", kMaxLayers,
+  const bool pinned = choice == PathChoice::kFused;
+  auto general = [&](const std::string& why) {
+    TORCH_CHECK(!pinned, op, ": the fused path is pinned (cuda_path='fused'), but ", why,
                 "; set cuda_path='auto' to take the general path");
     return Plan{};
+  };
+  const int64_t L = s.layers(), m = static_cast<int64_t>(s.lags.size());
+  const int64_t E = s.ensemble() ? s.members.expect_int() : 1;
+  if (L > kMaxLayers)
+    return general(c10::str("the network has ", L, " layers and the fused kernels hold at most ", kMaxLayers));
+  if (m > kMaxLags)
+    return general(c10::str("the rollout reads ", m, " lags and the fused kernels hold at most ", kMaxLags));
+  if (E > kMaxMembers)
+    return general(c10::str("the ensemble has ", E, " members and the fused kernels launch at most ", kMaxMembers));
+  const int64_t du = s.du.expect_int();
+  bool small = du < kMaxFusedWidth;
+  std::vector<int> widths;
+  for (const auto& w : s.widths) {
+    small = small && w.expect_int() < kMaxFusedWidth;
+    widths.push_back(static_cast<int>(std::min(w.expect_int(), kMaxFusedWidth)));
   }
-  bool small = net.du < kMaxFusedWidth;
-  for (const auto& w : net.w) small = small && w.size(0) < kMaxFusedWidth;
   const DeviceLimits limits = device_limits(device);
   Plan plan;
   if (small) {
-    std::vector<int> widths;
-    for (const auto& w : net.w) widths.push_back(static_cast<int>(w.size(0)));
-    dims = make_dims(steps, batch, static_cast<int>(net.du), static_cast<int>(L), widths.data(), delay, truncate);
-    plan = plan_rollout(dims, backward, net.act, limits.sms, limits.smem_optin);
+    dims = make_dims(steps, s.batch.expect_int(), static_cast<int>(du), static_cast<int>(L), widths.data(), s.delay,
+                     truncate);
+    set_feedback(dims, static_cast<int>(m), s.lags.data(), static_cast<int>(s.f.expect_int()), s.residual);
+    dims.members = E;
+    plan = plan_rollout(dims, backward, s.act, limits.sms, limits.smem_optin);
   }
-  TORCH_CHECK(plan.fused || choice != PathChoice::kFused, op,
-              ": the fused path is pinned (cuda_path='fused'), but the weights (", describe(net, delay),
-              ") do not fit in the ", limits.smem_optin,
+  TORCH_CHECK(plan.fused || !pinned, op, ": the fused path is pinned (cuda_path='fused'), but the weights (",
+              describe(s), ") do not fit in the ", limits.smem_optin,
               " bytes of shared memory per block of this GPU; set cuda_path='auto' to take the "
               "general path, or reduce the widths");
   return plan;
@@ -207,9 +219,9 @@ std::vector<const void*> bias_pointers(const gemm_path::Network& net) {
   return b;
 }
 
-// An ensemble (docs/spec.md §1.3) runs its members one after another through the one-network
-// kernels: member e's weights w[e], its own x0[:, e] and u[:, e] or the shared ones. (A grid axis
-// per member in the fused kernels, launching all members at once, is not written yet.)
+// An ensemble (docs/spec.md §1.3) on the general path runs its members one after another: member
+// e's weights w[e], its own x0[:, e] and u[:, e] or the shared ones. (The fused path launches all
+// members at once.)
 struct Member {
   std::vector<at::Tensor> w;
   BiasList b;
@@ -237,10 +249,18 @@ at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at:
   check_dtype(kForwardOp, x0_in);
   const c10::cuda::CUDAGuard guard(x0_in.device());
   check_result_fits(kForwardOp, sizes, x0_in.element_size(), device_memory(x0_in.get_device()));
-  if (sizes.ensemble()) {
-    const int64_t E = sizes.members.expect_int();
-    at::Tensor y = checked_empty(kForwardOp, "the result Y", {steps, E, sizes.batch.expect_int(), sizes.o.expect_int()},
-                                 x0_in.options(), "use fewer steps or a smaller batch, or run the rollout in chunks");
+  const bool ensemble = sizes.ensemble();
+  const int64_t E = ensemble ? sizes.members.expect_int() : 1, B = sizes.batch.expect_int(),
+                O = sizes.o.expect_int();
+  const std::vector<int64_t> y_shape =
+      ensemble ? std::vector<int64_t>{steps, E, B, O} : std::vector<int64_t>{steps, B, O};
+  at::Tensor y = checked_empty(kForwardOp, "the result Y", y_shape, x0_in.options(),
+                               "use fewer steps or a smaller batch, or run the rollout in chunks");
+  if (steps == 0 || B == 0 || O == 0 || E == 0) return y;
+
+  Dims dims{};
+  const Plan plan = choose_plan(sizes, steps, truncate, false, x0_in.get_device(), kForwardOp, dims);
+  if (!plan.fused && ensemble) {
     for (int64_t e = 0; e < E; ++e) {
       const Member m = member(sizes, e, x0_in, u_in, weights, biases);
       y.select(1, e).copy_(rollout_forward_cuda(*m.x0, m.u, m.w, m.b, steps, delay, truncate, activation,
@@ -248,26 +268,20 @@ at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at:
     }
     return y;
   }
-  // Only the rows of x0 that the rollout reads are copied (gemm_path::read_x0).
+  // Only the rows of x0 that the rollout reads are copied (gemm_path::read_x0), an ensemble's
+  // along with their member axis.
   gemm_path::X0Rows rows = gemm_path::read_x0(x0_in, sizes.lags, steps);
   const at::Tensor x0 = rows.rows, u = opt_or_undefined(u_in);
-  const int64_t B = x0.size(1), O = sizes.o.expect_int(), du = u.defined() ? u.size(2) : 0;
-  gemm_path::Network net = make_network(weights, biases, sizes, activation_param, du);
-  net.x0_base = std::move(rows.base);
-  at::Tensor y = checked_empty(kForwardOp, "the result Y", {steps, B, O}, x0.options(),
-                               "use fewer steps or a smaller batch, or run the rollout in chunks");
-  if (steps == 0 || B == 0 || O == 0) return y;
-
-  Dims dims{};
-  const Plan plan = choose_plan(net, steps, B, delay, truncate, false, x0.get_device(), kForwardOp, dims);
+  gemm_path::Network net = make_network(weights, biases, sizes, activation_param, sizes.du.expect_int());
+  net.x0_base = rows.base;
   if (!plan.fused) {
     gemm_path::forward(kForwardOp, x0, u, net, y, nullptr);
     return y;
   }
   RolloutParams p{};
-  set_rollout_params(p, dims, plan, dtype_of(x0.scalar_type()), static_cast<float>(net.param),
-                     x0.data_ptr(), data_or_null(u), weight_pointers(net).data(), bias_pointers(net).data(),
-                     y.data_ptr());
+  set_rollout_params(p, dims, plan, dtype_of(x0.scalar_type()), static_cast<float>(net.param), x0.data_ptr(),
+                     rows.base.data(), data_or_null(u), Shared{sizes.x0_shared, sizes.u_shared},
+                     weight_pointers(net).data(), bias_pointers(net).data(), y.data_ptr());
   launch_rollout_forward(p, c10::cuda::getCurrentCUDAStream(x0.get_device()).stream());
   return y;
 }
@@ -282,27 +296,34 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   check_dtype(kBackwardOp, x0_in);
   const int64_t steps = y_in.size(0);
   const c10::cuda::CUDAGuard guard(x0_in.device());
-  if (sizes.ensemble()) {
+  const bool ensemble = sizes.ensemble();
+  const int64_t E = ensemble ? sizes.members.expect_int() : 1, B = sizes.batch.expect_int(),
+                O = sizes.o.expect_int(), F = sizes.f.expect_int(), du = sizes.du.expect_int();
+  const int64_t L = sizes.layers();
+  const bool empty_problem = steps == 0 || B == 0 || O == 0 || E == 0;
+  Dims dims{};
+  const Plan plan =
+      empty_problem ? Plan{} : choose_plan(sizes, steps, truncate, true, x0_in.get_device(), kBackwardOp, dims);
+  if (ensemble && !plan.fused) {
     // Member by member (see Member); a shared x0's or u's gradient sums the members'.
     const auto opts = x0_in.options();
     auto zeros_if = [&](bool want, at::IntArrayRef shape) { return want ? at::zeros(shape, opts) : at::empty({0}, opts); };
-    const size_t L = weights.size();
     at::Tensor gx0 = zeros_if(output_mask[0], x0_in.sizes());
     at::Tensor gu = zeros_if(output_mask[1] && u_in.has_value(), u_in.has_value() ? u_in->sizes() : at::IntArrayRef{0});
     std::vector<at::Tensor> gw, gb;
-    for (size_t l = 0; l < L; ++l) {
+    for (int64_t l = 0; l < L; ++l) {
       const std::optional<at::Tensor> b = biases.get(l);
       gw.push_back(zeros_if(output_mask[2 + l], weights[l].sizes()));
       gb.push_back(zeros_if(output_mask[2 + L + l] && b.has_value(), b.has_value() ? b->sizes() : at::IntArrayRef{0}));
     }
-    for (int64_t e = 0; e < sizes.members.expect_int(); ++e) {
+    for (int64_t e = 0; e < E; ++e) {
       const Member m = member(sizes, e, x0_in, u_in, weights, biases);
       const auto [d_x0, d_u, d_w, d_b] =
           rollout_backward_cuda(grad_y_in.select(1, e), y_in.select(1, e), *m.x0, m.u, m.w, m.b, delay, truncate,
                                 activation, activation_param, output_mask, lags, feedback, residual);
       if (output_mask[0]) (sizes.x0_shared ? gx0 : gx0.select(1, e)).add_(d_x0);
       if (output_mask[1] && u_in.has_value()) (sizes.u_shared ? gu : gu.select(1, e)).add_(d_u);
-      for (size_t l = 0; l < L; ++l) {
+      for (int64_t l = 0; l < L; ++l) {
         if (output_mask[2 + l]) gw[l].select(0, e).copy_(d_w[l]);
         if (d_b[l].numel()) gb[l].select(0, e).copy_(d_b[l]);
       }
@@ -313,30 +334,31 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   gemm_path::X0Rows rows = gemm_path::read_x0(x0_in, sizes.lags, steps);
   const at::Tensor x0 = rows.rows, u = opt_or_undefined(u_in);
   const at::Tensor y = y_in.contiguous(), grad_y = grad_y_in.contiguous();
-  const int64_t B = x0.size(1), O = sizes.o.expect_int(), du = u.defined() ? u.size(2) : 0;
   gemm_path::Network net = make_network(weights, biases, sizes, activation_param, du);
-  net.x0_base = std::move(rows.base);
-  const int64_t L = net.layers();
-  const bool empty_problem = steps == 0 || B == 0 || O == 0;
-  Dims dims{};
-  const Plan plan =
-      empty_problem ? Plan{} : choose_plan(net, steps, B, delay, truncate, true, x0.get_device(), kBackwardOp, dims);
+  net.x0_base = rows.base;
 
   // The general path accumulates into zero-filled gradients, and so does the fused kernel into
-  // x0's (slots t >= steps get none); the fused kernel writes the others in full.
+  // x0's for version 1's feedback (it writes only the rows t < min(delay, steps)); the fused
+  // kernel writes the others in full. A shared x0's or u's gradient is each member's own first,
+  // (steps, E, B, .), summed over the members after the kernel: no atomics, so the sum is the same
+  // on every run.
   const auto opts = x0.options();
+  const bool x0_in_full = plan.fused && !dims.plain();
   auto wanted = [&](bool want, const std::string& what, at::IntArrayRef shape, bool written_in_full) {
     if (!want) return at::Tensor();
     at::Tensor t = checked_empty(kBackwardOp, what.c_str(), shape, opts, "split the batch into smaller parts");
     return plan.fused && written_in_full ? t : t.zero_();
   };
+  const std::vector<int64_t> x0_members{x0_in.size(0), E, B, F}, u_members{steps, E, B, du};
   gemm_path::Grads g;
-  g.x0 = wanted(output_mask[0], "the gradient of x0", x0_in.sizes(), false);
-  g.u = wanted(output_mask[1] && u.defined(), "the gradient of u", u.defined() ? u.sizes() : at::IntArrayRef(), true);
+  g.x0 = wanted(output_mask[0], "the gradient of x0", sizes.x0_shared ? x0_members : x0_in.sizes().vec(),
+                x0_in_full);
+  g.u = wanted(output_mask[1] && u.defined(), "the gradient of u",
+               !u.defined() ? std::vector<int64_t>{} : sizes.u_shared ? u_members : u.sizes().vec(), true);
   for (int64_t l = 0; l < L; ++l) {
     g.w.push_back(wanted(output_mask[2 + l], "the gradient of " + layer_arg('w', l), net.w[l].sizes(), true));
     g.b.push_back(wanted(output_mask[2 + L + l] && net.b[l].defined(), "the gradient of " + layer_arg('b', l),
-                         net.w[l].size(0), true));
+                         net.b[l].defined() ? net.b[l].sizes() : at::IntArrayRef(), true));
   }
 
   if (!empty_problem && !plan.fused) {
@@ -349,19 +371,21 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
       grad_b.push_back(mutable_data_or_null(g.b[l]));
       any_weight = any_weight || g.w[l].defined() || g.b[l].defined();
     }
-    // Several blocks: per-block fp32 partials, summed in block order by a second kernel.
+    // Several blocks per member: per-block fp32 partials, summed in block order by a second kernel.
     at::Tensor workspace;
     if (plan.blocks > 1 && any_weight)
-      workspace = checked_empty(kBackwardOp, "the per-block weight gradients", {plan.blocks, grad_elements(dims)},
+      workspace = checked_empty(kBackwardOp, "the per-block weight gradients", {E * plan.blocks, grad_elements(dims)},
                                 opts.dtype(at::kFloat), "split the batch into smaller parts");
     BackwardParams p{};
-    set_backward_params(p, dims, plan, dtype_of(x0.scalar_type()), static_cast<float>(net.param),
-                        x0.data_ptr(), data_or_null(u), weight_pointers(net).data(), bias_pointers(net).data(),
-                        y.data_ptr(), grad_y.data_ptr(), mutable_data_or_null(g.x0), mutable_data_or_null(g.u),
-                        grad_w.data(), grad_b.data(),
+    set_backward_params(p, dims, plan, dtype_of(x0.scalar_type()), static_cast<float>(net.param), x0.data_ptr(),
+                        rows.base.data(), data_or_null(u), Shared{sizes.x0_shared, sizes.u_shared},
+                        weight_pointers(net).data(), bias_pointers(net).data(), y.data_ptr(), grad_y.data_ptr(),
+                        mutable_data_or_null(g.x0), mutable_data_or_null(g.u), grad_w.data(), grad_b.data(),
                         workspace.defined() ? workspace.data_ptr<float>() : nullptr);
     launch_rollout_backward(p, c10::cuda::getCurrentCUDAStream(x0.get_device()).stream());
   }
+  if (sizes.x0_shared && g.x0.defined()) g.x0 = g.x0.sum(1);
+  if (sizes.u_shared && g.u.defined()) g.u = g.u.sum(1);
   auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
   std::vector<at::Tensor> grad_w, grad_b;
   for (int64_t l = 0; l < L; ++l) {

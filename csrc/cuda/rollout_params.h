@@ -93,7 +93,7 @@ struct Dims {
   // The feedback (docs/spec.md §1.2): step t reads the first f outputs of y_{t - lags[j]} for
   // j < m, in this order; residual adds lag 0's value to the first f outputs.
   int m, f;
-  int64_t lags[kMaxLags];
+  int lags[kMaxLags];  // ints: plan_rollout takes no delay beyond INT32_MAX (x0 has D rows)
   bool residual;
   int64_t members;  // E networks side by side (1: one network)
 
@@ -118,7 +118,7 @@ inline Dims make_dims(int64_t steps, int64_t batch, int du, int layers, const in
   d.delay = delay;
   d.truncate = truncate;
   d.m = 1;
-  d.lags[0] = delay;
+  d.lags[0] = static_cast<int>(delay);
   d.f = d.o;
   d.residual = false;
   d.members = 1;
@@ -128,7 +128,7 @@ inline Dims make_dims(int64_t steps, int64_t batch, int du, int layers, const in
 // The feedback structure: m <= kMaxLags distinct lags whose maximum is d.delay, f fed-back outputs.
 inline void set_feedback(Dims& d, int m, const int64_t* lags, int f, bool residual) {
   d.m = m;
-  for (int j = 0; j < kMaxLags; ++j) d.lags[j] = j < m ? lags[j] : 0;
+  for (int j = 0; j < kMaxLags; ++j) d.lags[j] = j < m ? static_cast<int>(lags[j]) : 0;
   d.f = f;
   d.residual = residual;
 }
@@ -236,7 +236,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // one network), and each member gets an equal share of the persistent grid's blocks.
 inline Plan plan_rollout(const Dims& d, bool backward, Act act, int num_sms, int64_t smem_limit_bytes) {
   Plan plan;
-  if (d.members < 1 || d.members > kMaxMembers || d.m < 1 || d.m > kMaxLags) return plan;
+  if (d.members < 1 || d.members > kMaxMembers || d.m < 1 || d.m > kMaxLags || d.delay > INT32_MAX) return plan;
   const int64_t limit = smem_limit_bytes / int64_t(sizeof(float));
   auto fits = [&](int rows, int chunk) { return make_layout(d, act, rows, chunk, backward).total <= limit; };
 

@@ -144,6 +144,11 @@ __device__ __forceinline__ TileGemm layer_gemm(const Dims& d, const SmemLayout& 
                   d.width[l]};
 }
 
+// The offset of this block's member (blockIdx.y, docs/spec.md §1.3) in a tensor with these rows.
+// Read where it is used rather than held across the time loop: the kernels' register budget is
+// tight, and a special register and a multiply are cheap.
+__device__ __forceinline__ int64_t member_offset(const Rows& rows) { return int64_t(blockIdx.y) * rows.member; }
+
 // Where step t's (batch, width) matrix starts in a global tensor: element (row, c) of the step
 // is base[first + row * width + c].
 struct StepRows {
@@ -179,8 +184,8 @@ __device__ __forceinline__ void stage_rows(float* dst, StepFn&& step_rows, Dtype
 // step s (F wide; x0's row s + D for s < 0) at slot (s + D) % D, forward and backward alike.
 
 // The slot of step t - lag's value, from t's own slot t % D (1 <= lag <= D).
-__device__ __forceinline__ int lag_slot(int slot_t, int64_t lag, int D) {
-  const int s = slot_t - static_cast<int>(lag);
+__device__ __forceinline__ int lag_slot(int slot_t, int lag, int D) {
+  const int s = slot_t - lag;
   return s < 0 ? s + D : s;
 }
 
@@ -198,8 +203,7 @@ __device__ __forceinline__ int64_t x0_copy_row(const RolloutParams& p, int i) {
 
 // The ring's D slots (R, ring_pad) for a tile starting at batch row row0: slot i holds x0's row i
 // (zero where no lag reads it, in the pad columns and for rows past the batch).
-__device__ __forceinline__ void stage_x0_ring(float* ring, const RolloutParams& p, int64_t x0_first,
-                                              int64_t row0) {
+__device__ __forceinline__ void stage_x0_ring(float* ring, const RolloutParams& p, int64_t row0) {
   const Dims& d = p.dims;
   const int R = p.lay.rows, pitch = p.lay.ring_pad;
   const int total = static_cast<int>(d.delay) * R * pitch;
@@ -210,7 +214,8 @@ __device__ __forceinline__ void stage_x0_ring(float* ring, const RolloutParams& 
     float v = 0.f;
     if (c < d.f && row0 + r < d.batch) {
       const int64_t row = x0_copy_row(p, sr / R);
-      if (row >= 0) v = load_element(p.x0, row * p.x0_rows.step + x0_first + (row0 + r) * d.f + c, p.dtype);
+      if (row >= 0)
+        v = load_element(p.x0, row * p.x0_rows.step + member_offset(p.x0_rows) + (row0 + r) * d.f + c, p.dtype);
     }
     ring[idx] = v;
   }
@@ -228,10 +233,10 @@ __device__ __forceinline__ void gather_lags(float* x, const float* ring, const D
 }
 
 // Steps [t0, t0 + count) of x_t for the rows of a tile from global memory: past(s) from Y's
-// first F columns for s >= 0 (member offset y_first), else x0's copied rows; dst (count, R,
-// X_pad), zero in the pad columns and for rows past the batch. The backward's staging of x.
-__device__ __forceinline__ void stage_lags(float* dst, const RolloutParams& p, int64_t x0_first, int64_t y_first,
-                                           int64_t t0, int count, int64_t row0) {
+// first F columns for s >= 0, else x0's copied rows; dst (count, R, X_pad), zero in the pad
+// columns and for rows past the batch. The backward's staging of x.
+__device__ __forceinline__ void stage_lags(float* dst, const RolloutParams& p, int64_t t0, int count,
+                                           int64_t row0) {
   const Dims& d = p.dims;
   const int R = p.lay.rows, pitch = p.lay.x_pad, width = d.x();
   const int total = count * R * pitch;
@@ -244,8 +249,9 @@ __device__ __forceinline__ void stage_lags(float* dst, const RolloutParams& p, i
       const int64_t t = t0 + sr / R;
       const int j = c / d.f, cc = c - j * d.f;
       const int64_t s = t - d.lags[j];
-      v = s >= 0 ? load_element(p.y, s * p.y_rows.step + y_first + (row0 + r) * d.o + cc, p.dtype)
-                 : load_element(p.x0, (p.x0_base[j] + t) * p.x0_rows.step + x0_first + (row0 + r) * d.f + cc,
+      v = s >= 0 ? load_element(p.y, s * p.y_rows.step + member_offset(p.y_rows) + (row0 + r) * d.o + cc, p.dtype)
+                 : load_element(p.x0, (p.x0_base[j] + t) * p.x0_rows.step + member_offset(p.x0_rows) +
+                                          (row0 + r) * d.f + cc,
                                 p.dtype);
     }
     dst[idx] = v;

@@ -46,20 +46,22 @@ inline thread_local int64_t barrier_count = 0;
 // array defined by the including program.
 constexpr float kGuard = -1.2345678e38f;
 
-// Runs kernel(params) on `blocks` x `threads` emulated threads, block after block. Shared memory
-// starts as NaN (the kernels must not rely on its initial content). Returns false, with a
-// message, when a block's threads passed different numbers of barriers or wrote past `smem_floats`.
+// Runs kernel(params) on a grid of `blocks` x `blocks_y` blocks of `threads` emulated threads,
+// block after block. Shared memory starts as NaN (the kernels must not rely on its initial
+// content). Returns false, with a message, when a block's threads passed different numbers of
+// barriers or wrote past `smem_floats`.
 template <typename Params>
-bool launch(void (*kernel)(const Params), int64_t blocks, int threads, int64_t smem_floats,
+bool launch(void (*kernel)(const Params), int64_t blocks, int64_t blocks_y, int threads, int64_t smem_floats,
             float* smem, int64_t smem_capacity, const Params& params) {
   if (smem_floats > smem_capacity) {
     std::fprintf(stderr, "emulation: kernel wants %lld floats of shared memory, capacity %lld\n",
                  static_cast<long long>(smem_floats), static_cast<long long>(smem_capacity));
     return false;
   }
-  gridDim = EmulatedDim3{static_cast<unsigned>(blocks), 1, 1};
+  gridDim = EmulatedDim3{static_cast<unsigned>(blocks), static_cast<unsigned>(blocks_y), 1};
   blockDim = EmulatedDim3{static_cast<unsigned>(threads), 1, 1};
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t flat = 0; flat < blocks * blocks_y; ++flat) {
+    const int64_t b = flat % blocks, by = flat / blocks;
     for (int64_t i = 0; i < smem_capacity; ++i) smem[i] = i < smem_floats ? NAN : kGuard;
     std::barrier<> barrier(threads);
     std::vector<int64_t> counts(threads);
@@ -67,7 +69,7 @@ bool launch(void (*kernel)(const Params), int64_t blocks, int threads, int64_t s
     for (int t = 0; t < threads; ++t) {
       pool.emplace_back([&, t] {
         threadIdx = EmulatedDim3{static_cast<unsigned>(t), 0, 0};
-        blockIdx = EmulatedDim3{static_cast<unsigned>(b), 0, 0};
+        blockIdx = EmulatedDim3{static_cast<unsigned>(b), static_cast<unsigned>(by), 0};
         block_barrier = &barrier;
         barrier_count = 0;
         kernel(params);
@@ -79,16 +81,17 @@ bool launch(void (*kernel)(const Params), int64_t blocks, int threads, int64_t s
     for (auto& th : pool) th.join();
     for (int t = 1; t < threads; ++t) {
       if (counts[t] != counts[0]) {
-        std::fprintf(stderr, "emulation: block %lld thread %d passed %lld barriers, thread 0 %lld\n",
-                     static_cast<long long>(b), t, static_cast<long long>(counts[t]),
+        std::fprintf(stderr, "emulation: block (%lld, %lld) thread %d passed %lld barriers, thread 0 %lld\n",
+                     static_cast<long long>(b), static_cast<long long>(by), t, static_cast<long long>(counts[t]),
                      static_cast<long long>(counts[0]));
         return false;
       }
     }
     for (int64_t i = smem_floats; i < smem_capacity; ++i) {
       if (smem[i] != kGuard) {
-        std::fprintf(stderr, "emulation: block %lld wrote shared memory at %lld, past its %lld floats\n",
-                     static_cast<long long>(b), static_cast<long long>(i), static_cast<long long>(smem_floats));
+        std::fprintf(stderr, "emulation: block (%lld, %lld) wrote shared memory at %lld, past its %lld floats\n",
+                     static_cast<long long>(b), static_cast<long long>(by), static_cast<long long>(i),
+                     static_cast<long long>(smem_floats));
         return false;
       }
     }
