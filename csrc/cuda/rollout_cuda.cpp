@@ -307,7 +307,11 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   if (ensemble && !plan.fused) {
     // Member by member (see Member); a shared x0's or u's gradient sums the members'.
     const auto opts = x0_in.options();
-    auto zeros_if = [&](bool want, at::IntArrayRef shape) { return want ? at::zeros(shape, opts) : at::empty({0}, opts); };
+    auto zeros_if = [&](bool want, at::IntArrayRef shape) {
+      return want ? checked_empty(kBackwardOp, "an ensemble's gradient", shape, opts, "split the batch into smaller parts")
+                        .zero_()
+                  : at::empty({0}, opts);
+    };
     at::Tensor gx0 = zeros_if(output_mask[0], x0_in.sizes());
     at::Tensor gu = zeros_if(output_mask[1] && u_in.has_value(), u_in.has_value() ? u_in->sizes() : at::IntArrayRef{0});
     std::vector<at::Tensor> gw, gb;
