@@ -13,7 +13,6 @@ checked against each other outside the timing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ from torch import nn
 
 import fbfast
 
-from .report import fmt_time, machine_info, measure_group, rel_err
+from .report import fmt_time, machine_info, measure_group, rel_err, timing_parser
 
 B, DU, O, H, T = 64, 10, 2, 64, 50
 LAGS = (1, 2, 3, 4, 5)
@@ -43,11 +42,7 @@ def narx_loop(net: nn.Sequential, x0: torch.Tensor, u: torch.Tensor) -> torch.Te
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.narx", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=7)
-    p.add_argument("--target", type=float, default=0.3)
-    p.add_argument("--json", metavar="PATH")
-    args = p.parse_args(argv)
+    args = timing_parser("python -m benchmarks.narx", __doc__).parse_args(argv)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(DU + len(LAGS) * O, H), nn.Tanh(), nn.Linear(H, H), nn.Tanh(), nn.Linear(H, O))
     params = [t for m in net if isinstance(m, nn.Linear) for t in (m.weight, m.bias)]

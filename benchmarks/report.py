@@ -81,6 +81,15 @@ def machine_info() -> Dict[str, str]:
     }
 
 
+def timing_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The command line of a workload benchmark timed with `measure_group`: --runs, --target, --json."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=7, help="measurements per timing; the median is reported")
+    p.add_argument("--target", type=float, default=0.3, help="seconds per measurement")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    return p
+
+
 def calibrate(fn: Callable[[], object], target_s: float, warmup: int = 1) -> Tuple[int, float]:
     """Warm ``fn`` up; return the calls per measurement that take ~``target_s``, and one call's time."""
     for _ in range(warmup):

@@ -16,7 +16,6 @@ times the update alone, round-robin, so that load from other processes falls on 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -25,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .report import fmt_time, machine_info, measure_group
+from .report import fmt_time, machine_info, measure_group, timing_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,11 +78,7 @@ WORKLOADS = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.workloads", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=7)
-    p.add_argument("--target", type=float, default=0.3)
-    p.add_argument("--json", metavar="PATH")
-    args = p.parse_args(argv)
+    args = timing_parser("python -m benchmarks.workloads", __doc__).parse_args(argv)
     info = machine_info()
     rows = []
     for name, make in WORKLOADS.items():

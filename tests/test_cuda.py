@@ -450,12 +450,8 @@ def test_non_contiguous_inputs(path):
 NETWORKS = {"relu-L2": dict(layers=2, activation="relu"), "gelu-L3": dict(layers=3, activation="gelu")}
 
 
-@pytest.mark.parametrize("path", ["fused", "general"], indirect=True)
-@pytest.mark.parametrize("network", sorted(NETWORKS))
-def test_deterministic_bitwise(network, path):
-    # 130 rows: several blocks, so the fused weight gradients go through the block reduction.
-    p = _cuda_problem(130, 3, 8, 24, 20, delay=2, truncate=5, **NETWORKS[network])
-    gy = torch.randn(20, 130, 8, device="cuda")
+def _assert_runs_bitwise_equal(p, gy):
+    """Three runs of the problem give the same Y and gradients, bit for bit."""
     runs = []
     for _ in range(3):
         y = p.run("cuda")
@@ -463,6 +459,14 @@ def test_deterministic_bitwise(network, path):
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["fused", "general"], indirect=True)
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+def test_deterministic_bitwise(network, path):
+    # 130 rows: several blocks, so the fused weight gradients go through the block reduction.
+    p = _cuda_problem(130, 3, 8, 24, 20, delay=2, truncate=5, **NETWORKS[network])
+    _assert_runs_bitwise_equal(p, torch.randn(20, 130, 8, device="cuda"))
 
 
 @pytest.mark.parametrize("path", ["fused", "general"], indirect=True)
@@ -471,14 +475,7 @@ def test_deterministic_bitwise_ensemble_structure(path):
     # are the sums of the members' own: no atomics anywhere, so every run gives the same bits.
     p = _cuda_problem(130, 3, 8, 24, 12, lags=(3, 1), feedback=5, residual=True, truncate=4, ensemble=3,
                       shared_x0=True, shared_u=True, activation="silu")
-    gy = torch.randn(12, 3, 130, 8, device="cuda")
-    runs = []
-    for _ in range(3):
-        y = p.run("cuda")
-        runs.append([y] + grads(y, p.inputs(), gy))
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
+    _assert_runs_bitwise_equal(p, torch.randn(12, 3, 130, 8, device="cuda"))
 
 
 @pytest.mark.parametrize("path", ["fused", "general"], indirect=True)

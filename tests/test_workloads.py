@@ -11,7 +11,6 @@ import io
 import pytest
 import torch
 
-import fbfast
 from testing import CPP, CPP_REASON, load_example
 
 pytestmark = pytest.mark.skipif(not CPP, reason=CPP_REASON)
