@@ -29,7 +29,8 @@ training histories themselves drift apart slowly: float32 sums in another order 
 ~1e-7, and training amplifies that; see examples/train_pendulum.py.)
 
 Why train through rollouts: a third copy, from the same weights, is trained with the usual
-one-step loss (``H = 1``, as many samples per update). On held-out trajectories both models
+one-step loss (``H = 1``) on the same samples: each update's windows split into their ``H``
+transitions. On held-out trajectories both models
 predict open loop, from a true state over 30 steps of true actions; the error of the ensemble's
 mean prediction against the horizon shows what the multi-step loss buys.
 
@@ -134,6 +135,19 @@ class Windows:
         self.per_episode = data.actions.shape[1] - horizon + 1
         self.count = data.actions.shape[0] * self.per_episode
 
+    def pick(self, u: torch.Tensor) -> torch.Tensor:
+        """Window indices from uniform [0, 1) draws of any shape."""
+        return (u * self.count).long().clamp_max(self.count - 1)
+
+    def split(self, idx: torch.Tensor, longer: "Windows") -> torch.Tensor:
+        """Windows (E, B) of ``longer`` as this one's: each of its H / h consecutive windows of
+        h steps, (E, B H / h); the same indices when the horizons agree."""
+        if longer.horizon == self.horizon:
+            return idx
+        ep, t0 = idx // longer.per_episode, idx % longer.per_episode
+        t = t0.unsqueeze(-1) + torch.arange(0, longer.horizon - self.horizon + 1, self.horizon)
+        return (ep.unsqueeze(-1) * self.per_episode + t).flatten(1)
+
     def gather(self, idx: torch.Tensor):
         """idx (E, B) -> x0 (1, E, B, 17), u (H, E, B, 6), states (H, E, B, 17), rewards (H, E, B)."""
         ep, t0 = idx // self.per_episode, idx % self.per_episode
@@ -183,8 +197,8 @@ def open_loop_error(model: fbfast.FeedbackMLP, data: Data, horizon: int) -> torc
     return (pred[..., :STATE] - truth).pow(2).mean((1, 2)).sqrt()
 
 
-def train(models: Dict[str, fbfast.FeedbackMLP], rollouts: Dict, windows: Dict[str, Windows], cfg: dict,
-          seed: int, check_batch, progress: bool) -> Dict[str, Dict[str, List[float]]]:
+def train(models: Dict[str, fbfast.FeedbackMLP], rollouts: Dict, windows: Dict[str, Windows], multi: Windows,
+          cfg: dict, seed: int, check_batch, progress: bool) -> Dict[str, Dict[str, List[float]]]:
     """Train each model with its rollout on its windows, on the same minibatch indices (per
     epoch: mean training loss and the seconds of its updates); after each epoch, the strict
     same-weights check of the two rollouts."""
@@ -204,14 +218,13 @@ def train(models: Dict[str, fbfast.FeedbackMLP], rollouts: Dict, windows: Dict[s
         picks = [torch.rand(MEMBERS, cfg["batch"], generator=gen) for _ in range(cfg["iters"])]
         for name, model in models.items():
             w = windows[name]
-            # One-step windows: as many samples per update as the multi-step ones.
-            scale = cfg["horizon"] // w.horizon
             total, seconds = 0.0, 0.0
             bar = picks if not progress else tqdm(picks, desc=f"epoch {epoch + 1} {name}", leave=False,
                                                  file=sys.stderr)
             for pick in bar:
-                idx = (pick.repeat(1, scale) * w.count).long().clamp_max(w.count - 1)
-                x0, u, s, r = w.gather(idx)
+                # The same windows for every run; a shorter-horizon run (one-step) gets each
+                # window's transitions as its own windows: the same samples per update.
+                x0, u, s, r = w.gather(w.split(multi.pick(pick), multi))
                 start = time.perf_counter()
                 loss = loss_of(rollouts[name](model, x0, u), s, r)
                 opts[name].zero_grad()
@@ -311,7 +324,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     multi = Windows(train_data, cfg["horizon"])
     windows = {"loop": multi, "fbfast": multi, "one-step": Windows(train_data, 1)}
     check_batch = multi.gather(torch.randint(multi.count, (MEMBERS, 32), generator=torch.Generator().manual_seed(7)))
-    history = train(models, rollouts, windows, cfg, args.seed, check_batch, not args.no_progress)
+    history = train(models, rollouts, windows, multi, cfg, args.seed, check_batch, not args.no_progress)
 
     horizon = min(EVAL_HORIZON, cfg["episode_steps"])
     errors = {"multi-step": open_loop_error(models["fbfast"], eval_data, horizon),
