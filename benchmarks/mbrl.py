@@ -32,7 +32,6 @@ import dataclasses
 import gc
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,7 +44,7 @@ import torch
 import fbfast
 from fbfast.testing import Problem, assert_close, make_problem
 
-from .memory import MIB, _allocator_peak, _reset_peak_rss
+from .memory import MIB, _allocator_peak, _peak_rss_kib, _reset_peak_rss
 from .report import (CHECK_GRAD_RTOL, CHECK_RTOL, NOISY_SPREAD, first_call, fmt_gflops, fmt_time, is_noisy,
                      machine_info, measure_group, rel_err)
 
@@ -202,19 +201,6 @@ def mm_fns(shape: Shape, big) -> Dict[str, Callable[[], object]]:
     a2 = torch.randn(m, k, generator=gen)
     w2 = torch.randn(k, n, generator=gen)
     return {"layer": lambda: torch.mm(a, w), "large": lambda: torch.mm(a2, w2)}
-
-
-def _peak_rss_kib() -> int:
-    """The process's peak RSS in KiB: VmHWM, which clear_refs resets (_reset_peak_rss); getrusage's
-    ru_maxrss also remembers peaks of threads that have exited, so it may not drop after a reset."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def child_memory(method: str, quick: bool) -> Dict:

@@ -64,6 +64,19 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _peak_rss_kib() -> int:
+    """The process's peak RSS in KiB: VmHWM, which clear_refs resets (_reset_peak_rss); getrusage's
+    ru_maxrss also remembers peaks of threads that have exited, so it may not drop after a reset."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def child(backend: str, case_name: str) -> Dict:
     """Runs in the fresh process: warm up small, then measure one step at full size."""
     import gc

@@ -542,33 +542,33 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
       check_rollout_args(op, x0_in, u_in, weights, biases, steps, delay, truncate, activation, fb);
   check_dtype(op, x0_in);
   check_result_fits(op, sizes, x0_in.element_size(), host_memory_bytes());
-  if (sizes.ensemble() && sizes.members == 0) {  // an ensemble of no networks: no member to slice
+  const char* remedy = "use fewer steps or a smaller batch, or run the rollout in chunks";
+  // Y and the kept layers: (T, [E,] B, width); a layer the backward recomputes keeps a (0,) entry.
+  auto result = [&](const char* what, const c10::SymInt& width) {
+    std::vector<int64_t> shape{steps, sizes.batch.expect_int(), width.expect_int()};
+    if (sizes.ensemble()) shape.insert(shape.begin() + 1, sizes.members.expect_int());
+    return checked_empty(op, what, shape, x0_in.options(), remedy);
+  };
+  auto kept_layers = [&] {
     std::vector<at::Tensor> kept;
-    for (int64_t l = 0; keep_hidden && l + 1 < sizes.layers(); ++l)
+    for (int64_t l = 0; l + 1 < sizes.layers(); ++l)
       kept.push_back(keeps_layer(l, sizes.layers(), weights[0].size(-1))
-                         ? at::empty({steps, 0, sizes.batch.expect_int(), sizes.widths[l].expect_int()}, x0_in.options())
+                         ? result("the hidden activations kept for the backward", sizes.widths[l])
                          : at::empty({0}, x0_in.options()));
-    return {at::empty({steps, 0, sizes.batch.expect_int(), sizes.o.expect_int()}, x0_in.options()), kept};
-  }
+    return kept;
+  };
+  if (sizes.ensemble() && sizes.members == 0)  // an ensemble of no networks: no member to slice
+    return {result("the result Y", sizes.o), keep_hidden ? kept_layers() : std::vector<at::Tensor>()};
   std::vector<Net> nets = make_nets(sizes, weights, biases, param, u_in);
   const Members mem = Members::of(sizes);
   const at::Tensor x0 = read_x0(x0_in, nets, steps), u = opt_or_undefined(u_in);
   const Net& net = nets[0];
-  const char* remedy = "use fewer steps or a smaller batch, or run the rollout in chunks";
-  at::Tensor y = sizes.ensemble()
-                     ? checked_empty(op, "the result Y", {steps, mem.count, net.batch, net.o}, x0.options(), remedy)
-                     : checked_empty(op, "the result Y", {steps, net.batch, net.o}, x0.options(), remedy);
+  at::Tensor y = result("the result Y", sizes.o);
   // The kept layers, allocated here for the tile path and the ensembles (the one-network BLAS
   // path allocates its own, gemm_path::forward).
-  std::vector<at::Tensor> kept;
   const Path path = choose_path(net.work(), net.widest(), /*for_training=*/keep_hidden, net.batch, steps, mem.count);
   const bool own_kept = keep_hidden && (y.numel() == 0 || path == Path::kTile || sizes.ensemble());
-  for (int64_t l = 0; own_kept && l + 1 < net.depth(); ++l) {
-    std::vector<int64_t> shape{steps, net.batch, net.out(l)};
-    if (sizes.ensemble()) shape.insert(shape.begin() + 1, mem.count);
-    if (!keeps_layer(l, net.depth(), net.in(0))) shape = {0};
-    kept.push_back(checked_empty(op, "the hidden activations kept for the backward", shape, x0.options(), remedy));
-  }
+  std::vector<at::Tensor> kept = own_kept ? kept_layers() : std::vector<at::Tensor>();
   if (y.numel() == 0) return {y, kept};
   if (path == Path::kTile) {
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "fbfast_rollout_forward_tile", [&] {
