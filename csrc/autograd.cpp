@@ -178,17 +178,14 @@ GradTuple call_backward_hidden(const at::Tensor& grad_y, const at::Tensor& y, at
 // widths where the kernel takes its BLAS path (csrc/cpu/path_rule.h). Symbolic widths (a
 // dynamic-shape trace) keep the default, recomputing backward. Runs after the operator's
 // checks, so every shape read here is valid.
-bool keep_hidden(const at::Tensor& x0, at::TensorList w, const c10::SymInt& steps) {
+bool keep_hidden(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList w, const c10::SymInt& steps,
+                 c10::string_view activation) {
   if (!x0.device().is_cpu() || w.size() < 2) return false;
-  int64_t work = 0, widest = 0;
-  for (const at::Tensor& wl : w) {  // (out, in), or an ensemble's (E, out, in)
-    const auto out = wl.sym_size(-2).maybe_as_int(), in = wl.sym_size(-1).maybe_as_int();
-    if (!out || !in) return false;
-    work += *out * *in;
-    widest = std::max(widest, *out * *in);
-  }
-  const auto batch = x0.sym_size(-2).maybe_as_int(), t = steps.maybe_as_int();
-  return batch && t && cpu::saves_hidden(work, widest, *batch, *t);
+  for (const at::Tensor& wl : w)  // (out, in), or an ensemble's (E, out, in)
+    if (!wl.sym_size(-2).maybe_as_int() || !wl.sym_size(-1).maybe_as_int()) return false;
+  const auto t = steps.maybe_as_int();
+  if (!t || !x0.sym_size(-2).maybe_as_int() || (u.has_value() && !u->sym_size(-1).maybe_as_int())) return false;
+  return cpu::saves_hidden(x0, u, w, *t, activation);
 }
 
 // The biases as the operators take them: None where has_bias is false, else the next of `given`.
@@ -212,11 +209,15 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
     std::vector<at::Tensor> hidden;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      if (backward_follows && keep_hidden(x0, weights, steps))
+      if (backward_follows && keep_hidden(x0, u, weights, steps, activation))
         std::tie(y, hidden) =
             call_forward_hidden(x0, u, weights, biases, steps, delay, activation, param, lags, feedback, residual);
-      else
+      else {
+        // On the CPU, the path its backward takes (csrc/cpu/path_rule.h).
+        std::optional<cpu::TrainingForward> training;
+        if (backward_follows && x0.device().is_cpu()) training.emplace();
         y = call_forward(x0, u, weights, biases, steps, delay, truncate, activation, param, lags, feedback, residual);
+      }
     }
     variable_list saved{x0, u.value_or(at::Tensor()), y};
     saved.insert(saved.end(), weights.begin(), weights.end());

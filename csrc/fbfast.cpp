@@ -4,11 +4,18 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "python_entry.h"
+
 extern "C" {
-// `import fbfast._C` loads this library, which runs the static registrations below. The module
-// itself is empty: the operators are reached through torch.ops.fbfast.*.
+// `import fbfast._C` loads this library, which runs the static registrations below. The
+// operators are reached through torch.ops.fbfast.*; the module itself holds one function,
+// the direct entry of fbfast.rollout for plain CPU tensors (csrc/python_entry.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"rollout", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&fbfast::python_rollout)),
+       METH_FASTCALL, "fbfast.rollout's direct entry for plain CPU tensors; None where it does not serve the call"},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

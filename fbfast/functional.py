@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, ops
-from ._spec import ResolvedActivation, params_from_keywords
+from ._spec import _BY_NAME, ResolvedActivation, params_from_keywords
 from ._validation import check_rollout_args
 from .reference import run_reference
 
@@ -74,6 +74,16 @@ def rollout(
         ``Y`` of shape ``(T, B, O)``; ``Y[-D:, ..., :F].detach()`` is the ``x0`` that continues
         the rollout in a next call.
     """
+    if (backend == "cpp" or backend == "auto") and _direct is not None and not layers:
+        # Plain CPU tensors: straight into the operator, which checks the arguments once
+        # (csrc/python_entry.cpp). None: the general path below serves the call, and on bad
+        # input raises the API's own message (docs/spec.md §4).
+        act = _BY_NAME.get(activation) if activation.__class__ is str else (
+            activation if activation.__class__ is ResolvedActivation else None)
+        if act is not None and (backend == "cpp" or _BACKEND_VARIABLE not in _environ) and not _is_compiling():
+            y = _direct(x0, u, params, steps, delay, truncate, act.name, act.param, feedback, residual)
+            if y is not None:
+                return y
     if layers:
         params = params_from_keywords("fbfast.rollout", params, layers)
     args = check_rollout_args(x0, params, steps, u, delay, truncate, activation, feedback=feedback,
@@ -104,6 +114,14 @@ def rollout(
         return fn(args.x0, u, *args.weights, *(b for b in args.biases if b is not None))
     return run_reference(args.x0, args.weights, args.biases, args.steps, u, args.lags, truncate, act, feedback,
                          residual)
+
+
+_direct = ops.direct_rollout
+_environ = os.environ
+_BACKEND_VARIABLE = "FBFAST_BACKEND"
+# True while dynamo traces: a traced rollout calls the operator through torch.ops, which the
+# graph records; the direct entry is opaque to it.
+_is_compiling = torch.compiler.is_compiling
 
 
 def _fused(args, u, truncate, act, feedback, residual) -> Tensor:

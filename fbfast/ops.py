@@ -116,6 +116,11 @@ def has_kernel(dispatch_key: str) -> bool:
 # measurable share of a small rollout.
 forward_op = torch.ops.fbfast.rollout_forward.default if LOADED else None
 
+# fbfast.rollout's direct entry for plain CPU tensors (csrc/python_entry.cpp): the operator's
+# typed dispatcher call without torch.ops' argument boxing, and without the Python validation
+# that the operator repeats. It returns None where it does not serve a call.
+direct_rollout = getattr(_C, "rollout", None) if LOADED and has_kernel("CPU") else None
+
 if LOADED:
     # torch.func.vmap of a rollout runs the fused kernel once for the whole batch (fbfast/_vmap.py).
     from ._vmap import register as _register_vmap

@@ -11,22 +11,27 @@ afterwards, use `set_kernel_options` or the `kernel_options` context manager:
 | option      | values                                  | effect                                  |
 | ----------- | --------------------------------------- | --------------------------------------- |
 | `cpu_isa`   | "auto", "avx512", "avx2", "base"        | the CPU tile kernels' instruction set   |
-| `cpu_path`  | "auto", "tile", "blas"                  | the CPU kernel's path (csrc/cpu/)       |
+| `cpu_path`  | "auto", "rule", "tile", "blas"          | the CPU kernel's path (csrc/cpu/)       |
 | `cuda_path` | "auto", "fused", "general"              | the CUDA kernel's path (csrc/cuda/)     |
 
-"auto" is the default rule. The settings hold for the whole process, in every thread.
+"auto" is the default. For `cpu_path` it is the static rule of csrc/cpu/rollout_cpu.cpp except
+where the tile path and per-step BLAS GEMMs trade places between machines (layers of 128 x 128
+to 512 x 512): there the first call of a shape class times both paths on a reduced copy of the
+call and keeps the faster for the rest of the process (`cpu_path_calibration` lists them).
+"rule" is the static rule alone, which repeats bit for bit across processes. The settings hold
+for the whole process, in every thread.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
 from . import ops
 
-__all__ = ["set_kernel_options", "kernel_options"]
+__all__ = ["set_kernel_options", "kernel_options", "cpu_path_calibration"]
 
 
 def _require(kernel: str) -> None:
@@ -73,3 +78,12 @@ def kernel_options(**options: Optional[str]) -> Iterator[None]:
         yield
     finally:
         set_kernel_options(**previous)
+
+
+def cpu_path_calibration() -> List[str]:
+    """What ``cpu_path="auto"`` measured in this process: one line per shape class, with the
+    time of each path on the reduced call and the path taken (empty before the first call that
+    needed a measurement, and without the CPU kernel)."""
+    if not (ops.LOADED and ops.has_kernel("CPU")):
+        return []
+    return list(torch.ops.fbfast.cpu_path_calibration())

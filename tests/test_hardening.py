@@ -110,7 +110,7 @@ def test_environment_and_settings_change_while_threads_call_the_kernel():
 
 def test_kernel_options_are_validated_and_restored():
     before = fbfast.get_kernel_options()
-    with pytest.raises(RuntimeError, match=r"cpu_path must be 'auto', 'tile' or 'blas', got 'fast'"):
+    with pytest.raises(RuntimeError, match=r"cpu_path must be 'auto', 'rule', 'tile' or 'blas', got 'fast'"):
         fbfast.set_kernel_options(cpu_path="fast")
     with pytest.raises(RuntimeError, match=r"cpu_isa must be"):
         fbfast.set_kernel_options(cpu_isa="sse9")

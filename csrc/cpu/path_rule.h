@@ -7,12 +7,33 @@
 // most what a per-step loop keeps (z alone where act' reads z, where the loop keeps z and act(z)).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
+#include <optional>
 
 namespace fbfast::cpu {
 
-// work: one step's multiply-adds per batch row, the sum over layers of in_l * out_l; widest: the
-// largest layer's in_l * out_l.
-bool saves_hidden(int64_t work, int64_t widest, int64_t batch, int64_t steps);
+// For a call whose arguments the operator has checked: x0 (D, [E,] B, F), u or none, the
+// weights, steps and the activation's name. May time both paths once for the call's shape class
+// (the calibration in csrc/cpu/rollout_cpu.cpp).
+bool saves_hidden(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList weights, int64_t steps,
+                  c10::string_view activation);
+
+// While one is alive on a thread, a CPU rollout_forward there takes the path of training, the one
+// its backward will take, rather than the path of a forward alone: autograd's forward when a
+// backward follows and nothing is kept (where the calibration measures the two separately, a
+// training step must still run on one path, so that its backward's recomputed activations are
+// the forward's bits).
+class TrainingForward {
+ public:
+  TrainingForward();
+  ~TrainingForward();
+  TrainingForward(const TrainingForward&) = delete;
+  TrainingForward& operator=(const TrainingForward&) = delete;
+
+ private:
+  bool previous_;
+};
 
 }  // namespace fbfast::cpu

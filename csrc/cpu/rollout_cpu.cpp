@@ -21,12 +21,20 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <map>
+#include <mutex>
 #include <new>
+#include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../gemm_path.h"
@@ -78,6 +86,11 @@ constexpr int64_t kNarrowLayerWork = 16384;
 // (the tile backward's packing and accumulators are paid per call).
 constexpr int64_t kTileMinEnsembleRows = 128;
 constexpr int64_t kTileMinEnsembleSteps = 8;
+// Above this work, and up to kTileMaxWorkSimd, the two paths trade places with the machine: at
+// (B, Du, O, H, T) = (4096, 0, 256, 512, 20) the tile path trained 1.3x faster than per-step
+// GEMMs on an AMD EPYC, whose MKL takes its AVX2 code, and 1.18x slower on an Intel Xeon with
+// AVX-512 MKL (benchmarks/results/path-calibration.md). There "auto" measures (Calibration).
+constexpr int64_t kCalibrateMinWork = 16384;
 // A cap on the BLAS path's backward chunk buffers (csrc/gemm_path.cpp): small beside what the
 // per-step loop keeps.
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
@@ -93,7 +106,9 @@ int64_t row_stride(int64_t cols, int64_t width) {
 }
 
 enum class Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
-enum class Path : int { kAuto = 0, kTile = 1, kBlas = 2 };
+// kAuto: the static rule below, replaced by a measurement on this machine where the two paths
+// are close (see "Calibration"); kRule: the static rule alone; kTile, kBlas: pinned.
+enum class Path : int { kAuto = 0, kTile = 1, kBlas = 2, kRule = 3 };
 
 Isa detect_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -111,7 +126,9 @@ const Isa kBestIsa = detect_isa();
 const char* isa_name(Isa isa) {
   return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "base";
 }
-const char* path_name(Path path) { return path == Path::kTile ? "tile" : path == Path::kBlas ? "blas" : "auto"; }
+const char* path_name(Path path) {
+  return path == Path::kTile ? "tile" : path == Path::kBlas ? "blas" : path == Path::kRule ? "rule" : "auto";
+}
 
 // Parses an ISA name; "auto" or "" is the widest this CPU runs. A wider ISA than the CPU has is
 // an error for the setter and ignored (with the best one used) for the environment variable.
@@ -126,6 +143,7 @@ std::optional<Path> parse_path(const std::string& name) {
   if (name.empty() || name == "auto") return Path::kAuto;
   if (name == "tile") return Path::kTile;
   if (name == "blas") return Path::kBlas;
+  if (name == "rule") return Path::kRule;
   return std::nullopt;
 }
 
@@ -161,7 +179,7 @@ std::vector<std::string> cpu_options(const std::optional<std::string>& isa, cons
   }
   if (path.has_value()) {
     new_path = parse_path(*path);
-    TORCH_CHECK(new_path.has_value(), "fbfast.set_kernel_options: cpu_path must be 'auto', 'tile' or 'blas', got '",
+    TORCH_CHECK(new_path.has_value(), "fbfast.set_kernel_options: cpu_path must be 'auto', 'rule', 'tile' or 'blas', got '",
                 *path, "'");
   }
   if (new_isa) g_isa.store(static_cast<int>(*new_isa));
@@ -169,21 +187,62 @@ std::vector<std::string> cpu_options(const std::optional<std::string>& isa, cons
   return previous;
 }
 
-// work: one step's multiply-adds per batch row, sum_l in_l out_l; widest: the largest layer's
-// share, max_l in_l out_l. for_training: the path of a backward, and of a forward whose backward
-// follows (autograd asks through saves_hidden); a forward alone takes the tile path at any work
-// it wins.
-// members: E of an ensemble (1 for one network), batch each member's B.
-Path choose_path(int64_t work, int64_t widest, bool for_training, int64_t batch, int64_t steps,
-                 int64_t members = 1) {
-  const Path pinned = static_cast<Path>(g_path.load(std::memory_order_relaxed));
-  if (pinned != Path::kAuto) return pinned;
+// What the choice of path reads of a call: the layer widths in_0, out_0, ..., out_{L-1}, the
+// exogenous features, each member's batch, the steps, E (1 for one network), the activation and
+// the dtype; training: the path of a backward, and of a forward whose backward follows
+// (autograd asks through saves_hidden).
+struct PathShape {
+  std::vector<int64_t> widths;
+  int64_t du = 0, batch = 0, steps = 0, members = 1;
+  Act act = Act::kRelu;
+  at::ScalarType dtype = at::kFloat;
+  bool training = false;
+
+  // One step's multiply-adds per batch row, sum_l in_l out_l, and the largest layer's share.
+  int64_t work() const {
+    int64_t w = 0;
+    for (size_t l = 0; l + 1 < widths.size(); ++l) w += widths[l] * widths[l + 1];
+    return w;
+  }
+  int64_t widest() const {
+    int64_t w = 0;
+    for (size_t l = 0; l + 1 < widths.size(); ++l) w = std::max(w, widths[l] * widths[l + 1]);
+    return w;
+  }
+};
+
+// The static rule, from measurements on this project's machines (the constants above). A forward
+// alone takes the tile path at any work it wins.
+Path rule_path(const PathShape& s) {
+  const int64_t work = s.work(), widest = s.widest();
   if (active_isa() == Isa::kBase) return work <= kTileMaxWorkBase ? Path::kTile : Path::kBlas;
   if (work > kTileMaxWorkSimd) return Path::kBlas;
-  if (!for_training || work <= kWideWork || widest <= kNarrowLayerWork) return Path::kTile;
-  if (members > 1)
-    return members * batch >= kTileMinEnsembleRows && steps >= kTileMinEnsembleSteps ? Path::kTile : Path::kBlas;
-  return batch >= kTileMinTrainingRows && steps >= kTileMinTrainingSteps ? Path::kTile : Path::kBlas;
+  if (!s.training || work <= kWideWork || widest <= kNarrowLayerWork) return Path::kTile;
+  if (s.members > 1)
+    return s.members * s.batch >= kTileMinEnsembleRows && s.steps >= kTileMinEnsembleSteps ? Path::kTile
+                                                                                            : Path::kBlas;
+  return s.batch >= kTileMinTrainingRows && s.steps >= kTileMinTrainingSteps ? Path::kTile : Path::kBlas;
+}
+
+// Set while the calibration times one path (see "Calibration" below), for its own calls.
+thread_local Path t_forced = Path::kAuto;
+// Set by a TrainingForward (path_rule.h).
+thread_local bool t_training_forward = false;
+
+Path calibrated_path(const PathShape& s, Path rule);
+
+// The path of a call: pinned (fbfast.set_kernel_options, FBFAST_CPU_PATH), else the static rule,
+// else, where the two paths are close on some machines, what this machine measured.
+Path choose_path(const PathShape& s) {
+  const Path pinned = static_cast<Path>(g_path.load(std::memory_order_relaxed));
+  if (pinned == Path::kTile || pinned == Path::kBlas) return pinned;
+  if (t_forced != Path::kAuto) return t_forced;
+  const Path rule = rule_path(s);
+  const int64_t work = s.work();
+  if (pinned == Path::kRule || active_isa() == Isa::kBase || work <= kCalibrateMinWork || work > kTileMaxWorkSimd ||
+      s.batch == 0 || s.steps == 0)
+    return rule;
+  return calibrated_path(s, rule);
 }
 
 int64_t host_memory_bytes() {
@@ -282,6 +341,20 @@ struct Members {
   int64_t x0_at(int64_t e, int64_t width) const { return x0_shared ? 0 : own(e, width); }
   int64_t u_at(int64_t e, int64_t width) const { return u_shared ? 0 : own(e, width); }
 };
+
+PathShape path_shape(const Net& net, int64_t steps, const Members& mem, at::ScalarType dtype, bool training) {
+  PathShape s;
+  s.widths.push_back(net.in(0));
+  for (int64_t l = 0; l < net.depth(); ++l) s.widths.push_back(net.out(l));
+  s.du = net.layers.du;
+  s.batch = net.batch;
+  s.steps = steps;
+  s.members = mem.count;
+  s.act = net.layers.act;
+  s.dtype = dtype;
+  s.training = training;
+  return s;
+}
 
 // The message of a tile-path workspace allocation that failed: what it was for, the sizes, how
 // much it needed against what is available now, and what would fit. These buffers (packed
@@ -566,7 +639,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_impl(
   at::Tensor y = result("the result Y", sizes.o);
   // The kept layers, allocated here for the tile path and the ensembles (the one-network BLAS
   // path allocates its own, gemm_path::forward).
-  const Path path = choose_path(net.work(), net.widest(), /*for_training=*/keep_hidden, net.batch, steps, mem.count);
+  const Path path =
+      choose_path(path_shape(net, steps, mem, x0_in.scalar_type(), /*training=*/keep_hidden || t_training_forward));
   const bool own_kept = keep_hidden && (y.numel() == 0 || path == Path::kTile || sizes.ensemble());
   std::vector<at::Tensor> kept = own_kept ? kept_layers() : std::vector<at::Tensor>();
   if (y.numel() == 0) return {y, kept};
@@ -802,7 +876,7 @@ GradTuple backward_impl(const char* op, const at::Tensor& grad_y_in, const at::T
   gemm_path::Grads g = zero_grads(op, x0_in, u, weights, biases, output_mask);
   if (y.numel() == 0) return as_tuple(g, x0.options());
   const bool tile =
-      choose_path(net.work(), net.widest(), /*for_training=*/true, net.batch, steps, mem.count) == Path::kTile;
+      choose_path(path_shape(net, steps, mem, x0_in.scalar_type(), /*training=*/true)) == Path::kTile;
   if (!sizes.ensemble() && !tile) {
     gemm_path::backward(op, grad_y, y, x0, u, net.layers, delay, truncate, g, kept, kChunkBytes);
     return as_tuple(g, x0.options());
@@ -862,10 +936,182 @@ GradTuple rollout_backward_hidden_cpu(const at::Tensor& grad_y, const at::Tensor
                        truncate, activation, param, output_mask, {lags, feedback, residual});
 }
 
+// ---------------------------------------------------------------------------------------------
+// Calibration: which path is faster is a property of the machine, not only of the shape. The
+// tile kernels' speed follows the instruction set, the BLAS path's the BLAS library's code for
+// this CPU (MKL runs AVX-512 on Intel but AVX2 on AMD), so a rule tuned on one machine picks the
+// slower path on another (kCalibrateMinWork). Where the two are close, "auto" times both once
+// per process and shape class on a reduced copy of the call and keeps the faster:
+//  * the class: the widths, Du, E, activation, dtype, instruction set, training or not, and B
+//    and T rounded up to powers of two;
+//  * the copy: the same network with weights 0.5 / in_l (no overflow, no subnormals), at most
+//    1024 rows over the members and T' <= T steps, enough for the reduced call to run on as many
+//    threads as the full one (threads_for) but at most 64; a training step is the forward and
+//    backward that autograd runs for that path (kept activations where it keeps them);
+//  * each path three times, alternating, the fastest of each (the first pays one-time costs).
+// A path's result differs from the other's in float32 rounding only (docs/internals.md), but a
+// process may choose differently from another, so cpu_path='rule' (the static rule alone) and
+// 'tile'/'blas' remain for runs that must repeat bit for bit. fbfast.cpu_path_calibration()
+// lists what was measured (benchmarks/results/path-calibration.md has this project's machines).
+
+struct ClassKey {
+  std::vector<int64_t> widths;
+  int64_t du, members, batch_class, steps_class;
+  int act, dtype, isa;
+  bool training;
+  bool operator<(const ClassKey& o) const {
+    return std::tie(widths, du, members, batch_class, steps_class, act, dtype, isa, training) <
+           std::tie(o.widths, o.du, o.members, o.batch_class, o.steps_class, o.act, o.dtype, o.isa, o.training);
+  }
+};
+
+struct Measured {
+  Path path;
+  double tile_ms = 0, blas_ms = 0;  // 0: not measured (the rule's choice, after an error)
+  int64_t batch = 0, steps = 0;     // the reduced call's
+};
+
+std::mutex g_calibration_mutex;
+std::map<ClassKey, Measured>& calibrated() {
+  static std::map<ClassKey, Measured> table;
+  return table;
+}
+
+int64_t power_of_two_above(int64_t n) {
+  int64_t c = 1;
+  while (c < n) c <<= 1;
+  return c;
+}
+
+constexpr const char* kCalibrationOp = "fbfast: timing the CPU paths (calibration)";
+
+// The reduced call of a class, and the wall time of one path on it in milliseconds.
+struct ReducedCall {
+  at::Tensor x0, u, grad_y;
+  std::vector<at::Tensor> w;
+  BiasList b;
+  int64_t steps = 0, feedback = 0;
+  bool training = false, keeps_when_tile = false;
+  Act act = Act::kRelu;
+
+  explicit ReducedCall(const PathShape& s) : training(s.training), act(s.act) {
+    const auto opts = at::TensorOptions().dtype(s.dtype);
+    const int64_t O = s.widths.back(), in0 = s.widths[0], E = s.members;
+    const int64_t F = std::min(O, in0), du = in0 - F;  // one lag reading F outputs, the rest u
+    const int64_t B = std::min(s.batch, std::max<int64_t>(1, 1024 / E));
+    const double row_flops = 2.0 * E * B * s.work();
+    steps = std::min(s.steps, std::clamp<int64_t>(static_cast<int64_t>(std::ceil(kParallelMinFlops / row_flops)),
+                                                  8, 64));
+    feedback = F == O ? 0 : F;
+    auto member = [&](std::vector<int64_t> shape) {
+      if (E > 1) shape.insert(shape.begin(), E);
+      return shape;
+    };
+    x0 = at::full({1, B, F}, 0.25, opts);
+    if (du > 0) u = at::full({steps, B, du}, 0.25, opts);
+    for (size_t l = 0; l + 1 < s.widths.size(); ++l) {
+      w.push_back(at::full(member({s.widths[l + 1], s.widths[l]}), 0.5 / std::max<int64_t>(1, s.widths[l]), opts));
+      b.push_back(at::full(member({s.widths[l + 1]}), 0.01, opts));
+    }
+    std::vector<int64_t> y_shape{steps, B, O};
+    if (E > 1) y_shape.insert(y_shape.begin() + 1, E);
+    grad_y = at::full(y_shape, 1e-3, opts);
+    keeps_when_tile = s.widest() > kNarrowLayerWork;
+  }
+
+  double time_ms(Path path) const {
+    const ForcePath force(path);
+    const c10::string_view name = kActNames[static_cast<int>(act)];
+    const std::optional<at::Tensor> uo = u.defined() ? std::optional<at::Tensor>(u) : std::nullopt;
+    const std::vector<int64_t> no_lags;
+    const FeedbackArgs fb{no_lags, feedback, false};
+    c10::List<bool> mask({false, false});
+    for (size_t l = 0; l < 2 * w.size(); ++l) mask.push_back(true);
+    const auto start = std::chrono::steady_clock::now();
+    if (!training) {
+      forward_impl(kCalibrationOp, x0, uo, w, b, steps, 1, 0, name, 0.0, fb, false);
+    } else {
+      // What autograd runs for this path (csrc/autograd.cpp, saves_hidden).
+      const bool keep = path == Path::kBlas || keeps_when_tile;
+      auto [y, kept] = forward_impl(kCalibrationOp, x0, uo, w, b, steps, 1, 0, name, 0.0, fb, keep);
+      backward_impl(kCalibrationOp, grad_y, y, kept, keep, x0, uo, w, b, 1, 0, name, 0.0, mask, fb);
+    }
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  }
+
+  struct ForcePath {
+    Path previous;
+    explicit ForcePath(Path p) : previous(t_forced) { t_forced = p; }
+    ~ForcePath() { t_forced = previous; }
+  };
+};
+
+Path calibrated_path(const PathShape& s, Path rule) {
+  const ClassKey key{s.widths, s.du, s.members, power_of_two_above(s.batch), power_of_two_above(s.steps),
+                     static_cast<int>(s.act), static_cast<int>(s.dtype), static_cast<int>(active_isa()), s.training};
+  {
+    const std::lock_guard<std::mutex> lock(g_calibration_mutex);
+    const auto found = calibrated().find(key);
+    if (found != calibrated().end()) return found->second.path;
+  }
+  // Measured outside the lock: another thread may measure the same class meanwhile; the first
+  // result stored is the one every later call uses.
+  Measured m{rule};
+  try {
+    const ReducedCall call(s);
+    double tile = std::numeric_limits<double>::infinity(), blas = tile;
+    for (int rep = 0; rep < 3; ++rep) {
+      tile = std::min(tile, call.time_ms(Path::kTile));
+      blas = std::min(blas, call.time_ms(Path::kBlas));
+    }
+    m = {tile <= blas ? Path::kTile : Path::kBlas, tile, blas, call.x0.size(1), call.steps};
+  } catch (const std::exception&) {
+    // Out of memory for the reduced call, say: the rule decides, and the call itself reports
+    // its own errors.
+  }
+  const std::lock_guard<std::mutex> lock(g_calibration_mutex);
+  return calibrated().emplace(key, m).first->second.path;
+}
+
+// fbfast::cpu_path_calibration(): one line per measured class, for fbfast.cpu_path_calibration().
+std::vector<std::string> calibration_report() {
+  const std::lock_guard<std::mutex> lock(g_calibration_mutex);
+  std::vector<std::string> lines;
+  for (const auto& [k, m] : calibrated()) {
+    std::ostringstream line;
+    line << "widths ";
+    for (size_t i = 0; i < k.widths.size(); ++i) line << (i ? "-" : "") << k.widths[i];
+    line << ", Du " << k.du << ", E " << k.members << ", B <= " << k.batch_class << ", T <= " << k.steps_class << ", "
+         << kActNames[k.act] << ", " << (static_cast<at::ScalarType>(k.dtype) == at::kDouble ? "float64" : "float32") << ", "
+         << isa_name(static_cast<Isa>(k.isa)) << ", " << (k.training ? "training" : "forward") << ": ";
+    if (m.tile_ms > 0)
+      line << "tile " << m.tile_ms << " ms, blas " << m.blas_ms << " ms at B " << m.batch << ", T " << m.steps << " -> ";
+    else
+      line << "not measured, the rule's ";
+    line << path_name(m.path);
+    lines.push_back(line.str());
+  }
+  return lines;
+}
+
 }  // namespace
 
-bool saves_hidden(int64_t work, int64_t widest, int64_t batch, int64_t steps) {
-  return choose_path(work, widest, true, batch, steps) == Path::kBlas || widest > kNarrowLayerWork;
+TrainingForward::TrainingForward() : previous_(t_training_forward) { t_training_forward = true; }
+TrainingForward::~TrainingForward() { t_training_forward = previous_; }
+
+bool saves_hidden(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList weights, int64_t steps,
+                  c10::string_view activation) {
+  PathShape s;
+  s.widths.push_back(weights[0].size(-1));
+  for (const at::Tensor& w : weights) s.widths.push_back(w.size(-2));
+  s.du = u.has_value() ? u->size(-1) : 0;
+  s.batch = x0.size(-2);
+  s.steps = steps;
+  s.members = weights[0].dim() == 3 ? weights[0].size(0) : 1;
+  s.act = parse_activation("fbfast::rollout_forward", activation);
+  s.dtype = x0.scalar_type();
+  s.training = true;
+  return choose_path(s) == Path::kBlas || s.widest() > kNarrowLayerWork;
 }
 
 TORCH_LIBRARY_IMPL(fbfast, CPU, m) {
@@ -879,6 +1125,7 @@ TORCH_LIBRARY_IMPL(fbfast, CPU, m) {
 // threads may be calling them (fbfast.set_kernel_options in fbfast/options.py).
 TORCH_LIBRARY_FRAGMENT(fbfast, m) {
   m.def("cpu_options(str? isa=None, str? path=None) -> str[]", &cpu_options);
+  m.def("cpu_path_calibration() -> str[]", &calibration_report);
 }
 
 }  // namespace fbfast::cpu
