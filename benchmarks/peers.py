@@ -27,7 +27,9 @@ engine.
 Every method gets the same seeded inputs; the timings of a (case, mode) are interleaved
 (`benchmarks.report.measure_group`), and the median is reported. The machine's CPU, the BLAS
 speed (``torch.mm`` GFLOP/s of a 4096 x 256 x 512 product) and the load average are printed
-with the table: the ratios depend on the machine (see benchmarks/README.md).
+with the table, and fbfast's GFLOP/s as a share of ``torch.mm``'s on one step's GEMMs of the case
+(``(B, in_l) x (in_l, out_l)`` per layer), timed in the same interleaved runs: the ratios depend
+on the machine (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import fbfast
 
 from .cases import Case, make_inputs
 from .loops import rollout_fn, seed_loop, step_loss, training_step
-from .report import cpu_model, measure_group
+from .report import cpu_model, measure_group, mm_step
 
 # The shapes of the performance issue's table (B, Du, O, H, T), then the deeper networks.
 PEER_CASES = (
@@ -199,17 +201,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         per_method = methods_of(case, inputs, not args.no_compile)
         for mode in MODES:
             fns = {m: per_method[m][mode] for m in per_method}
+            fns["mm"] = mm_step(case, inputs)
             for fn in fns.values():  # compiles and JIT warm-ups outside the timings
                 fn()
             t = measure_group(fns, target_s=args.target, runs=args.runs)
             base = t["loop"]["median_s"]
             flops = case.forward_flops() if mode == "fwd" else case.train_flops()
-            share = flops / t["fbfast"]["median_s"] / 1e9 / info["mm_gflops"] * 100
+            # torch.mm's speed on one step's GEMMs of this case, timed in the same interleaved runs.
+            mm_rate = 2 * case.B * case.step_macs() / t["mm"]["median_s"]
+            share = flops / t["fbfast"]["median_s"] / mm_rate * 100
             cells = [f"{base / t[m]['median_s']:.2f}x" if m in t else "—" for m in names]
             print(f"| {case.label} | {mode} | {base * 1e3:.3g} ms | " + " | ".join(cells) + f" | {share:.0f}% |",
                   flush=True)
             results.append({"case": case.name, "shape": case.shape, "mode": mode,
-                            "median_s": {m: v["median_s"] for m, v in t.items()}})
+                            "median_s": {m: v["median_s"] for m, v in t.items()}, "fbfast_share_of_mm": share})
     print(f"\nload average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         with open(args.json, "w") as f:

@@ -86,10 +86,11 @@ constexpr int64_t kNarrowLayerWork = 16384;
 // (the tile backward's packing and accumulators are paid per call).
 constexpr int64_t kTileMinEnsembleRows = 128;
 constexpr int64_t kTileMinEnsembleSteps = 8;
-// Above this work, and up to kTileMaxWorkSimd, the two paths trade places with the machine: at
-// (B, Du, O, H, T) = (4096, 0, 256, 512, 20) the tile path trained 1.3x faster than per-step
-// GEMMs on an AMD EPYC, whose MKL takes its AVX2 code, and 1.18x slower on an Intel Xeon with
-// AVX-512 MKL (benchmarks/results/path-calibration.md). There "auto" measures (Calibration).
+// Above this work, and up to kTileMaxWorkSimd, the two paths trade places with the machine. The
+// rule above was measured on an AMD EPYC, whose MKL takes its AVX2 code; on an Intel Xeon with
+// AVX-512 MKL, at (B, Du, O, H, T) = (4096, 0, 256, 512, 20), per-step GEMMs trained 1.26x and
+// ran a forward 1.2x faster than the tile path (benchmarks/results/paths.md). There "auto"
+// measures (Calibration, below).
 constexpr int64_t kCalibrateMinWork = 16384;
 // A cap on the BLAS path's backward chunk buffers (csrc/gemm_path.cpp): small beside what the
 // per-step loop keeps.
@@ -945,10 +946,11 @@ GradTuple rollout_backward_hidden_cpu(const at::Tensor& grad_y, const at::Tensor
 //  * the class: the widths, Du, E, activation, dtype, instruction set, training or not, and B
 //    and T rounded up to powers of two;
 //  * the copy: the same network with weights 0.5 / in_l (no overflow, no subnormals), at most
-//    1024 rows over the members and T' <= T steps, enough for the reduced call to run on as many
-//    threads as the full one (threads_for) but at most 64; a training step is the forward and
+//    1024 rows over the members and T' <= T steps, 16 to 64, enough for the reduced call to run
+//    on as many threads as the full one (threads_for); a training step is the forward and
 //    backward that autograd runs for that path (kept activations where it keeps them);
-//  * each path three times, alternating, the fastest of each (the first pays one-time costs).
+//  * each path three times, alternating, the fastest of each (the first pays one-time costs);
+//    the rule's path stays unless the other was at least 10% faster (kCalibrationMargin).
 // A path's result differs from the other's in float32 rounding only (docs/internals.md), but a
 // process may choose differently from another, so cpu_path='rule' (the static rule alone) and
 // 'tile'/'blas' remain for runs that must repeat bit for bit. fbfast.cpu_path_calibration()
@@ -970,6 +972,13 @@ struct Measured {
   double tile_ms = 0, blas_ms = 0;  // 0: not measured (the rule's choice, after an error)
   int64_t batch = 0, steps = 0;     // the reduced call's
 };
+
+// The reduced call's steps, and how much faster than the rule's path the other must be there.
+// Measured with benchmarks/paths.py: at (256, 0, 64, 256, 100) training, the tile path was 2.6%
+// slower than BLAS on a 12-step copy and 10% faster on the full call.
+constexpr int64_t kCalibrationMinSteps = 16;
+constexpr int64_t kCalibrationMaxSteps = 64;
+constexpr double kCalibrationMargin = 1.1;
 
 std::mutex g_calibration_mutex;
 std::map<ClassKey, Measured>& calibrated() {
@@ -1001,7 +1010,7 @@ struct ReducedCall {
     const int64_t B = std::min(s.batch, std::max<int64_t>(1, 1024 / E));
     const double row_flops = 2.0 * E * B * s.work();
     steps = std::min(s.steps, std::clamp<int64_t>(static_cast<int64_t>(std::ceil(kParallelMinFlops / row_flops)),
-                                                  8, 64));
+                                                  kCalibrationMinSteps, kCalibrationMaxSteps));
     feedback = F == O ? 0 : F;
     auto member = [&](std::vector<int64_t> shape) {
       if (E > 1) shape.insert(shape.begin(), E);
@@ -1064,7 +1073,12 @@ Path calibrated_path(const PathShape& s, Path rule) {
       tile = std::min(tile, call.time_ms(Path::kTile));
       blas = std::min(blas, call.time_ms(Path::kBlas));
     }
-    m = {tile <= blas ? Path::kTile : Path::kBlas, tile, blas, call.x0.size(1), call.steps};
+    // The rule's path unless the other one is clearly faster: a reduced call overstates the
+    // per-call costs of a path (the tile backward's packing and accumulators are paid once per
+    // call, over fewer steps), and two timings a few percent apart are noise on a shared machine.
+    const double rule_ms = rule == Path::kTile ? tile : blas, other_ms = rule == Path::kTile ? blas : tile;
+    const Path other = rule == Path::kTile ? Path::kBlas : Path::kTile;
+    m = {other_ms * kCalibrationMargin < rule_ms ? other : rule, tile, blas, call.x0.size(1), call.steps};
   } catch (const std::exception&) {
     // Out of memory for the reduced call, say: the rule decides, and the call itself reports
     // its own errors.
