@@ -16,7 +16,6 @@ timings (its first call is timed separately, with the calibration it includes).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ import fbfast
 from .cases import Case, make_inputs
 from .loops import forward_step, rollout_fn, training_step
 from .peers import mm_gflops
-from .report import cpu_model, measure_group, mm_step
+from .report import cpu_model, measure_group, mm_step, timing_parser
 
 CASES = (
     Case("medium", 256, 0, 64, 256, 100),
@@ -52,11 +51,9 @@ def _pinned(fn: Callable[[], object], path: str) -> Callable[[], object]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.paths", description=__doc__.split("\n\n")[0])
+    p = timing_parser("python -m benchmarks.paths", __doc__)
     p.add_argument("--cases", nargs="*", help="case names (default: all)")
-    p.add_argument("--runs", type=int, default=5, help="measurements per timing; the median is reported")
-    p.add_argument("--target", type=float, default=0.5, help="seconds per measurement")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.set_defaults(runs=5, target=0.5)
     args = p.parse_args(argv)
     gflops = mm_gflops()  # for the header; the shares use the interleaved GEMMs of each case
     print(f"# CPU path: calibrated 'auto' against the rule and both pinned paths\n")

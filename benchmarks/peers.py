@@ -34,7 +34,6 @@ on the machine (see benchmarks/README.md).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -48,7 +47,7 @@ import fbfast
 
 from .cases import Case, make_inputs
 from .loops import rollout_fn, seed_loop, step_loss, training_step
-from .report import cpu_model, measure_group, mm_step
+from .report import cpu_model, measure_group, mm_step, timing_parser
 
 # The shapes of the performance issue's table (B, Du, O, H, T), then the deeper networks.
 PEER_CASES = (
@@ -174,12 +173,9 @@ def mm_gflops() -> float:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
+    p = timing_parser("python -m benchmarks.peers", __doc__)
     p.add_argument("--cases", nargs="*", help="case names (default: all)")
-    p.add_argument("--runs", type=int, default=7, help="measurements per timing; the median is reported")
-    p.add_argument("--target", type=float, default=0.3, help="seconds per measurement")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = p.parse_args(argv)
     cases = [c for c in PEER_CASES if not args.cases or c.name in args.cases]
     info = {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),

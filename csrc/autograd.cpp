@@ -20,9 +20,22 @@
 #include <vector>
 
 #include "cpu/path_rule.h"
+#include "op_calls.h"
 #include "rollout_checks.h"
 
 namespace fbfast {
+
+at::Tensor call_forward(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList w, const BiasList& b,
+                        const c10::SymInt& steps, int64_t delay, int64_t truncate, c10::string_view act, double p,
+                        at::IntArrayRef lags, int64_t feedback, bool residual) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fbfast::rollout_forward", "")
+                       .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, at::TensorList,
+                                         const BiasList&, c10::SymInt, int64_t, int64_t, c10::string_view, double,
+                                         at::IntArrayRef, int64_t, bool)>();
+  return op.call(x0, u, w, b, steps, delay, truncate, act, p, lags, feedback, residual);
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -120,17 +133,6 @@ at::Tensor reference_rollout(const at::Tensor& x0_in, const std::optional<at::Te
     ys.push_back(step(x, u.has_value() ? std::optional<at::Tensor>(u->select(0, t)) : std::nullopt));
   }
   return at::stack(ys);
-}
-
-at::Tensor call_forward(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList w, const BiasList& b,
-                        const c10::SymInt& steps, int64_t delay, int64_t truncate, c10::string_view act, double p,
-                        at::IntArrayRef lags, int64_t feedback, bool residual) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fbfast::rollout_forward", "")
-                       .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, at::TensorList,
-                                         const BiasList&, c10::SymInt, int64_t, int64_t, c10::string_view, double,
-                                         at::IntArrayRef, int64_t, bool)>();
-  return op.call(x0, u, w, b, steps, delay, truncate, act, p, lags, feedback, residual);
 }
 
 GradTuple call_backward(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,

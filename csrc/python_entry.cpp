@@ -24,7 +24,6 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DispatchKeySet.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -34,6 +33,7 @@
 #include <optional>
 #include <vector>
 
+#include "op_calls.h"
 #include "python_entry.h"
 #include "rollout_checks.h"
 
@@ -73,17 +73,6 @@ std::optional<int64_t> exact_int(PyObject* obj) {
     return std::nullopt;
   }
   return static_cast<int64_t>(v);
-}
-
-at::Tensor call_forward(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList w, const BiasList& b,
-                        int64_t steps, int64_t delay, int64_t truncate, c10::string_view act, double p,
-                        at::IntArrayRef lags, int64_t feedback, bool residual) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fbfast::rollout_forward", "")
-                       .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, at::TensorList,
-                                         const BiasList&, c10::SymInt, int64_t, int64_t, c10::string_view, double,
-                                         at::IntArrayRef, int64_t, bool)>();
-  return op.call(x0, u, w, b, c10::SymInt(steps), delay, truncate, act, p, lags, feedback, residual);
 }
 
 }  // namespace
@@ -194,8 +183,8 @@ PyObject* python_rollout(PyObject* /*self*/, PyObject* const* args, Py_ssize_t n
   bool failed = false;
   Py_BEGIN_ALLOW_THREADS
   try {
-    y = call_forward(x0_3d, u, weights, biases, steps, delay, truncate, c10::string_view(act_name, act_len), param,
-                     lags, feedback, residual);
+    y = call_forward(x0_3d, u, weights, biases, c10::SymInt(steps), delay, truncate,
+                     c10::string_view(act_name, act_len), param, lags, feedback, residual);
   } catch (const std::exception&) {
     failed = true;  // the general path says what is wrong (see the top of this file)
   }

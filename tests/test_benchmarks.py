@@ -31,3 +31,31 @@ def test_mbrl_quick_runs_and_prints_its_tables(tmp_path):
     assert set(data["results"]) == {"fwd", "train"}
     assert set(data["results"]["train"]) == {"loop", "fbfast"}
     assert (tmp_path / "mbrl.md").read_text().startswith("## Model-based-RL ensemble rollout")
+
+
+def test_peers_runs_and_prints_its_table(tmp_path):
+    """benchmarks/peers.py on the seed shape: the loop, fbfast and nn.RNN rows (JAX where installed)."""
+    out = tmp_path / "peers.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--cases", "seed", "--no-compile", "--runs", "1",
+                           "--target", "0.01", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| case (B, Du, O, H, T) | mode | loop | fbfast | compile | rnn | jax | fbfast % of mm |" in done.stdout
+    data = json.loads(out.read_text())
+    assert [(r["case"], r["mode"]) for r in data["results"]] == [("seed", "fwd"), ("seed", "train")]
+    assert {"loop", "fbfast", "rnn", "mm"} <= set(data["results"][0]["median_s"])
+
+
+def test_paths_runs_and_reports_what_auto_measured(tmp_path):
+    """benchmarks/paths.py on a shape above the calibration threshold: auto measured its classes."""
+    out = tmp_path / "paths.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.paths", "--cases", "gelu3", "--runs", "1", "--target",
+                           "0.01", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert [r["mode"] for r in data["results"]] == ["fwd", "train"]
+    import fbfast
+    if fbfast.get_kernel_options().get("cpu_isa") in ("avx2", "avx512"):  # the portable build keeps its rule
+        assert "widths 20-128-128-128-16, Du 4, E 1, B <= 128, T <= 64, gelu, float32" in done.stdout
+        assert all(r["calibrated"] for r in data["results"])
+    assert {"loop", "auto", "rule", "tile", "blas", "mm"} == set(data["results"][0]["median_s"])
