@@ -309,6 +309,10 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
     for (size_t l = 0; l < L; ++l) mask.push_back(wanted[2 + l]);
     for (size_t l = 0, next = 2 + L; l < L; ++l) mask.push_back(has_bias[l] && wanted[next++]);
     const BiasList biases = bias_list(b_given, has_bias);
+    // No graph of the backward is built (differentiate_backward is false): straight to the
+    // device's kernel, past autograd's fallback for the backward operators, which would inspect
+    // every argument for nothing (about a seventh of this node's cost at the seed's shape).
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const GradTuple grads = !hidden.empty()
                                 ? call_backward_hidden(grad_y, y, hidden, x0, opt(u), w, biases, delay, truncate,
                                                        activation, param, mask, lags, feedback, residual)

@@ -167,7 +167,8 @@ X0Rows read_x0(const at::Tensor& x0, const std::vector<int64_t>& lags, int64_t s
   const int64_t D = x0.size(0);
   X0Rows r;
   if (lags.size() == 1) {
-    r.rows = x0.narrow(0, D - lags[0], std::min(lags[0], steps)).contiguous();
+    // One lag is D: the rows read are x0[0 : min(D, T)], all of x0 when T >= D (no view needed).
+    r.rows = (steps >= D ? x0 : x0.narrow(0, D - lags[0], std::min(lags[0], steps))).contiguous();
     r.base = {0};
     return r;
   }

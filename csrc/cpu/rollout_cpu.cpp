@@ -15,6 +15,7 @@
 // (fbfast.set_kernel_options): no call reads the environment, because getenv races with a
 // setenv in another thread (Python's os.environ[...] = ...) and can crash.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
@@ -97,6 +98,18 @@ constexpr int64_t kCalibrateMinWork = 16384;
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// New CPU tensors without a trip through the dispatcher: at::empty and at::zeros are operator
+// calls of several thousand instructions each, which at the seed's shape were a third of a
+// backward's instructions (callgrind, benchmarks/README.md). Contiguous, like at::empty's.
+at::Tensor cpu_empty(at::IntArrayRef shape, at::ScalarType dtype) {
+  return at::detail::empty_cpu(shape, dtype, /*pin_memory=*/false, std::nullopt);
+}
+at::Tensor cpu_zeros(at::IntArrayRef shape, at::ScalarType dtype) {
+  at::Tensor t = cpu_empty(shape, dtype);
+  if (t.numel() > 0) std::memset(t.mutable_data_ptr(), 0, t.nbytes());
+  return t;
+}
 
 // Row stride for rows of `cols` elements with vectors of `width` elements: padded to whole
 // vectors (aligned loads) only when that costs at most 1/8 more memory. A narrow matrix
@@ -693,7 +706,7 @@ gemm_path::Grads zero_grads(const char* op, const at::Tensor& x0_in, const at::T
   // The argument's name is spelled out only for the message of a failed allocation.
   auto zeros = [&](const char* kind, int64_t l, at::IntArrayRef shape) {
     try {
-      return at::zeros(shape, opts);
+      return cpu_zeros(shape, x0_in.scalar_type());
     } catch (const std::exception&) {
       const std::string what = std::string("the gradient of ") + (l < 0 ? std::string(kind) : layer_arg(kind[0], l));
       return checked_empty(op, what.c_str(), shape, opts, "split the batch into smaller parts").zero_();
@@ -713,7 +726,7 @@ gemm_path::Grads zero_grads(const char* op, const at::Tensor& x0_in, const at::T
 
 // The operator's result: a gradient that is not asked for is an empty (0,) tensor.
 GradTuple as_tuple(const gemm_path::Grads& g, const at::TensorOptions& opts) {
-  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0}, opts); };
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : cpu_empty({0}, opts.dtype().toScalarType()); };
   std::vector<at::Tensor> w, b;
   for (const auto& t : g.w) w.push_back(or_empty(t));
   for (const auto& t : g.b) b.push_back(or_empty(t));
