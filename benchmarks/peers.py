@@ -211,10 +211,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                   flush=True)
             results.append({"case": case.name, "shape": case.shape, "mode": mode,
                             "median_s": {m: v["median_s"] for m, v in t.items()}, "fbfast_share_of_mm": share})
+    calibration = fbfast.cpu_path_calibration()
+    if calibration:
+        print("\nThe CPU paths fbfast's 'auto' measured and took (fbfast.cpu_path_calibration()):\n")
+        for line in calibration:
+            print(f"- {line}")
     print(f"\nload average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "results": results}, f, indent=1)
+            json.dump({"machine": info, "results": results, "cpu_path_calibration": calibration}, f, indent=1)
     return 0
 
 
