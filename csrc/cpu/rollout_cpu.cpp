@@ -238,6 +238,11 @@ Path rule_path(const PathShape& s) {
   return s.batch >= kTileMinTrainingRows && s.steps >= kTileMinTrainingSteps ? Path::kTile : Path::kBlas;
 }
 
+// Whether a training forward on `path` keeps the hidden activations for its backward (what
+// saves_hidden tells autograd): always on the BLAS path, and on the tile path for layers wider
+// than 128 x 128, where recomputing them costs a GEMM per step.
+bool keeps_hidden_on(Path path, const PathShape& s) { return path == Path::kBlas || s.widest() > kNarrowLayerWork; }
+
 // Set while the calibration times one path (see "Calibration" below), for its own calls.
 thread_local Path t_forced = Path::kAuto;
 // Set by a TrainingForward (path_rule.h).
@@ -1013,10 +1018,12 @@ struct ReducedCall {
   std::vector<at::Tensor> w;
   BiasList b;
   int64_t steps = 0, feedback = 0;
-  bool training = false, keeps_when_tile = false;
+  bool training = false;
   Act act = Act::kRelu;
 
-  explicit ReducedCall(const PathShape& s) : training(s.training), act(s.act) {
+  PathShape shape;
+
+  explicit ReducedCall(const PathShape& s) : training(s.training), act(s.act), shape(s) {
     const auto opts = at::TensorOptions().dtype(s.dtype);
     const int64_t O = s.widths.back(), in0 = s.widths[0], E = s.members;
     const int64_t F = std::min(O, in0), du = in0 - F;  // one lag reading F outputs, the rest u
@@ -1038,7 +1045,6 @@ struct ReducedCall {
     std::vector<int64_t> y_shape{steps, B, O};
     if (E > 1) y_shape.insert(y_shape.begin() + 1, E);
     grad_y = at::full(y_shape, 1e-3, opts);
-    keeps_when_tile = s.widest() > kNarrowLayerWork;
   }
 
   double time_ms(Path path) const {
@@ -1054,7 +1060,7 @@ struct ReducedCall {
       forward_impl(kCalibrationOp, x0, uo, w, b, steps, 1, 0, name, 0.0, fb, false);
     } else {
       // What autograd runs for this path (csrc/autograd.cpp, saves_hidden).
-      const bool keep = path == Path::kBlas || keeps_when_tile;
+      const bool keep = keeps_hidden_on(path, shape);
       auto [y, kept] = forward_impl(kCalibrationOp, x0, uo, w, b, steps, 1, 0, name, 0.0, fb, keep);
       backward_impl(kCalibrationOp, grad_y, y, kept, keep, x0, uo, w, b, 1, 0, name, 0.0, mask, fb);
     }
@@ -1138,7 +1144,7 @@ bool saves_hidden(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::
   s.act = parse_activation("fbfast::rollout_forward", activation);
   s.dtype = x0.scalar_type();
   s.training = true;
-  return choose_path(s) == Path::kBlas || s.widest() > kNarrowLayerWork;
+  return keeps_hidden_on(choose_path(s), s);
 }
 
 TORCH_LIBRARY_IMPL(fbfast, CPU, m) {
