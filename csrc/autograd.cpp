@@ -11,7 +11,10 @@
 // path: autograd of an ATen transcription of the reference, so a second derivative is never a
 // silent zero.
 #include <ATen/ATen.h>
+#include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,7 +41,6 @@ at::Tensor call_forward(const at::Tensor& x0, const std::optional<at::Tensor>& u
 
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using GradTuple = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
@@ -190,89 +192,64 @@ bool keep_hidden(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::T
   return cpu::saves_hidden(x0, u, w, *t, activation);
 }
 
-// The biases as the operators take them: None where has_bias is false, else the next of `given`.
-BiasList bias_list(const std::vector<at::Tensor>& given, const std::vector<bool>& has_bias) {
-  BiasList out;
-  size_t next = 0;
-  for (const bool has : has_bias) out.push_back(has ? std::optional<at::Tensor>(given[next++]) : std::nullopt);
-  return out;
-}
+// The autograd node of one rollout, written as ATen's generated nodes are (a torch::Node with
+// SavedVariables) rather than as a torch::autograd::Function: at the seed's shape Function::apply
+// spends about as many instructions on its own bookkeeping (a VariableInfo per input and output,
+// the saved_data map, output wrapping) as the rollout itself (benchmarks/README.md, "callgrind").
+//
+// Its next edges are one per slot, in the operator's order: x0, u, w_1..w_L, b_1..b_L; a slot
+// with no tensor (u or a bias that is None) has an invalid edge, so the gradient list it returns
+// lines up with the operator's mask.
+struct RolloutBackward final : public torch::autograd::Node {
+  using SavedVariable = torch::autograd::SavedVariable;
 
-// Autograd sees the given biases as one list of tensors (a Tensor?[] is not a variable
-// argument of torch::autograd::Function); the Tensor?[] itself comes along as plain data.
-class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x0, const std::optional<at::Tensor>& u,
-                            at::TensorList weights, at::TensorList biases_given, const BiasList& biases,
-                            const c10::SymInt& steps, int64_t delay, int64_t truncate, const std::string& activation,
-                            double param, const std::vector<int64_t>& lags, int64_t feedback, bool residual,
-                            bool backward_follows) {
-    at::Tensor y;
-    std::vector<at::Tensor> hidden;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      if (backward_follows && keep_hidden(x0, u, weights, steps, activation))
-        std::tie(y, hidden) =
-            call_forward_hidden(x0, u, weights, biases, steps, delay, activation, param, lags, feedback, residual);
-      else {
-        // On the CPU, the path its backward takes (csrc/cpu/path_rule.h).
-        std::optional<cpu::TrainingForward> training;
-        if (backward_follows && x0.device().is_cpu()) training.emplace();
-        y = call_forward(x0, u, weights, biases, steps, delay, truncate, activation, param, lags, feedback, residual);
-      }
-    }
-    variable_list saved{x0, u.value_or(at::Tensor()), y};
-    saved.insert(saved.end(), weights.begin(), weights.end());
-    saved.insert(saved.end(), biases_given.begin(), biases_given.end());
-    saved.insert(saved.end(), hidden.begin(), hidden.end());
-    ctx->save_for_backward(saved);
-    // The call's other arguments, as one entry: every entry of saved_data is a hashed insert,
-    // and at small shapes this node's bookkeeping is a measurable part of a rollout.
-    c10::List<bool> has;
-    for (size_t l = 0; l < biases.size(); ++l) has.push_back(biases.get(l).has_value());
-    ctx->saved_data["call"] = c10::ivalue::Tuple::create(
-        {has, static_cast<int64_t>(hidden.size()), steps, delay, truncate, activation, param, lags, feedback, residual});
-    return y;
+  SavedVariable x0, u, y;
+  std::vector<SavedVariable> w, b, hidden;  // b: one per layer, empty where no bias
+  std::vector<bool> has_bias;
+  c10::SymInt steps;
+  int64_t delay = 1, truncate = 0, feedback = 0;
+  std::string activation;
+  double param = 0;
+  std::vector<int64_t> lags;
+  bool residual = false;
+
+  std::string name() const override { return "fbfast::RolloutFunctionBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x0.reset_data();
+    u.reset_data();
+    y.reset_data();
+    for (auto* list : {&w, &b, &hidden})
+      for (SavedVariable& v : *list) v.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const auto call = ctx->saved_data["call"].toTuple();
-    const auto& c = call->elements();
-    std::vector<bool> has_bias;
-    for (const bool b : c[0].toBoolList()) has_bias.push_back(b);
-    const size_t L = has_bias.size();
-    const size_t n_bias = static_cast<size_t>(std::count(has_bias.begin(), has_bias.end(), true));
-    const size_t n_hidden = static_cast<size_t>(c[1].toInt());
-    const at::Tensor &x0 = saved[0], &u = saved[1], &y = saved[2];
-    const std::vector<at::Tensor> w(saved.begin() + 3, saved.begin() + 3 + L);
-    const std::vector<at::Tensor> b_given(saved.begin() + 3 + L, saved.begin() + 3 + L + n_bias);
-    const std::vector<at::Tensor> hidden(saved.begin() + 3 + L + n_bias, saved.begin() + 3 + L + n_bias + n_hidden);
-    const c10::SymInt steps = c[2].toSymInt();
-    const int64_t delay = c[3].toInt(), truncate = c[4].toInt();
-    const std::string activation = c[5].toStringRef();
-    const double param = c[6].toDouble();
-    const std::vector<int64_t> lags = c[7].toIntVector();
-    const int64_t feedback = c[8].toInt();
-    const bool residual = c[9].toBool();
+  variable_list apply(variable_list&& grad_outputs) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const size_t L = w.size();
+    const at::Tensor x0_t = x0.unpack(), u_t = u.unpack(), y_t = y.unpack(getptr());
+    std::vector<at::Tensor> w_t, b_t, hidden_t;
+    for (const SavedVariable& v : w) w_t.push_back(v.unpack());
+    for (const SavedVariable& v : b) b_t.push_back(v.unpack());
+    for (const SavedVariable& v : hidden) hidden_t.push_back(v.unpack());
     at::Tensor grad_y = grad_outputs[0];
-    if (!grad_y.defined()) grad_y = at::zeros_like(y);
+    if (!grad_y.defined()) grad_y = at::zeros_like(y_t);
 
-    // The variable inputs in autograd's order (x0, u if given, the weights, the given biases);
-    // needs_input_grad counts only those that were given (a None has no edge).
-    std::vector<const at::Tensor*> inputs{&x0, &u};
-    for (const auto& t : w) inputs.push_back(&t);
-    for (const auto& t : b_given) inputs.push_back(&t);
-    std::vector<bool> wanted(inputs.size(), false);
-    size_t edge = 0;
-    for (size_t i = 0; i < inputs.size(); ++i)
-      if (inputs[i]->defined()) wanted[i] = ctx->needs_input_grad(edge++);
+    // Which slots this backward pass wants (torch.autograd.grad may ask for only some inputs).
+    const size_t slots = 2 + 2 * L;
+    std::vector<bool> wanted(slots);
+    for (size_t i = 0; i < slots; ++i) wanted[i] = task_should_compute_output(i);
+    variable_list out(slots);
 
-    // One gradient per argument of forward: x0, u, each weight, each given bias, then the
-    // 10 non-tensor arguments.
-    variable_list out(2 + L + n_bias + 10);
-    bool differentiate_backward = at::GradMode::is_enabled() && grad_y.requires_grad();
-    for (const at::Tensor* t : inputs) differentiate_backward |= at::GradMode::is_enabled() && t->defined() && t->requires_grad();
+    const at::Tensor* inputs_begin[] = {&x0_t, &u_t};
+    auto input = [&](size_t i) -> const at::Tensor& {
+      return i < 2 ? *inputs_begin[i] : i < 2 + L ? w_t[i - 2] : b_t[i - 2 - L];
+    };
+    bool differentiate_backward = false;
+    if (at::GradMode::is_enabled()) {
+      differentiate_backward = grad_y.requires_grad();
+      for (size_t i = 0; i < slots; ++i) differentiate_backward |= input(i).defined() && input(i).requires_grad();
+    }
     const Act act = parse_activation("fbfast::rollout_forward", activation);
     if (differentiate_backward) {
       // create_graph=True: the fused backward has no derivative of its own. Differentiate the
@@ -280,14 +257,13 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
       // inputs themselves would return total derivatives, adding every path through the inputs'
       // own history (x0 computed from w1, or one tensor passed as w1 and w2), which the engine
       // then propagates again from this node.
-      std::vector<at::Tensor> alias(inputs.size());
-      for (size_t i = 0; i < inputs.size(); ++i)
-        if (inputs[i]->defined()) alias[i] = inputs[i]->view_as(*inputs[i]);
-      std::vector<at::Tensor> aw(alias.begin() + 2, alias.begin() + 2 + L), ab;
-      for (size_t l = 0, next = 2 + L; l < L; ++l) ab.push_back(has_bias[l] ? alias[next++] : at::Tensor());
+      std::vector<at::Tensor> alias(slots);
+      for (size_t i = 0; i < slots; ++i)
+        if (input(i).defined()) alias[i] = input(i).view_as(input(i));
+      const std::vector<at::Tensor> aw(alias.begin() + 2, alias.begin() + 2 + L), ab(alias.begin() + 2 + L, alias.end());
       variable_list targets;
-      for (size_t i = 0; i < inputs.size(); ++i)
-        if (wanted[i]) targets.push_back(alias[i]);
+      for (size_t i = 0; i < slots; ++i)
+        if (wanted[i] && alias[i].defined()) targets.push_back(alias[i]);
       const std::vector<int64_t> all_lags = lags.empty() ? std::vector<int64_t>{delay} : lags;
       const int64_t f = feedback ? feedback : aw.back().size(-2);
       const at::Tensor y_ref = reference_rollout(alias[0], opt(alias[1]), aw, ab, steps.guard_int(__FILE__, __LINE__),
@@ -295,41 +271,50 @@ class RolloutFunction : public torch::autograd::Function<RolloutFunction> {
       const variable_list g = torch::autograd::grad({y_ref}, targets, {grad_y}, /*retain_graph=*/true,
                                                     /*create_graph=*/true, /*allow_unused=*/true);
       size_t j = 0;
-      for (size_t i = 0; i < inputs.size(); ++i) {
-        if (!wanted[i]) continue;
-        out[i] = g[j].defined() ? g[j] : at::zeros_like(*inputs[i]);
+      for (size_t i = 0; i < slots; ++i) {
+        if (!wanted[i] || !alias[i].defined()) continue;
+        out[i] = g[j].defined() ? g[j] : at::zeros_like(input(i));
         ++j;
       }
       return out;
     }
-    // The operator's mask: x0, u, w_1..w_L, b_1..b_L (a layer without bias asks for none).
+    // The operator's mask: x0, u, w_1..w_L, b_1..b_L (a slot without a tensor asks for none).
     c10::List<bool> mask;
-    mask.push_back(wanted[0]);
-    mask.push_back(wanted[1]);
-    for (size_t l = 0; l < L; ++l) mask.push_back(wanted[2 + l]);
-    for (size_t l = 0, next = 2 + L; l < L; ++l) mask.push_back(has_bias[l] && wanted[next++]);
-    const BiasList biases = bias_list(b_given, has_bias);
+    mask.reserve(slots);
+    for (size_t i = 0; i < slots; ++i) mask.push_back(wanted[i] && input(i).defined());
+    BiasList biases;
+    biases.reserve(L);
+    for (size_t l = 0; l < L; ++l) biases.push_back(has_bias[l] ? opt(b_t[l]) : std::nullopt);
     // No graph of the backward is built (differentiate_backward is false): straight to the
     // device's kernel, past autograd's fallback for the backward operators, which would inspect
     // every argument for nothing (about a seventh of this node's cost at the seed's shape).
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const GradTuple grads = !hidden.empty()
-                                ? call_backward_hidden(grad_y, y, hidden, x0, opt(u), w, biases, delay, truncate,
-                                                       activation, param, mask, lags, feedback, residual)
-                                : call_backward(grad_y, y, x0, opt(u), w, biases, delay, truncate, activation, param,
-                                                mask, lags, feedback, residual);
-    if (wanted[0]) out[0] = std::get<0>(grads);
-    if (wanted[1]) out[1] = std::get<1>(grads);
-    for (size_t l = 0; l < L; ++l)
-      if (wanted[2 + l]) out[2 + l] = std::get<2>(grads)[l];
-    for (size_t l = 0, next = 2 + L; l < L; ++l) {
-      if (!has_bias[l]) continue;
-      if (wanted[next]) out[next] = std::get<3>(grads)[l];
-      ++next;
+    GradTuple grads = !hidden_t.empty()
+                          ? call_backward_hidden(grad_y, y_t, hidden_t, x0_t, opt(u_t), w_t, biases, delay, truncate,
+                                                 activation, param, mask, lags, feedback, residual)
+                          : call_backward(grad_y, y_t, x0_t, opt(u_t), w_t, biases, delay, truncate, activation,
+                                          param, mask, lags, feedback, residual);
+    if (mask.get(0)) out[0] = std::move(std::get<0>(grads));
+    if (mask.get(1)) out[1] = std::move(std::get<1>(grads));
+    for (size_t l = 0; l < L; ++l) {
+      if (mask.get(2 + l)) out[2 + l] = std::move(std::get<2>(grads)[l]);
+      if (mask.get(2 + L + l)) out[2 + L + l] = std::move(std::get<3>(grads)[l]);
     }
     return out;
   }
 };
+
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp): the kernels have no tangent rule,
+// so the rollout runs as the reference's ATen ops, whose forward and backward derivatives are
+// torch's own. Without this, tangents would silently come back as none or zeros.
+bool has_forward_grad(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList weights,
+                      const BiasList& biases) {
+  using torch::autograd::isFwGradDefined;
+  bool any = isFwGradDefined(x0) || isFwGradDefined(u);
+  for (const at::Tensor& t : weights) any |= isFwGradDefined(t);
+  for (size_t l = 0; l < biases.size(); ++l) any |= isFwGradDefined(biases.get(l));
+  return any;
+}
 
 at::Tensor rollout_forward_autograd(const at::Tensor& x0, const std::optional<at::Tensor>& u, at::TensorList weights,
                                     const BiasList& biases, c10::SymInt steps, int64_t delay, int64_t truncate,
@@ -340,27 +325,96 @@ at::Tensor rollout_forward_autograd(const at::Tensor& x0, const std::optional<at
   // keep_hidden reads shapes and the device.
   check_rollout_args("fbfast::rollout_forward", x0, u, weights, biases, steps, delay, truncate, activation,
                      {lags, feedback, residual});
-  std::vector<at::Tensor> given;
-  for (size_t l = 0; l < biases.size(); ++l) {
-    const std::optional<at::Tensor> b = biases.get(l);
-    if (b.has_value()) given.push_back(*b);
+  if (has_forward_grad(x0, u, weights, biases)) {
+    const std::vector<int64_t> all_lags = lags.empty() ? std::vector<int64_t>{delay} : lags.vec();
+    std::vector<at::Tensor> b;
+    for (size_t l = 0; l < biases.size(); ++l) b.push_back(biases.get(l).value_or(at::Tensor()));
+    const int64_t f = feedback ? feedback : weights.back().size(-2);
+    return reference_rollout(x0, u, weights.vec(), b, steps.guard_int(__FILE__, __LINE__), delay, truncate,
+                             parse_activation("fbfast::rollout_forward", activation), param, all_lags, f, residual);
   }
-  // Hidden activations are kept only for a backward that can follow: not under no_grad, and
-  // not when nothing requires grad (a forward alone takes the faster tile path, and the kept
-  // buffers would be memory for nothing).
-  bool requires_grad = x0.requires_grad() || (u && u->requires_grad());
-  for (const auto& t : weights) requires_grad |= t.requires_grad();
-  for (const auto& t : given) requires_grad |= t.requires_grad();
-  const bool backward_follows = at::GradMode::is_enabled() && requires_grad;
-  if (!backward_follows) {
-    // Nothing to differentiate (no_grad, or no input requires grad): the kernel itself, without
-    // building an autograd node that could never run (about a microsecond per call, a tenth of
-    // a small forward rollout).
+  // A backward can follow unless grad mode is off or no input requires grad. Otherwise the
+  // kernel runs alone: no node that could never run (about a microsecond per call, a tenth of a
+  // small forward rollout), and no hidden activations kept (a forward alone takes the faster
+  // tile path, and the kept buffers would be memory for nothing).
+  using torch::autograd::impl::gradient_edge;
+  using torch::autograd::Edge;
+  bool requires_grad = false;
+  if (at::GradMode::is_enabled()) {
+    requires_grad = x0.requires_grad() || (u && u->requires_grad());
+    for (const auto& t : weights) requires_grad |= t.requires_grad();
+    for (size_t l = 0; l < biases.size(); ++l) {
+      const std::optional<at::Tensor> b = biases.get(l);
+      requires_grad |= b.has_value() && b->requires_grad();
+    }
+  }
+  if (!requires_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_forward(x0, u, weights, biases, steps, delay, truncate, activation, param, lags, feedback, residual);
   }
-  return RolloutFunction::apply(x0, u, weights, at::TensorList(given), biases, steps, delay, truncate,
-                                std::string(activation), param, lags.vec(), feedback, residual, backward_follows);
+
+  // Under torch.func's grad transforms (grad, vjp, jacrev) this node would be differentiated
+  // with wrappers whose level has ended; refuse as torch::autograd::Function does, with its
+  // words, which fbfast.rollout (fbfast/functional.py) answers by running the reference there.
+  if (const auto& functorch = at::functorch::functorchTLSAccessor()) functorch->checkSupportsCppAutogradFunction();
+  const size_t L = weights.size();
+  auto node = c10::make_intrusive<RolloutBackward>();
+  torch::autograd::edge_list edges;
+  edges.reserve(2 + 2 * L);
+  edges.push_back(gradient_edge(x0));
+  edges.push_back(u.has_value() ? gradient_edge(*u) : Edge());
+  for (const at::Tensor& t : weights) edges.push_back(gradient_edge(t));
+  for (size_t l = 0; l < L; ++l) {
+    const std::optional<at::Tensor> b = biases.get(l);
+    edges.push_back(b.has_value() ? gradient_edge(*b) : Edge());
+  }
+  node->set_next_edges(std::move(edges));
+
+  at::Tensor y;
+  std::vector<at::Tensor> hidden;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    // Grad mode off as well, as torch::autograd::Function runs its forward: under a functorch
+    // transform (torch.func.grad, vjp, jacrev) the call below re-enters this kernel one level
+    // down, where it must run the kernel alone rather than build a second node.
+    at::AutoGradMode no_grad(false);
+    c10::AutoFwGradMode no_fw_grad(false);
+    if (keep_hidden(x0, u, weights, steps, activation)) {
+      std::tie(y, hidden) =
+          call_forward_hidden(x0, u, weights, biases, steps, delay, activation, param, lags, feedback, residual);
+    } else {
+      // On the CPU, the path its backward takes (csrc/cpu/path_rule.h).
+      std::optional<cpu::TrainingForward> training;
+      if (x0.device().is_cpu()) training.emplace();
+      y = call_forward(x0, u, weights, biases, steps, delay, truncate, activation, param, lags, feedback, residual);
+    }
+  }
+  torch::autograd::set_history(y, node);
+
+  using torch::autograd::SavedVariable;
+  node->x0 = SavedVariable(x0, false);
+  if (u.has_value()) node->u = SavedVariable(*u, false);
+  node->y = SavedVariable(y, /*is_output=*/true);
+  node->w.reserve(L);
+  node->b.reserve(L);
+  node->has_bias.reserve(L);
+  for (size_t l = 0; l < L; ++l) {
+    node->w.emplace_back(weights[l], false);
+    const std::optional<at::Tensor> b = biases.get(l);
+    node->has_bias.push_back(b.has_value());
+    node->b.emplace_back(b.has_value() ? *b : at::Tensor(), false);
+  }
+  node->hidden.reserve(hidden.size());
+  for (const at::Tensor& h : hidden) node->hidden.emplace_back(h, false);
+  node->steps = std::move(steps);
+  node->delay = delay;
+  node->truncate = truncate;
+  node->activation = std::string(activation);
+  node->param = param;
+  node->lags = lags.vec();
+  node->feedback = feedback;
+  node->residual = residual;
+  return y;
 }
 
 }  // namespace

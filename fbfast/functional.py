@@ -95,7 +95,8 @@ def rollout(
             return _fused(args, u, truncate, act, feedback, residual)
         except RuntimeError as exc:
             # torch.func's grad-like transforms (grad, jacrev, vjp, ...) cannot pass through the
-            # fused operator, whose autograd is a C++ torch::autograd::Function (vmap can: the
+            # fused operator, whose autograd is a C++ node that refuses them as a C++
+            # torch::autograd::Function does, in its words (csrc/autograd.cpp; vmap can: the
             # operator's batching rule, fbfast/_vmap.py); the reference, plain torch ops, is
             # transformed like any function. Any other error is the kernel's own and is raised.
             if not (_under_functorch(args.x0, u, *args.weights, *args.biases) and _FUNCTORCH_REFUSAL in str(exc)):
@@ -139,7 +140,8 @@ def _fused(args, u, truncate, act, feedback, residual) -> Tensor:
                           residual=residual)
 
 
-# What torch says when a grad transform meets a C++ torch::autograd::Function.
+# What torch says when a grad transform meets a C++ torch::autograd::Function, and so the
+# fused operator's autograd node (csrc/autograd.cpp).
 _FUNCTORCH_REFUSAL = "cannot use C++ torch::autograd::Function with functorch transforms"
 
 
