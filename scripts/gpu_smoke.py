@@ -96,9 +96,10 @@ def _structure(widths: Sequence[int], delay: int, lags: Optional[Sequence[int]],
 
 def make_layout(steps: int, du: int, widths: Sequence[int], delay: int, activation: str, rows: int, chunk: int,
                 backward: bool, lags: Optional[Sequence[int]] = None, feedback: Optional[int] = None,
-                residual: bool = False) -> Dict[str, int]:
+                residual: bool = False, grads_global: bool = False) -> Dict[str, int]:
     """SmemLayout's slots and total (in floats) of make_layout(); widths are out_0 .. out_{L-1};
-    delay is D = max(lags) (lags None: the one lag delay)."""
+    delay is D = max(lags) (lags None: the one lag delay). grads_global: the backward's weight
+    gradients accumulate in global memory, not in shared memory."""
     L, o = len(widths), widths[-1]
     m, f, plain = _structure(widths, delay, lags, feedback, residual)
     fed = min(delay, steps)
@@ -118,7 +119,8 @@ def make_layout(steps: int, du: int, widths: Sequence[int], delay: int, activati
         hidden = int(l < L - 1)
         weights = out_pad[l] * _weight_ld(in_pad[l])
         total += (bw + keep_pre) * hidden * R * out_pad[l] + weights + (1 - bw * (1 - hidden)) * out_pad[l]
-        total += bw * (weights + out_pad[l])
+        if not grads_global:
+            total += bw * (weights + out_pad[l])
     return {"rows": rows, "chunk": chunk, "slots": slots, "total": total}
 
 
@@ -133,6 +135,10 @@ def plan_rollout(B: int, steps: int, du: int, widths: Sequence[int], delay: int,
         return None
     limit = smem_limit_bytes // 4
     structure = dict(lags=lags, feedback=feedback, residual=residual)
+    # The weight-gradient accumulators leave shared memory only when not even a one-row tile fits.
+    grads_global = backward and make_layout(steps, du, widths, delay, activation, 1, 1, True,
+                                            **structure)["total"] > limit
+    structure["grads_global"] = grads_global
 
     def fits(rows: int, chunk: int) -> bool:
         return make_layout(steps, du, widths, delay, activation, rows, chunk, backward, **structure)["total"] <= limit
@@ -167,7 +173,7 @@ def plan_rollout(B: int, steps: int, du: int, widths: Sequence[int], delay: int,
     lay = make_layout(steps, du, widths, delay, activation, rows, chunk, backward, **structure)
     return {"rows": rows, "rows_per_item": rows_per_item, "chunk": chunk, "slots": lay["slots"],
             "threads": max(32, min(K_MAX_THREADS, work)), "tiles": tiles,
-            "blocks": min(tiles, share), "smem_bytes": 4 * lay["total"]}
+            "blocks": min(tiles, share), "smem_bytes": 4 * lay["total"], "grads_global": int(grads_global)}
 
 
 def device_limits(device=None) -> Dict[str, int]:
@@ -287,10 +293,24 @@ def backward_smem_near_limit(sms: int, smem: int, layers: int = 2, activation: s
         s = Shape(B=K_MAX_ROWS * sms, Du=0, O=8, H=H, T=5, delay=1, truncate=None, layers=layers,
                   activation=activation)
         _, bwd = plans_of(s, sms, smem)
-        if bwd is None:
+        if bwd is None or bwd["grads_global"]:
             break
         best = s
     return best
+
+
+def backward_grads_global(sms: int, smem: int) -> Optional[Shape]:
+    """The narrowest hidden width (multiple of 32) whose fused backward keeps its weight-gradient
+    accumulators in global memory: weights and accumulators no longer fit the opt-in shared
+    memory, the weights alone still do (at (256, 0, 64, 256, 100) on an H100 or A100)."""
+    for H in range(32, 4096, 32):
+        s = Shape(B=2 * sms + 5, Du=3, O=64, H=H, T=12, delay=2, truncate=5)
+        _, bwd = plans_of(s, sms, smem)
+        if bwd is None:
+            return None
+        if bwd["grads_global"]:
+            return s
+    return None
 
 
 def deep_backward_smem_near_limit(sms: int, smem: int) -> Optional[Shape]:
@@ -308,6 +328,14 @@ def ensemble_persistent_blocks(sms: int, smem: int) -> Shape:
                  truncate=3, ensemble=5)
 
 
+def medium_shape(sms: int, smem: int) -> Optional[Shape]:
+    """The performance benchmarks' medium shape, (B, Du, O, H, T) = (256, 0, 64, 256, 100), where
+    its fused backward fits the device (with its accumulators in global memory on an H100)."""
+    s = Shape(B=256, Du=0, O=64, H=256, T=100, delay=1)
+    fwd, bwd = plans_of(s, sms, smem)
+    return s if fwd is not None and bwd is not None else None
+
+
 # What each sized problem must give on the device (checked on the mirrored plans).
 PLAN_SHAPES: Dict[str, Callable[[int, int], Optional[Shape]]] = {
     "partial-4-row-tile": partial_four_row_tile,
@@ -316,6 +344,7 @@ PLAN_SHAPES: Dict[str, Callable[[int, int], Optional[Shape]]] = {
     "backward-smem-near-limit": backward_smem_near_limit,
     "deep-gelu-backward-smem-near-limit": deep_backward_smem_near_limit,
     "ensemble-persistent-blocks": ensemble_persistent_blocks,
+    "backward-grads-global": backward_grads_global,
 }
 
 
@@ -338,6 +367,9 @@ def plan_shape_problem(kind: str, sms: int, smem: int):
         assert fwd["smem_bytes"] > DEFAULT_SMEM_BYTES, why
     elif kind in ("backward-smem-near-limit", "deep-gelu-backward-smem-near-limit"):
         assert bwd is not None and bwd["rows"] < K_MAX_ROWS and bwd["smem_bytes"] > DEFAULT_SMEM_BYTES, why
+        assert not bwd["grads_global"], why
+    elif kind == "backward-grads-global":
+        assert bwd is not None and bwd["grads_global"] and bwd["blocks"] > 1, why
     return s, fwd, bwd
 
 
@@ -378,6 +410,10 @@ def smoke_cases(sms: int, smem: int) -> List[Case]:
         Case("fused-backward-f32-gelu-L4-chunked-T50", Shape(B=9, Du=0, O=3, H=9, T=50, delay=3, layers=4,
                                                              activation="gelu")),
         Case("fused-backward-f32-gelu-L3-smem-near-limit", deep_backward_smem_near_limit(sms, smem)),
+        # Weight gradients accumulated in global memory (the weights alone fill shared memory),
+        # and the issue's medium shape, which needs it on an H100.
+        Case("fused-backward-f32-grads-global", backward_grads_global(sms, smem)),
+        Case("fused-backward-f32-medium-256-64-256-T100", medium_shape(sms, smem)),
         Case("fused-backward-bf16-mish-L3", Shape(B=33, Du=4, O=3, H=8, T=20, delay=2, layers=3, activation="mish"),
              dtype=torch.bfloat16),
         # Feedback structures (docs/spec.md §1.2) and ensembles (§1.3) in the fused kernels: D ring
@@ -588,7 +624,8 @@ def _plan_text(p: Optional[Dict]) -> str:
     if p is None:
         return "general"
     return (f"rows {p['rows']} (x{p['rows_per_item']}) chunk {p['chunk']} threads {p['threads']} "
-            f"tiles {p['tiles']} blocks {p['blocks']} smem {p['smem_bytes']} B")
+            f"tiles {p['tiles']} blocks {p['blocks']} smem {p['smem_bytes']} B"
+            + (", weight gradients in global memory" if p.get("grads_global") else ""))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

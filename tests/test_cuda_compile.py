@@ -528,3 +528,34 @@ def test_emulated_structure_low_precision(emulator, dtype, ensemble):
     net = Net(33, 4, (8, 4), 10, (3, 1), 3, True, "silu", dtype=dtype, feedback=3, residual=True,
               ensemble=ensemble, shared_u=ensemble is not None)
     _check_emulated(emulator, net, 4, 48 << 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight gradients accumulated in global memory (SmemLayout::grads_global): pretend devices
+# whose shared memory holds the weights but not the weights and their accumulators too, as an
+# H100's does at (256, 0, 64, 256, 100). (name, Net keywords, num_sms, smem bytes): one-row
+# tiles over several blocks, 4-row tiles (rows_per_item 4) with a partial one, three layers
+# keeping z, and an ensemble with one block per member (a workspace only for this reason).
+GRADS_GLOBAL = [
+    ("v1-1row-6blocks", dict(B=20, Du=2, widths=(33, 6), T=12, delay=2, truncate=None), 3, 7168),
+    ("v1-4row-partial-tile", dict(B=21, Du=2, widths=(65, 6), T=12, delay=2, truncate=3), 2, 16128),
+    ("gelu-L3", dict(B=11, Du=3, widths=(17, 13, 5), T=9, delay=2, truncate=None, activation="gelu",
+                     bias=(True, False, True)), 2, 7168),
+    ("E3-lags31-residual-1block", dict(B=13, Du=2, widths=(21, 4), T=10, delay=(3, 1), feedback=3, residual=True,
+                                       ensemble=3, activation="silu"), 2, 4864),
+]
+
+
+@pytest.mark.parametrize("name,kw,num_sms,smem", GRADS_GLOBAL, ids=[c[0] for c in GRADS_GLOBAL])
+def test_emulated_weight_gradients_in_global_memory(emulator, name, kw, num_sms, smem):
+    net = Net(**kw)
+    plan = smoke.plan_rollout(net.batch, net.steps, net.du, net.widths, net.delay, net.activation, True, num_sms,
+                              smem, **net.structure)
+    assert plan is not None and plan["grads_global"], plan  # the case tests what it says
+    _check_emulated(emulator, net, num_sms, smem)
+
+
+@pytest.mark.parametrize("mask", [(0, 0, 1, 0, 0, 1), (1, 1, 0, 0, 0, 0)], ids=["w1-b2", "x0-u"])
+def test_emulated_global_accumulators_with_masks(emulator, mask):
+    """Some weight gradients (the others' rows stay zero, never reduced), or none (no workspace)."""
+    _check_emulated(emulator, Net(B=20, Du=2, widths=(33, 6), T=12, delay=2, truncate=4), 3, 7168, mask=mask)

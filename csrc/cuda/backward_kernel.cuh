@@ -24,7 +24,10 @@
 // The weight gradients accumulate in fp32 in shared memory, per block, over all its tiles and
 // steps. With several blocks per member each writes its partials to a workspace row and
 // reduce_gradients_kernel sums the rows in block order: no atomics, so the result is the same
-// on every run.
+// on every run. Where weights and accumulators do not both fit on chip (SmemLayout::grads_global)
+// the accumulators are the block's workspace row itself, in global memory: each element has one
+// owning thread for the whole kernel (the same StridedIndex walk every step), so the updates
+// need no atomics and keep the same order as in shared memory.
 #pragma once
 
 #include "../common/activation.h"
@@ -68,6 +71,12 @@ __device__ __forceinline__ void accumulate_bias_grad(float* db, const float* g, 
   }
 }
 
+// This block's row of the workspace (rollout_params.h: grad_elements): member blockIdx.y's
+// blocks own rows blockIdx.y * gridDim.x + 0, 1, ...
+__device__ __forceinline__ float* workspace_row(const BackwardParams& p) {
+  return p.workspace + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * grad_elements(p.dims);
+}
+
 // Register budget: with one-row blocking (kRB = 1, tiles of 1-3 rows) ptxas otherwise aims at
 // more resident blocks than the plan ever places on an SM (kBlocksPerSm; such small tiles mean
 // about one tile per SM) and spills the per-step state of the feedback code to reach them. The
@@ -91,6 +100,9 @@ __global__ void __launch_bounds__(kMaxThreads, kRB == 1 ? kBlocksPerSm : 0)
   float* gy_stage = smem + lay.gy_stage;  // (S, R, O_pad)
 
   zero_fill(smem, lay.total);
+  // With grads_global the accumulators are the workspace row (null when no weight gradient is
+  // wanted).
+  if (lay.grads_global && p.workspace) zero_fill(workspace_row(p), grad_elements(d));
   __syncthreads();
   for (int l = 0; l <= last; ++l) {
     const LayerLayout& layer = lay.layer[l];
@@ -246,10 +258,18 @@ __global__ void __launch_bounds__(kMaxThreads, kRB == 1 ? kBlocksPerSm : 0)
             });
           }
         }
-        if (p.grad_w[l])
-          accumulate_weight_grad(smem + layer.dw, layer.ld, column_map(d, lay, l), g, lay.act_pad, h_l,
-                                 d.width[l], d.in(l), rows_valid);
-        if (p.grad_b[l]) accumulate_bias_grad(smem + layer.db, g, lay.act_pad, d.width[l], rows_valid);
+        if (p.grad_w[l] || p.grad_b[l]) {
+          // The accumulators' base, computed here rather than kept live across the step (the
+          // 4-row kernels have no register to spare). In global memory a weight's accumulator is
+          // the workspace's dense (out_l, in_l) block.
+          float* grads = lay.grads_global ? workspace_row(p) : smem;
+          if (p.grad_w[l]) {
+            const int ld = lay.grads_global ? d.in(l) : layer.ld;
+            const ColumnMap col = lay.grads_global ? ColumnMap{0, 0} : column_map(d, lay, l);
+            accumulate_weight_grad(grads + layer.dw, ld, col, g, lay.act_pad, h_l, d.width[l], d.in(l), rows_valid);
+          }
+          if (p.grad_b[l]) accumulate_bias_grad(grads + layer.db, g, lay.act_pad, d.width[l], rows_valid);
+        }
         __syncthreads();
       }
 
@@ -274,8 +294,9 @@ __global__ void __launch_bounds__(kMaxThreads, kRB == 1 ? kBlocksPerSm : 0)
 
   // This block's weight gradients: to its workspace row, or (one block per member) straight to
   // its member's outputs. The row is laid out as grad_elements (rollout_params.h) says:
-  // dW_0 | db_0 | dW_1 | ...
-  float* partial = p.workspace ? p.workspace + (e * gridDim.x + blockIdx.x) * grad_elements(d) : nullptr;
+  // dW_0 | db_0 | dW_1 | ... With grads_global they are in that row already.
+  if (lay.grads_global) return;
+  float* partial = p.workspace ? workspace_row(p) : nullptr;
   int64_t base = 0;
   auto emit = [&](void* out, int64_t member_first, int64_t i, float v) {
     if (partial)

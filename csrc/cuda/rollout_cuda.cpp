@@ -375,9 +375,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
       grad_b.push_back(mutable_data_or_null(g.b[l]));
       any_weight = any_weight || g.w[l].defined() || g.b[l].defined();
     }
-    // Several blocks per member: per-block fp32 partials, summed in block order by a second kernel.
+    // Several blocks per member, or accumulators too large for shared memory: per-block fp32
+    // partials, summed in block order by a second kernel.
     at::Tensor workspace;
-    if (plan.blocks > 1 && any_weight)
+    if (uses_workspace(plan) && any_weight)
       workspace = checked_empty(kBackwardOp, "the per-block weight gradients", {E * plan.blocks, grad_elements(dims)},
                                 opts.dtype(at::kFloat), "split the batch into smaller parts");
     BackwardParams p{};

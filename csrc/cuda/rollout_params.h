@@ -135,7 +135,9 @@ inline void set_feedback(Dims& d, int m, const int64_t* lags, int f, bool residu
 
 // Offsets (in floats) and padded widths of one layer's buffers; see the file comment.
 struct LayerLayout {
-  int in_pad, out_pad, ld;  // ld: row stride of W_l and dW_l, weight_ld(in_pad)
+  int in_pad, out_pad, ld;  // ld: row stride of W_l and (in shared memory) dW_l, weight_ld(in_pad)
+  // dw, db: offsets in shared memory, or, when SmemLayout::grads_global, in the block's
+  // workspace row (grad_elements' dense layout, dW_l row stride in_l).
   int64_t w, b, dw, db, hidden, pre;
 };
 
@@ -150,12 +152,19 @@ struct SmemLayout {
   int64_t ring, u_stage, x_buf, x_stage, gy_stage, act[2];
   LayerLayout layer[kMaxLayers];
   int64_t total;
+  // Backward only: the fp32 weight-gradient accumulators live in the block's workspace row in
+  // global memory (L2-resident on the GPUs this targets) rather than in shared memory. Chosen
+  // where the weights fit on chip but weights plus accumulators do not (plan_rollout), so that
+  // such a backward stays one fused kernel instead of the per-step general path.
+  bool grads_global;
 };
 
-inline FBFAST_HD SmemLayout make_layout(const Dims& d, Act act, int rows, int chunk, bool backward) {
+inline FBFAST_HD SmemLayout make_layout(const Dims& d, Act act, int rows, int chunk, bool backward,
+                                        bool grads_global = false) {
   SmemLayout s{};
   s.rows = rows;
   s.chunk = chunk;
+  s.grads_global = backward && grads_global;
   const int L = d.layers;
   const bool plain = d.plain();
   // Version 1's feedback: step t reads x_t from slot t % slots and its output y_t becomes x_{t+k},
@@ -196,6 +205,7 @@ inline FBFAST_HD SmemLayout make_layout(const Dims& d, Act act, int rows, int ch
   s.gy_stage = take(backward ? S * R * s.o_pad : 0);
   for (int i = 0; i < 2; ++i) s.act[i] = take(i < act_buffers ? R * s.act_pad : 0);
   const bool keep_pre = backward && act_needs_z(act);
+  int64_t global_off = 0;  // grads_global: the workspace row's layout, dW_0 | db_0 | dW_1 | ...
   for (int l = 0; l < L; ++l) {
     LayerLayout& lay = s.layer[l];
     const bool hidden = l < L - 1;
@@ -204,8 +214,15 @@ inline FBFAST_HD SmemLayout make_layout(const Dims& d, Act act, int rows, int ch
     lay.w = take(int64_t(lay.out_pad) * lay.ld);
     // The backward never recomputes the last layer's z (it reads y_t from Y), so needs no b_{L-1}.
     lay.b = take(!backward || hidden ? lay.out_pad : 0);
-    lay.dw = take(backward ? int64_t(lay.out_pad) * lay.ld : 0);
-    lay.db = take(backward ? lay.out_pad : 0);
+    if (s.grads_global) {
+      lay.dw = global_off;
+      global_off += int64_t(d.width[l]) * d.in(l);
+      lay.db = global_off;
+      global_off += d.width[l];
+    } else {
+      lay.dw = take(backward ? int64_t(lay.out_pad) * lay.ld : 0);
+      lay.db = take(backward ? lay.out_pad : 0);
+    }
   }
   s.total = off;
   return s;
@@ -227,9 +244,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The boundary between the fused and the general path is the device's opt-in shared memory per
 // block (`smem_limit_bytes`, e.g. 227 KB on sm_90, 163 KB on sm_80): the fused kernels need the
-// fp32 weights of every layer (forward ~ 4 sum_l out_l in_l bytes; backward twice that, for the
-// fp32 gradient accumulators) plus one tile row of activations to fit, and they keep every
-// weight on chip for the whole rollout. Beyond that a block would have to stream weights from
+// fp32 weights of every layer (~ 4 sum_l out_l in_l bytes) plus one tile row of activations to
+// fit, and they keep every weight on chip for the whole rollout. The backward also keeps its
+// fp32 weight-gradient accumulators there when they fit too, else in its workspace row in global
+// memory (SmemLayout::grads_global: at (256, 0, 64, 256, 100) weights and accumulators need
+// 278 KB, the weights alone about half). Beyond that a block would have to stream weights from
 // L2 at every step, which per-step cuBLAS GEMMs over the full batch do better.
 //
 // An ensemble's E members share the device: its tiles are sized from all E B rows (E = 1: as for
@@ -238,7 +257,12 @@ inline Plan plan_rollout(const Dims& d, bool backward, Act act, int num_sms, int
   Plan plan;
   if (d.members < 1 || d.members > kMaxMembers || d.m < 1 || d.m > kMaxLags || d.delay > INT32_MAX) return plan;
   const int64_t limit = smem_limit_bytes / int64_t(sizeof(float));
-  auto fits = [&](int rows, int chunk) { return make_layout(d, act, rows, chunk, backward).total <= limit; };
+  // The backward's weight-gradient accumulators go to global memory only where they must: with
+  // them in shared memory not even a one-row tile fits.
+  const bool grads_global = backward && make_layout(d, act, 1, 1, true, false).total > limit;
+  auto fits = [&](int rows, int chunk) {
+    return make_layout(d, act, rows, chunk, backward, grads_global).total <= limit;
+  };
 
   // About one tile per SM: the time loop is serial, so parallelism comes from the batch (and the
   // members) only. A tile holds one member's rows, so never more than B.
@@ -267,7 +291,7 @@ inline Plan plan_rollout(const Dims& d, bool backward, Act act, int num_sms, int
   plan.act = act;
   plan.rows = static_cast<int>(rows);
   plan.rows_per_item = rows % 4 == 0 ? 4 : 1;
-  plan.lay = make_layout(d, act, plan.rows, static_cast<int>(chunk), backward);
+  plan.lay = make_layout(d, act, plan.rows, static_cast<int>(chunk), backward, grads_global);
   // Enough threads for one output per thread in the widest GEMM of a step (backward: the
   // products through W_l have in_l outputs), and, backward, a few weight-gradient elements
   // each, in whole warps.
@@ -400,6 +424,10 @@ inline FBFAST_HD int64_t grad_elements(const Dims& d) {
   for (int l = 0; l < d.layers; ++l) total += int64_t(d.width[l]) * (d.in(l) + 1);
   return total;
 }
+
+// Whether a backward of this plan writes its weight gradients to per-block workspace rows, which
+// reduce_gradients_kernel then sums: several blocks per member, or accumulators in global memory.
+inline bool uses_workspace(const Plan& plan) { return plan.blocks > 1 || plan.lay.grads_global; }
 
 }  // namespace cuda
 }  // namespace fbfast

@@ -107,10 +107,12 @@ std::vector<T> read_x0(const std::vector<T>& x0, int64_t step, const std::vector
 }
 
 void print_plan(const char* name, const fc::Plan& p) {
-  std::printf("%s rows=%d rows_per_item=%d chunk=%d slots=%lld threads=%d tiles=%lld blocks=%lld smem_bytes=%lld\n",
-              name, p.rows, p.rows_per_item, p.lay.chunk, static_cast<long long>(p.lay.slots), p.threads,
-              static_cast<long long>(p.tiles), static_cast<long long>(p.blocks),
-              static_cast<long long>(p.lay.total * 4));
+  std::printf(
+      "%s rows=%d rows_per_item=%d chunk=%d slots=%lld threads=%d tiles=%lld blocks=%lld smem_bytes=%lld "
+      "grads_global=%d\n",
+      name, p.rows, p.rows_per_item, p.lay.chunk, static_cast<long long>(p.lay.slots), p.threads,
+      static_cast<long long>(p.tiles), static_cast<long long>(p.blocks), static_cast<long long>(p.lay.total * 4),
+      p.lay.grads_global ? 1 : 0);
 }
 
 float* smem() { return reinterpret_cast<float*>(fc::fbfast_smem); }
@@ -122,8 +124,9 @@ bool aligned(const fc::SmemLayout& s, int layers) {
                               s.du_pad, s.o_pad,   s.f_pad, s.x_pad,   s.ring_pad, s.act_pad};
   for (int l = 0; l < layers; ++l) {
     const fc::LayerLayout& layer = s.layer[l];
-    values.insert(values.end(), {layer.in_pad, layer.out_pad, layer.ld, layer.w, layer.b, layer.dw, layer.db,
-                                 layer.hidden, layer.pre});
+    values.insert(values.end(), {layer.in_pad, layer.out_pad, layer.ld, layer.w, layer.b, layer.hidden, layer.pre});
+    // Accumulators in global memory are read and written element by element, at any offset.
+    if (!s.grads_global) values.insert(values.end(), {layer.dw, layer.db});
     if (layer.ld % 32 != 4) return false;
   }
   for (const int64_t v : values)
@@ -197,7 +200,7 @@ int run(const Problem& pr, std::vector<std::vector<float>>& in, std::vector<floa
     any_weight = any_weight || gw_ptr[l] || gb_ptr[l];
   }
   std::vector<float> workspace;
-  if (pb.blocks > 1 && any_weight) workspace.assign(E * pb.blocks * fc::grad_elements(d), NAN);
+  if (fc::uses_workspace(pb) && any_weight) workspace.assign(E * pb.blocks * fc::grad_elements(d), NAN);
   fc::BackwardParams bp{};
   fc::set_backward_params(bp, d, pb, dtype, param, x0.data(), x0_base.data(), hd.has_u ? u.data() : nullptr, shared,
                           w_ptr.data(), b_ptr.data(), y.data(), grad_y.data(), want_x0 ? gx0.data() : nullptr,
