@@ -24,6 +24,13 @@ step differentiates ``W_ih, W_hh`` and the read-out, not ``W1`` and ``W2`` thems
 whole training step (forward, loss, gradient) in one compiled function, outside any autograd
 engine.
 
+Two configurations beyond the ``Case`` shapes run the same peers (nn.RNN cannot express them):
+``narx``, benchmarks/narx.py's tapped delay line (lags 1..5, exogenous inputs, two tanh layers),
+its loop `benchmarks.narx.narx_loop`; and ``mbrl``, benchmarks/mbrl.py's ensemble (7 members,
+4 SiLU layers of 200, a residual state and a reward head not fed back), its loop
+`benchmarks.mbrl.mbrl_loop` (one ``baddbmm`` per layer). JAX runs their step under ``lax.scan``
+with the lags as a carried window and the members as a batched ``einsum``.
+
 Every method gets the same seeded inputs; the timings of a (case, mode) are interleaved
 (`benchmarks.report.measure_group`), and the median is reported. The machine's CPU, the BLAS
 speed (``torch.mm`` GFLOP/s of a 4096 x 256 x 512 product) and the load average are printed
@@ -38,13 +45,15 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 import fbfast
 
+from . import mbrl, narx
 from .cases import Case, make_inputs
 from .loops import rollout_fn, seed_loop, step_loss, training_step
 from .report import cpu_model, measure_group, mm_step, timing_parser
@@ -160,6 +169,147 @@ def methods_of(case: Case, inputs, with_compile: bool) -> Dict[str, Dict[str, Ca
     return out
 
 
+@dataclass
+class Row:
+    """What the table times for one configuration: {method: {mode: callable}}, torch.mm's GEMMs
+    of one step (``mm``), the forward's FLOPs and one step's (for the % of torch.mm)."""
+
+    name: str
+    label: str
+    methods: Dict[str, Dict[str, Callable[[], object]]]
+    mm: Callable[[], object]
+    forward_flops: int
+    step_flops: int
+
+    def flops(self, mode: str) -> int:
+        return self.forward_flops if mode == "fwd" else 3 * self.forward_flops  # as benchmarks/cases.py
+
+
+def case_row(case: Case, with_compile: bool) -> Row:
+    inputs = make_inputs(case)
+    return Row(case.name, case.label, methods_of(case, inputs, with_compile), mm_step(case, inputs),
+               case.forward_flops(), 2 * case.B * case.step_macs())
+
+
+def _train(fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], target: torch.Tensor):
+    return training_step(fn, params, target)
+
+
+def _jax_mlp(act_name: str):
+    """(jax, jnp, act) where JAX is installed, else None."""
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    acts = {"relu": jax.nn.relu, "silu": jax.nn.silu, "tanh": jnp.tanh}
+    return jax, jnp, acts[act_name]
+
+
+def _jax_modes(jax, rollout, params, x0, u, target):
+    """fwd and train callables of a JAX rollout(params, x0, u), jitted as _jax_methods does."""
+    import jax.numpy as jnp
+
+    def loss(params, x0, u, target):
+        y = rollout(params, x0, u)
+        return jnp.sum((y - target) ** 2) / (y[0].size if y.shape[0] else 1)  # benchmarks.loops.step_loss
+    fwd = jax.jit(rollout)
+    train = jax.jit(jax.value_and_grad(loss))
+    return {"fwd": lambda: fwd(params, x0, u).block_until_ready(),
+            "train": lambda: jax.block_until_ready(train(params, x0, u, target))}
+
+
+def narx_row(with_compile: bool) -> Row:
+    """benchmarks/narx.py's tapped-delay-line model: lags 1..5, Du = 10, two tanh layers of 64."""
+    B, DU, O, H, T, lags = narx.B, narx.DU, narx.O, narx.H, narx.T, narx.LAGS
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(DU + len(lags) * O, H), nn.Tanh(), nn.Linear(H, H), nn.Tanh(), nn.Linear(H, O))
+    params = [t for m in net if isinstance(m, nn.Linear) for t in (m.weight, m.bias)]
+    x0, u, target = torch.randn(max(lags), B, O), torch.randn(T, B, DU), torch.randn(T, B, O)
+    loop = lambda: narx.narx_loop(net, x0, u)  # noqa: E731
+    fused = lambda: fbfast.rollout(x0, *params, u=u, delay=lags, activation="tanh")  # noqa: E731
+    methods = {"loop": {"fwd": _no_grad(loop), "train": _train(loop, params, target)},
+               "fbfast": {"fwd": _no_grad(fused), "train": _train(fused, params, target)}}
+    if with_compile:
+        compiled = torch.compile(loop)
+        methods["compile"] = {"fwd": _no_grad(compiled), "train": _train(compiled, params, target)}
+    j = _jax_mlp("tanh")
+    if j is not None:
+        jax, jnp, act = j
+        layers = [(jnp.asarray(m.weight.detach().numpy()), jnp.asarray(m.bias.detach().numpy()))
+                  for m in net if isinstance(m, nn.Linear)]
+
+        def rollout(params, x0, u):
+            def step(past, ut):  # past: (D, B, O), oldest first, as x0
+                h = jnp.concatenate([ut] + [past[-d] for d in lags], -1)
+                for l, (w, b) in enumerate(params):
+                    h = h @ w.T + b
+                    if l + 1 < len(params):
+                        h = act(h)
+                return jnp.concatenate([past[1:], h[None]], 0), h
+            return jax.lax.scan(step, x0, u)[1]
+        methods["jax"] = _jax_modes(jax, rollout, layers, jnp.asarray(x0.numpy()), jnp.asarray(u.numpy()),
+                                    jnp.asarray(target.numpy()))
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    macs = sum(m.in_features * m.out_features for m in linears)
+    gen = torch.Generator().manual_seed(1)
+    acts = [(torch.randn(B, m.in_features, generator=gen), m.weight.detach()) for m in linears]
+
+    def mm():
+        for a, w in acts:
+            torch.mm(a, w.t())
+    label = f"narx (B={B}, Du={DU}, O={O}, lags 1-{max(lags)}, 2x{H} tanh, T={T})"
+    return Row("narx", label, methods, mm, 2 * B * T * macs, 2 * B * macs)
+
+
+def mbrl_row(with_compile: bool) -> Row:
+    """benchmarks/mbrl.py's ensemble dynamics model at its full size."""
+    shape = mbrl.FULL
+    p = mbrl.make_inputs(shape)
+    F = shape.F
+    loop = lambda: mbrl.mbrl_loop(p.x0, p.u, p.weights, p.biases, F)  # noqa: E731
+    fused = lambda: fbfast.rollout(p.x0, *p.params, u=p.u, activation="silu", residual=True,  # noqa: E731
+                                   feedback=F)
+    target = torch.randn(shape.T, shape.E, shape.B, shape.O, generator=torch.Generator().manual_seed(2))
+    params = list(p.params)
+    methods = {"loop": {"fwd": _no_grad(loop), "train": _train(loop, params, target)},
+               "fbfast": {"fwd": _no_grad(fused), "train": _train(fused, params, target)}}
+    if with_compile:
+        compiled = torch.compile(loop)
+        methods["compile"] = {"fwd": _no_grad(compiled), "train": _train(compiled, params, target)}
+    j = _jax_mlp("silu")
+    if j is not None:
+        jax, jnp, act = j
+        layers = [(jnp.asarray(w.detach().numpy()), jnp.asarray(b.detach().numpy()))
+                  for w, b in zip(p.weights, p.biases)]
+        E = shape.E
+
+        def rollout(params, x0, u):
+            def step(s, ut):  # s: (E, B, F); ut: (B, Du), shared by the members
+                h = jnp.concatenate([jnp.broadcast_to(ut, (E,) + ut.shape), s], -1)
+                for l, (w, b) in enumerate(params):
+                    h = jnp.einsum("ebi,eoi->ebo", h, w) + b[:, None]
+                    if l + 1 < len(params):
+                        h = act(h)
+                y = jnp.concatenate([h[..., :F] + s, h[..., F:]], -1)
+                return y[..., :F], y
+            return jax.lax.scan(step, jnp.broadcast_to(x0[-1], (E,) + x0.shape[1:]), u)[1]
+        methods["jax"] = _jax_modes(jax, rollout, layers, jnp.asarray(p.x0.detach().numpy()),
+                                    jnp.asarray(p.u.detach().numpy()), jnp.asarray(target.numpy()))
+    w = shape.widths()
+    macs = shape.E * sum(a * b for a, b in zip(w[:-1], w[1:]))
+    gen = torch.Generator().manual_seed(1)
+    acts = [(torch.randn(shape.E, shape.B, wl.shape[2], generator=gen), wl.detach().transpose(1, 2))
+            for wl in p.weights]
+
+    def mm():
+        for a, wt in acts:
+            torch.bmm(a, wt)
+    label = (f"mbrl (E={shape.E}, B={shape.B}, Du={shape.Du}, F={F}, O={shape.O}, "
+             f"{shape.hidden}x{shape.H} silu, T={shape.T})")
+    return Row("mbrl", label, methods, mm, shape.B * shape.T * 2 * macs, 2 * shape.B * macs)
+
+
 def mm_gflops() -> float:
     a, b = torch.randn(4096, 256), torch.randn(256, 512)
     for _ in range(3):
@@ -177,7 +327,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cases", nargs="*", help="case names (default: all)")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     args = p.parse_args(argv)
-    cases = [c for c in PEER_CASES if not args.cases or c.name in args.cases]
+    wanted = lambda name: not args.cases or name in args.cases  # noqa: E731
+    builders = [(c.name, lambda c=c: case_row(c, not args.no_compile)) for c in PEER_CASES]
+    builders += [("narx", lambda: narx_row(not args.no_compile)), ("mbrl", lambda: mbrl_row(not args.no_compile))]
     info = {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "mm_gflops": round(mm_gflops(), 1)}
     try:
@@ -191,25 +343,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("| case (B, Du, O, H, T) | mode | loop | " + " | ".join(names) + " | fbfast % of mm |")
     print("|---|---|---:|" + "---:|" * (len(names) + 1), flush=True)
     results = []
-    for case in cases:
-        inputs = make_inputs(case)
+    for name, build in builders:
+        if not wanted(name):
+            continue
         torch._dynamo.reset()
-        per_method = methods_of(case, inputs, not args.no_compile)
+        row = build()
         for mode in MODES:
-            fns = {m: per_method[m][mode] for m in per_method}
-            fns["mm"] = mm_step(case, inputs)
+            fns = {m: row.methods[m][mode] for m in row.methods}
+            fns["mm"] = row.mm
             for fn in fns.values():  # compiles and JIT warm-ups outside the timings
                 fn()
             t = measure_group(fns, target_s=args.target, runs=args.runs)
             base = t["loop"]["median_s"]
-            flops = case.forward_flops() if mode == "fwd" else case.train_flops()
             # torch.mm's speed on one step's GEMMs of this case, timed in the same interleaved runs.
-            mm_rate = 2 * case.B * case.step_macs() / t["mm"]["median_s"]
-            share = flops / t["fbfast"]["median_s"] / mm_rate * 100
+            mm_rate = row.step_flops / t["mm"]["median_s"]
+            share = row.flops(mode) / t["fbfast"]["median_s"] / mm_rate * 100
             cells = [f"{base / t[m]['median_s']:.2f}x" if m in t else "—" for m in names]
-            print(f"| {case.label} | {mode} | {base * 1e3:.3g} ms | " + " | ".join(cells) + f" | {share:.0f}% |",
+            print(f"| {row.label} | {mode} | {base * 1e3:.3g} ms | " + " | ".join(cells) + f" | {share:.0f}% |",
                   flush=True)
-            results.append({"case": case.name, "shape": case.shape, "mode": mode,
+            results.append({"case": row.name, "shape": row.label, "mode": mode,
                             "median_s": {m: v["median_s"] for m, v in t.items()}, "fbfast_share_of_mm": share})
     calibration = fbfast.cpu_path_calibration()
     if calibration:

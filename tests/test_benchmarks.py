@@ -46,6 +46,21 @@ def test_peers_runs_and_prints_its_table(tmp_path):
     assert {"loop", "fbfast", "rnn", "mm"} <= set(data["results"][0]["median_s"])
 
 
+def test_peers_runs_the_narx_and_mbrl_configurations(tmp_path):
+    """benchmarks/peers.py's two configurations beyond the shapes: loop and fbfast rows (no nn.RNN)."""
+    out = tmp_path / "peers.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--cases", "narx", "mbrl", "--no-compile",
+                           "--runs", "1", "--target", "0.01", "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert [(r["case"], r["mode"]) for r in data["results"]] == [("narx", "fwd"), ("narx", "train"),
+                                                                   ("mbrl", "fwd"), ("mbrl", "train")]
+    for r in data["results"]:
+        assert {"loop", "fbfast", "mm"} <= set(r["median_s"]) and "rnn" not in r["median_s"]
+    assert "| narx (B=64, Du=10, O=2, lags 1-5, 2x64 tanh, T=50) | fwd |" in done.stdout
+
+
 def test_paths_runs_and_reports_what_auto_measured(tmp_path):
     """benchmarks/paths.py on a shape above the calibration threshold: auto measured its classes."""
     out = tmp_path / "paths.json"
