@@ -121,12 +121,29 @@ inline typename Vec<T>::type vexpm1(typename Vec<T>::type x) {
   return vexp_impl<T, true>(x);
 }
 
+// 1 / d for d in [1, 2] or NaN (tanh's divisor below). On AVX-512 in float32: the 14-bit
+// reciprocal estimate and one Newton step, relative error below 2^-27 before rounding, instead
+// of a division, whose throughput bounded the tanh loop (perf: about a third of its samples
+// waited on vdivps; the NARX rollout of benchmarks/narx.py spent as long in tanh as in its
+// GEMMs). Elsewhere, the division.
+template <typename T>
+inline typename Vec<T>::type vrecip_1_2(typename Vec<T>::type d) {
+#if FBFAST_VEC_BYTES == 64 && defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+  if constexpr (sizeof(T) == 4) {
+    using V = typename Vec<T>::type;
+    const V r = __builtin_ia32_rcp14ps512_mask(d, V{}, static_cast<unsigned short>(0xffff));
+    return r + r * (T(1) - d * r);
+  }
+#endif
+  return T(1) / d;
+}
+
 template <typename T>
 inline typename Vec<T>::type vtanh(typename Vec<T>::type z) {
   using V = typename Vec<T>::type;
   const V a = z < T(0) ? -z : z;
-  const V em = vexpm1<T>(T(-2) * a);
-  const V t = -em / (em + T(2));
+  const V em = vexpm1<T>(T(-2) * a);  // in [-1, 0]: em + 2 in [1, 2]
+  const V t = -em * vrecip_1_2<T>(em + T(2));
   return z < T(0) ? -t : t;
 }
 
