@@ -191,8 +191,13 @@ def case_row(case: Case, with_compile: bool) -> Row:
                case.forward_flops(), 2 * case.B * case.step_macs())
 
 
-def _train(fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], target: torch.Tensor):
-    return training_step(fn, params, target)
+def _torch_methods(loop: Callable[[], torch.Tensor], fused: Callable[[], torch.Tensor],
+                   params: Sequence[torch.Tensor], target: torch.Tensor, with_compile: bool):
+    """loop, fbfast and (with_compile) torch.compile of the loop, each forward and training step."""
+    methods = {"loop": loop, "fbfast": fused}
+    if with_compile:
+        methods["compile"] = torch.compile(loop)
+    return {name: {"fwd": _no_grad(fn), "train": training_step(fn, params, target)} for name, fn in methods.items()}
 
 
 def _jax_mlp(act_name: str):
@@ -226,13 +231,9 @@ def narx_row(with_compile: bool) -> Row:
     net = nn.Sequential(nn.Linear(DU + len(lags) * O, H), nn.Tanh(), nn.Linear(H, H), nn.Tanh(), nn.Linear(H, O))
     params = [t for m in net if isinstance(m, nn.Linear) for t in (m.weight, m.bias)]
     x0, u, target = torch.randn(max(lags), B, O), torch.randn(T, B, DU), torch.randn(T, B, O)
-    loop = lambda: narx.narx_loop(net, x0, u)  # noqa: E731
-    fused = lambda: fbfast.rollout(x0, *params, u=u, delay=lags, activation="tanh")  # noqa: E731
-    methods = {"loop": {"fwd": _no_grad(loop), "train": _train(loop, params, target)},
-               "fbfast": {"fwd": _no_grad(fused), "train": _train(fused, params, target)}}
-    if with_compile:
-        compiled = torch.compile(loop)
-        methods["compile"] = {"fwd": _no_grad(compiled), "train": _train(compiled, params, target)}
+    methods = _torch_methods(lambda: narx.narx_loop(net, x0, u),
+                             lambda: fbfast.rollout(x0, *params, u=u, delay=lags, activation="tanh"),
+                             params, target, with_compile)
     j = _jax_mlp("tanh")
     if j is not None:
         jax, jnp, act = j
@@ -267,16 +268,11 @@ def mbrl_row(with_compile: bool) -> Row:
     shape = mbrl.FULL
     p = mbrl.make_inputs(shape)
     F = shape.F
-    loop = lambda: mbrl.mbrl_loop(p.x0, p.u, p.weights, p.biases, F)  # noqa: E731
-    fused = lambda: fbfast.rollout(p.x0, *p.params, u=p.u, activation="silu", residual=True,  # noqa: E731
-                                   feedback=F)
     target = torch.randn(shape.T, shape.E, shape.B, shape.O, generator=torch.Generator().manual_seed(2))
-    params = list(p.params)
-    methods = {"loop": {"fwd": _no_grad(loop), "train": _train(loop, params, target)},
-               "fbfast": {"fwd": _no_grad(fused), "train": _train(fused, params, target)}}
-    if with_compile:
-        compiled = torch.compile(loop)
-        methods["compile"] = {"fwd": _no_grad(compiled), "train": _train(compiled, params, target)}
+    methods = _torch_methods(lambda: mbrl.mbrl_loop(p.x0, p.u, p.weights, p.biases, F),
+                             lambda: fbfast.rollout(p.x0, *p.params, u=p.u, activation="silu", residual=True,
+                                                    feedback=F),
+                             list(p.params), target, with_compile)
     j = _jax_mlp("silu")
     if j is not None:
         jax, jnp, act = j
