@@ -248,7 +248,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // fit, and they keep every weight on chip for the whole rollout. The backward also keeps its
 // fp32 weight-gradient accumulators there when they fit too, else in its workspace row in global
 // memory (SmemLayout::grads_global: at (256, 0, 64, 256, 100) weights and accumulators need
-// 278 KB, the weights alone about half). Beyond that a block would have to stream weights from
+// 278 KB, the weights alone about half). Those accumulators are cheap while every block's row
+// stays in L2: E x blocks x grad_elements x 4 bytes, about 17 MB for that shape on an H100
+// (128 blocks), against its 50 MB. The switch is made only where not even a one-row tile fits
+// with them on chip; just below that, the halving of the rows may leave tiles far smaller than
+// one per SM, where global accumulators could keep larger ones (to measure on a GPU). Beyond that a block would have to stream weights from
 // L2 at every step, which per-step cuBLAS GEMMs over the full batch do better.
 //
 // An ensemble's E members share the device: its tiles are sized from all E B rows (E = 1: as for
@@ -355,9 +359,11 @@ struct RolloutParams {
 // own (for a shared x0 or u the caller sums them over E: per-member buffers, no atomics, so the
 // result is the same on every run); grad_u is written in full, and so is grad_x0 for structures
 // other than version 1's, whose grad_x0 must be zero-filled by the caller (only rows
-// t < min(delay, steps) are written). workspace: null when one block per member runs (it then
+// t < min(delay, steps) are written). workspace: null when no weight gradient is wanted or when
+// uses_workspace(plan) is false (one block per member, accumulators in shared memory: the block
 // writes the weight gradients itself), else (E blocks, grad_elements(dims)) fp32 partial sums
-// that reduce_gradients_kernel adds in block order.
+// (with grads_global, the accumulators themselves) that reduce_gradients_kernel adds in block
+// order.
 struct BackwardParams : RolloutParams {
   const void* grad_y;
   void* grad_x0;
