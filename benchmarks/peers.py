@@ -103,8 +103,8 @@ def _rnn_methods(case: Case, inputs) -> Optional[Dict[str, Callable[[], object]]
     return {"fwd": _no_grad(run), "train": training_step(run, params, inputs.target)}
 
 
-def _jax_methods(case: Case, inputs) -> Optional[Dict[str, Callable[[], object]]]:
-    """jax.jit of a lax.scan over the steps; None where JAX is not installed."""
+def _jax_mlp(act_name: str):
+    """(jax, jnp, act) where JAX is installed and has the activation, else None."""
     try:
         import jax
         import jax.numpy as jnp
@@ -112,14 +112,32 @@ def _jax_methods(case: Case, inputs) -> Optional[Dict[str, Callable[[], object]]
         return None
     acts = {"relu": jax.nn.relu, "silu": jax.nn.silu, "tanh": jnp.tanh,
             "gelu": lambda z: jax.nn.gelu(z, approximate=False)}
-    if case.activation not in acts or case.delay != 1 or case.truncate:
+    return (jax, jnp, acts[act_name]) if act_name in acts else None
+
+
+def _jax_modes(jax, rollout, params, x0, u, target):
+    """fwd and train callables of a JAX rollout(params, x0, u): jax.jit of it, and of the value and
+    gradient of the loss of `benchmarks.loops.step_loss`."""
+    import jax.numpy as jnp
+
+    def loss(params, x0, u, target):
+        y = rollout(params, x0, u)
+        return jnp.sum((y - target) ** 2) / (y[0].size if y.shape[0] else 1)  # benchmarks.loops.step_loss
+    fwd = jax.jit(rollout)
+    train = jax.jit(jax.value_and_grad(loss))
+    return {"fwd": lambda: fwd(params, x0, u).block_until_ready(),
+            "train": lambda: jax.block_until_ready(train(params, x0, u, target))}
+
+
+def _jax_methods(case: Case, inputs) -> Optional[Dict[str, Callable[[], object]]]:
+    """jax.jit of a lax.scan over the steps; None where JAX is not installed."""
+    j = _jax_mlp(case.activation)
+    if j is None or case.delay != 1 or case.truncate:
         return None
-    act = acts[case.activation]
+    jax, jnp, act = j
     layers = [(jnp.asarray(fc.weight.detach().numpy()), jnp.asarray(fc.bias.detach().numpy()))
               for fc in inputs.fb_net.layers]
-    x0 = jnp.asarray(inputs.x0.numpy())
     u = jnp.asarray(inputs.u.numpy()) if inputs.u is not None else jnp.zeros((case.T, case.B, 0), jnp.float32)
-    target = jnp.asarray(inputs.target.numpy())
 
     def rollout(params, x0, u):
         def step(x, ut):
@@ -130,15 +148,7 @@ def _jax_methods(case: Case, inputs) -> Optional[Dict[str, Callable[[], object]]
                     h = act(h)
             return h, h
         return jax.lax.scan(step, x0, u)[1]
-
-    def loss(params, x0, u, target):
-        y = rollout(params, x0, u)
-        return jnp.sum((y - target) ** 2) / (y.shape[1] * y.shape[2])
-
-    fwd = jax.jit(rollout)
-    train = jax.jit(jax.value_and_grad(loss))
-    return {"fwd": lambda: fwd(layers, x0, u).block_until_ready(),
-            "train": lambda: jax.block_until_ready(train(layers, x0, u, target))}
+    return _jax_modes(jax, rollout, layers, jnp.asarray(inputs.x0.numpy()), u, jnp.asarray(inputs.target.numpy()))
 
 
 def _compiled_loop(inputs) -> Callable[[], torch.Tensor]:
@@ -198,30 +208,6 @@ def _torch_methods(loop: Callable[[], torch.Tensor], fused: Callable[[], torch.T
     if with_compile:
         methods["compile"] = torch.compile(loop)
     return {name: {"fwd": _no_grad(fn), "train": training_step(fn, params, target)} for name, fn in methods.items()}
-
-
-def _jax_mlp(act_name: str):
-    """(jax, jnp, act) where JAX is installed, else None."""
-    try:
-        import jax
-        import jax.numpy as jnp
-    except ImportError:
-        return None
-    acts = {"relu": jax.nn.relu, "silu": jax.nn.silu, "tanh": jnp.tanh}
-    return jax, jnp, acts[act_name]
-
-
-def _jax_modes(jax, rollout, params, x0, u, target):
-    """fwd and train callables of a JAX rollout(params, x0, u), jitted as _jax_methods does."""
-    import jax.numpy as jnp
-
-    def loss(params, x0, u, target):
-        y = rollout(params, x0, u)
-        return jnp.sum((y - target) ** 2) / (y[0].size if y.shape[0] else 1)  # benchmarks.loops.step_loss
-    fwd = jax.jit(rollout)
-    train = jax.jit(jax.value_and_grad(loss))
-    return {"fwd": lambda: fwd(params, x0, u).block_until_ready(),
-            "train": lambda: jax.block_until_ready(train(params, x0, u, target))}
 
 
 def narx_row(with_compile: bool) -> Row:

@@ -137,6 +137,18 @@ at::Tensor reference_rollout(const at::Tensor& x0_in, const std::optional<at::Te
   return at::stack(ys);
 }
 
+// The reference of one operator call: its lags ([]: the one lag `delay`) and fed-back outputs
+// (0: all of them) spelled out as reference_rollout takes them. b[l] undefined: no bias.
+at::Tensor reference_of_call(const at::Tensor& x0, const std::optional<at::Tensor>& u, const std::vector<at::Tensor>& w,
+                             const std::vector<at::Tensor>& b, const c10::SymInt& steps, int64_t delay,
+                             int64_t truncate, c10::string_view activation, double param, at::IntArrayRef lags,
+                             int64_t feedback, bool residual) {
+  const std::vector<int64_t> all_lags = lags.empty() ? std::vector<int64_t>{delay} : lags.vec();
+  return reference_rollout(x0, u, w, b, steps.guard_int(__FILE__, __LINE__), delay, truncate,
+                           parse_activation("fbfast::rollout_forward", activation), param, all_lags,
+                           feedback ? feedback : w.back().size(-2), residual);
+}
+
 GradTuple call_backward(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0,
                         const std::optional<at::Tensor>& u, at::TensorList w, const BiasList& b, int64_t delay,
                         int64_t truncate, c10::string_view act, double p, const c10::List<bool>& mask,
@@ -204,8 +216,7 @@ struct RolloutBackward final : public torch::autograd::Node {
   using SavedVariable = torch::autograd::SavedVariable;
 
   SavedVariable x0, u, y;
-  std::vector<SavedVariable> w, b, hidden;  // b: one per layer, empty where no bias
-  std::vector<bool> has_bias;
+  std::vector<SavedVariable> w, b, hidden;  // b: one per layer, undefined where no bias
   c10::SymInt steps;
   int64_t delay = 1, truncate = 0, feedback = 0;
   std::string activation;
@@ -226,31 +237,29 @@ struct RolloutBackward final : public torch::autograd::Node {
 
   variable_list apply(variable_list&& grad_outputs) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    const size_t L = w.size();
-    const at::Tensor x0_t = x0.unpack(), u_t = u.unpack(), y_t = y.unpack(getptr());
-    std::vector<at::Tensor> w_t, b_t, hidden_t;
-    for (const SavedVariable& v : w) w_t.push_back(v.unpack());
-    for (const SavedVariable& v : b) b_t.push_back(v.unpack());
-    for (const SavedVariable& v : hidden) hidden_t.push_back(v.unpack());
+    const size_t L = w.size(), slots = 2 + 2 * L;
+    // The inputs in slot order: x0, u, w_1..w_L, b_1..b_L (undefined where none was given).
+    std::vector<at::Tensor> in;
+    in.reserve(slots);
+    in.push_back(x0.unpack());
+    in.push_back(u.unpack());
+    for (const SavedVariable& v : w) in.push_back(v.unpack());
+    for (const SavedVariable& v : b) in.push_back(v.unpack());
+    const std::vector<at::Tensor> w_t(in.begin() + 2, in.begin() + 2 + L), b_t(in.begin() + 2 + L, in.end());
+    const at::Tensor y_t = y.unpack(getptr());
     at::Tensor grad_y = grad_outputs[0];
     if (!grad_y.defined()) grad_y = at::zeros_like(y_t);
 
     // Which slots this backward pass wants (torch.autograd.grad may ask for only some inputs).
-    const size_t slots = 2 + 2 * L;
     std::vector<bool> wanted(slots);
-    for (size_t i = 0; i < slots; ++i) wanted[i] = task_should_compute_output(i);
+    for (size_t i = 0; i < slots; ++i) wanted[i] = task_should_compute_output(i) && in[i].defined();
     variable_list out(slots);
 
-    const at::Tensor* inputs_begin[] = {&x0_t, &u_t};
-    auto input = [&](size_t i) -> const at::Tensor& {
-      return i < 2 ? *inputs_begin[i] : i < 2 + L ? w_t[i - 2] : b_t[i - 2 - L];
-    };
     bool differentiate_backward = false;
     if (at::GradMode::is_enabled()) {
       differentiate_backward = grad_y.requires_grad();
-      for (size_t i = 0; i < slots; ++i) differentiate_backward |= input(i).defined() && input(i).requires_grad();
+      for (const at::Tensor& t : in) differentiate_backward |= t.defined() && t.requires_grad();
     }
-    const Act act = parse_activation("fbfast::rollout_forward", activation);
     if (differentiate_backward) {
       // create_graph=True: the fused backward has no derivative of its own. Differentiate the
       // reference with respect to fresh aliases of the inputs: torch::autograd::grad with the
@@ -259,46 +268,48 @@ struct RolloutBackward final : public torch::autograd::Node {
       // then propagates again from this node.
       std::vector<at::Tensor> alias(slots);
       for (size_t i = 0; i < slots; ++i)
-        if (input(i).defined()) alias[i] = input(i).view_as(input(i));
-      const std::vector<at::Tensor> aw(alias.begin() + 2, alias.begin() + 2 + L), ab(alias.begin() + 2 + L, alias.end());
+        if (in[i].defined()) alias[i] = in[i].view_as(in[i]);
       variable_list targets;
       for (size_t i = 0; i < slots; ++i)
-        if (wanted[i] && alias[i].defined()) targets.push_back(alias[i]);
-      const std::vector<int64_t> all_lags = lags.empty() ? std::vector<int64_t>{delay} : lags;
-      const int64_t f = feedback ? feedback : aw.back().size(-2);
-      const at::Tensor y_ref = reference_rollout(alias[0], opt(alias[1]), aw, ab, steps.guard_int(__FILE__, __LINE__),
-                                                 delay, truncate, act, param, all_lags, f, residual);
+        if (wanted[i]) targets.push_back(alias[i]);
+      const at::Tensor y_ref = reference_of_call(
+          alias[0], opt(alias[1]), std::vector<at::Tensor>(alias.begin() + 2, alias.begin() + 2 + L),
+          std::vector<at::Tensor>(alias.begin() + 2 + L, alias.end()), steps, delay, truncate, activation, param,
+          lags, feedback, residual);
       const variable_list g = torch::autograd::grad({y_ref}, targets, {grad_y}, /*retain_graph=*/true,
                                                     /*create_graph=*/true, /*allow_unused=*/true);
       size_t j = 0;
       for (size_t i = 0; i < slots; ++i) {
-        if (!wanted[i] || !alias[i].defined()) continue;
-        out[i] = g[j].defined() ? g[j] : at::zeros_like(input(i));
+        if (!wanted[i]) continue;
+        out[i] = g[j].defined() ? g[j] : at::zeros_like(in[i]);
         ++j;
       }
       return out;
     }
-    // The operator's mask: x0, u, w_1..w_L, b_1..b_L (a slot without a tensor asks for none).
+    // The operator's mask is `wanted`: x0, u, w_1..w_L, b_1..b_L (a slot without a tensor asks
+    // for none).
     c10::List<bool> mask;
     mask.reserve(slots);
-    for (size_t i = 0; i < slots; ++i) mask.push_back(wanted[i] && input(i).defined());
+    for (size_t i = 0; i < slots; ++i) mask.push_back(wanted[i]);
     BiasList biases;
     biases.reserve(L);
-    for (size_t l = 0; l < L; ++l) biases.push_back(has_bias[l] ? opt(b_t[l]) : std::nullopt);
+    for (const at::Tensor& t : b_t) biases.push_back(opt(t));
+    std::vector<at::Tensor> hidden_t;
+    for (const SavedVariable& v : hidden) hidden_t.push_back(v.unpack());
     // No graph of the backward is built (differentiate_backward is false): straight to the
     // device's kernel, past autograd's fallback for the backward operators, which would inspect
     // every argument for nothing (about a seventh of this node's cost at the seed's shape).
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     GradTuple grads = !hidden_t.empty()
-                          ? call_backward_hidden(grad_y, y_t, hidden_t, x0_t, opt(u_t), w_t, biases, delay, truncate,
-                                                 activation, param, mask, lags, feedback, residual)
-                          : call_backward(grad_y, y_t, x0_t, opt(u_t), w_t, biases, delay, truncate, activation,
+                          ? call_backward_hidden(grad_y, y_t, hidden_t, in[0], opt(in[1]), w_t, biases, delay,
+                                                 truncate, activation, param, mask, lags, feedback, residual)
+                          : call_backward(grad_y, y_t, in[0], opt(in[1]), w_t, biases, delay, truncate, activation,
                                           param, mask, lags, feedback, residual);
-    if (mask.get(0)) out[0] = std::move(std::get<0>(grads));
-    if (mask.get(1)) out[1] = std::move(std::get<1>(grads));
+    if (wanted[0]) out[0] = std::move(std::get<0>(grads));
+    if (wanted[1]) out[1] = std::move(std::get<1>(grads));
     for (size_t l = 0; l < L; ++l) {
-      if (mask.get(2 + l)) out[2 + l] = std::move(std::get<2>(grads)[l]);
-      if (mask.get(2 + L + l)) out[2 + L + l] = std::move(std::get<3>(grads)[l]);
+      if (wanted[2 + l]) out[2 + l] = std::move(std::get<2>(grads)[l]);
+      if (wanted[2 + L + l]) out[2 + L + l] = std::move(std::get<3>(grads)[l]);
     }
     return out;
   }
@@ -326,12 +337,10 @@ at::Tensor rollout_forward_autograd(const at::Tensor& x0, const std::optional<at
   check_rollout_args("fbfast::rollout_forward", x0, u, weights, biases, steps, delay, truncate, activation,
                      {lags, feedback, residual});
   if (has_forward_grad(x0, u, weights, biases)) {
-    const std::vector<int64_t> all_lags = lags.empty() ? std::vector<int64_t>{delay} : lags.vec();
     std::vector<at::Tensor> b;
     for (size_t l = 0; l < biases.size(); ++l) b.push_back(biases.get(l).value_or(at::Tensor()));
-    const int64_t f = feedback ? feedback : weights.back().size(-2);
-    return reference_rollout(x0, u, weights.vec(), b, steps.guard_int(__FILE__, __LINE__), delay, truncate,
-                             parse_activation("fbfast::rollout_forward", activation), param, all_lags, f, residual);
+    return reference_of_call(x0, u, weights.vec(), b, steps, delay, truncate, activation, param, lags, feedback,
+                             residual);
   }
   // A backward can follow unless grad mode is off or no input requires grad. Otherwise the
   // kernel runs alone: no node that could never run (about a microsecond per call, a tenth of a
@@ -397,12 +406,9 @@ at::Tensor rollout_forward_autograd(const at::Tensor& x0, const std::optional<at
   node->y = SavedVariable(y, /*is_output=*/true);
   node->w.reserve(L);
   node->b.reserve(L);
-  node->has_bias.reserve(L);
   for (size_t l = 0; l < L; ++l) {
     node->w.emplace_back(weights[l], false);
-    const std::optional<at::Tensor> b = biases.get(l);
-    node->has_bias.push_back(b.has_value());
-    node->b.emplace_back(b.has_value() ? *b : at::Tensor(), false);
+    node->b.emplace_back(biases.get(l).value_or(at::Tensor()), false);
   }
   node->hidden.reserve(hidden.size());
   for (const at::Tensor& h : hidden) node->hidden.emplace_back(h, false);
