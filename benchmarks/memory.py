@@ -13,6 +13,11 @@ backward). Two numbers per backend, both measured in a child process that ran no
 * allocator peak: the highest net number of bytes allocated through torch's CPU allocator
   during a second, profiled step (``torch.profiler(profile_memory=True)``), relative to the
   start of the step. Exact tensor bytes: what autograd saves plus temporaries.
+
+And the step's page faults (``ru_minflt`` delta of the first measured step): memory the step
+touched for the first time. fbfast asks for huge pages on its large buffers
+(csrc/cpu/huge_pages.h), one fault per 2 MiB where the C library's fresh mappings would take one
+per 4 KiB.
 """
 
 from __future__ import annotations
@@ -95,16 +100,18 @@ def child(backend: str, case_name: str) -> Dict:
     del tiny
     gc.collect()
     hwm_reset = _reset_peak_rss()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    before, faults = usage.ru_maxrss, usage.ru_minflt  # KiB on Linux
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    after, faults = usage.ru_maxrss, usage.ru_minflt - faults
     grads_ok = all(p.grad is not None for p in inputs.params(backend))
     peak = _allocator_peak(step)
     return {"backend": backend, "case": case_name, "rss_before_mib": before / 1024,
             "peak_rss_delta_mib": (after - before) / 1024, "peak_rss_reset": hwm_reset,
-            "allocator_peak_mib": peak / MIB,
+            "allocator_peak_mib": peak / MIB, "page_faults": faults,
             "grads_ok": grads_ok, "warnings": sorted({str(w.message)[:200] for w in caught}),
             "torch_threads": torch.get_num_threads()}
 
@@ -150,15 +157,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch {info['torch']}, "
           f"fbfast {info['fbfast']}, {info['date']}. Each backend in a fresh process.")
     print()
-    print("| backend | peak RSS delta (MiB) | allocator peak (MiB) | RSS vs seed-loop | allocator vs seed-loop |")
-    print("|---|---:|---:|---:|---:|")
+    print("| backend | peak RSS delta (MiB) | allocator peak (MiB) | RSS vs seed-loop | allocator vs seed-loop "
+          "| page faults |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['backend']} | failed: {' '.join(r['error'])} | | | |")
+            print(f"| {r['backend']} | failed: {' '.join(r['error'])} | | | | |")
             continue
         print(f"| {r['backend']} | {r['peak_rss_delta_mib']:.1f} | {r['allocator_peak_mib']:.1f} "
               f"| {fmt_ratio(r['peak_rss_delta_mib'], base and base['peak_rss_delta_mib'])} "
-              f"| {fmt_ratio(r['allocator_peak_mib'], base and base['allocator_peak_mib'])} |")
+              f"| {fmt_ratio(r['allocator_peak_mib'], base and base['allocator_peak_mib'])} | {r['page_faults']} |")
     for r in rows:
         if "error" not in r and not r["peak_rss_reset"]:
             print(f"\nNote: {r['backend']}: could not reset the peak RSS (no /proc/self/clear_refs); "

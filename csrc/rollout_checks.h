@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "cpu/huge_pages.h"
 
 namespace fbfast {
 
@@ -317,11 +318,14 @@ inline void check_result_fits(const char* op, const RolloutSizes& s, int64_t ite
 
 // at::empty that, when the allocator fails, says what was being allocated, for which sizes, and
 // what to do, instead of the allocator's bare message (docs/spec.md §4: a rollout too large for memory
-// says how much it needs).
+// says how much it needs). A large CPU buffer is put on huge pages before anything writes it
+// (csrc/cpu/huge_pages.h).
 inline at::Tensor checked_empty(const char* op, const char* what, at::IntArrayRef shape,
                                 const at::TensorOptions& options, const char* remedy) {
   try {
-    return at::empty(shape, options);
+    at::Tensor t = at::empty(shape, options);
+    cpu::advise_huge_pages(t);
+    return t;
   } catch (const c10::Error& e) {
     long double bytes = c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
     for (const int64_t n : shape) bytes *= n;
