@@ -963,12 +963,14 @@ GradTuple rollout_backward_hidden_cpu(const at::Tensor& grad_y, const at::Tensor
 // per process and shape class on a reduced copy of the call and keeps the faster:
 //  * the class: the widths, Du, E, activation, dtype, instruction set, training or not, and B
 //    and T rounded up to powers of two;
-//  * the copy: the same network with weights 0.5 / in_l (no overflow, no subnormals), at most
-//    1024 rows over the members and T' <= T steps, 16 to 64, enough for the reduced call to run
-//    on as many threads as the full one (threads_for); a training step is the forward and
-//    backward that autograd runs for that path (kept activations where it keeps them);
+//  * the copy: the same network with weights 0.5 / in_l (no overflow, no subnormals), the call's
+//    rows up to 4096 over the members (kCalibrationMaxRows) and T' <= T steps, 16 to 64,
+//    enough for the reduced call to run on as many threads as the full one (threads_for); a
+//    training step is the forward and backward that autograd runs for that path (kept
+//    activations where it keeps them);
 //  * each path three times, alternating, the fastest of each (the first pays one-time costs);
-//    the rule's path stays unless the other was at least 10% faster (kCalibrationMargin).
+//    the rule's path stays unless the other was faster by a margin (calibration_margin): 3% for
+//    noise, more where the copy has fewer steps than the call.
 // A path's result differs from the other's in float32 rounding only (docs/internals.md), but a
 // process may choose differently from another, so cpu_path='rule' (the static rule alone) and
 // 'tile'/'blas' remain for runs that must repeat bit for bit. fbfast.cpu_path_calibration()
@@ -991,12 +993,27 @@ struct Measured {
   int64_t batch = 0, steps = 0;     // the reduced call's
 };
 
-// The reduced call's steps, and how much faster than the rule's path the other must be there.
-// Measured with benchmarks/paths.py: at (256, 0, 64, 256, 100) training, the tile path was 2.6%
-// slower than BLAS on a 12-step copy and 10% faster on the full call.
+// The reduced call's steps, and how much faster than the rule's path the other must be there
+// (calibration_margin). A copy of fewer steps than the call overstates the per-call costs of a
+// path, the tile backward's packing and accumulators most: measured with benchmarks/paths.py, at
+// (256, 0, 64, 256, 100) training the tile path was 2.6% slower than BLAS on a 12-step copy and
+// 10% faster on the full call. So the margin grows with the steps the copy leaves out, up to 15%,
+// over a floor of 3% for timings that are noise on a shared machine: where the copy has nearly
+// the call's steps (at (4096, 0, 256, 512, 20), 16 of 20), a path 5% faster on it is faster.
 constexpr int64_t kCalibrationMinSteps = 16;
 constexpr int64_t kCalibrationMaxSteps = 64;
-constexpr double kCalibrationMargin = 1.1;
+constexpr double kCalibrationNoise = 1.03;
+constexpr double kCalibrationPerCallMargin = 0.15;
+double calibration_margin(int64_t copy_steps, int64_t call_steps) {
+  const double left_out = 1.0 - static_cast<double>(copy_steps) / static_cast<double>(std::max<int64_t>(call_steps, 1));
+  return std::max(kCalibrationNoise, 1.0 + kCalibrationPerCallMargin * left_out);
+}
+// The reduced call's rows: the call's own up to this many. BLAS GEMMs gain on the tile kernels
+// as the rows grow (at (B, Du, O, H) = (4096, 0, 256, 512) training, the tile path took 1.15x the
+// BLAS path's time on 1024 rows and 1.17x on 4096, and the calibration on 1024 rows, within its
+// margin, kept the tile path: benchmarks/paths.py), so a copy of fewer rows than the call
+// misjudges wide layers; beyond 4096 the GEMMs are as efficient as they get.
+constexpr int64_t kCalibrationMaxRows = 4096;
 
 std::mutex g_calibration_mutex;
 std::map<ClassKey, Measured>& calibrated() {
@@ -1027,7 +1044,7 @@ struct ReducedCall {
     const auto opts = at::TensorOptions().dtype(s.dtype);
     const int64_t O = s.widths.back(), in0 = s.widths[0], E = s.members;
     const int64_t F = std::min(O, in0), du = in0 - F;  // one lag reading F outputs, the rest u
-    const int64_t B = std::min(s.batch, std::max<int64_t>(1, 1024 / E));
+    const int64_t B = std::min(s.batch, std::max<int64_t>(1, kCalibrationMaxRows / E));
     const double row_flops = 2.0 * E * B * s.work();
     steps = std::min(s.steps, std::clamp<int64_t>(static_cast<int64_t>(std::ceil(kParallelMinFlops / row_flops)),
                                                   kCalibrationMinSteps, kCalibrationMaxSteps));
@@ -1097,7 +1114,8 @@ Path calibrated_path(const PathShape& s, Path rule) {
     // call, over fewer steps), and two timings a few percent apart are noise on a shared machine.
     const double rule_ms = rule == Path::kTile ? tile : blas, other_ms = rule == Path::kTile ? blas : tile;
     const Path other = rule == Path::kTile ? Path::kBlas : Path::kTile;
-    m = {other_ms * kCalibrationMargin < rule_ms ? other : rule, tile, blas, call.x0.size(1), call.steps};
+    m = {other_ms * calibration_margin(call.steps, s.steps) < rule_ms ? other : rule, tile, blas, call.x0.size(1),
+         call.steps};
   } catch (const std::exception&) {
     // Out of memory for the reduced call, say: the rule decides, and the call itself reports
     // its own errors.
