@@ -64,12 +64,13 @@ inline void store(T* p, typename Vec<T>::type v) {
 
 #include "vec_math.h"
 
-enum class Epilogue { kNone, kRelu, kMaskByH };
+enum class Epilogue { kNone, kRelu, kMaskByH, kScale };
 
 // C[i, j] = (C[i, j] if accumulate) + bias[j] + sum_p A[i*as0 + p*as1] * B[p*ldb + j]
 //                                              + sum_q A2[i*a2s0 + q] * B2[q*ldb2 + j]
 // then, for kRelu, relu (NaN kept, as torch.relu); for kMaskByH, 0 where mask[i, j] <= 0 (as
-// torch's threshold_backward, so a NaN activation passes its gradient like the reference).
+// torch's threshold_backward, so a NaN activation passes its gradient like the reference); for
+// kScale, times mask[i, j] (an activation's derivative).
 // The second operand pair (k2 may be 0) lets [u_t ; x_t] enter without being concatenated.
 // Only the first n columns of C are written; B, B2, bias and mask must be readable up to the
 // next multiple of the vector width past each row's start (the host leaves kSlackBytes >= every
@@ -115,6 +116,7 @@ inline void gemm_block(const GemmArgs& g, const T* __restrict__ a, const T* __re
       V out = acc[r][v];
       if constexpr (E == Epilogue::kRelu) out = (out <= zero) ? zero : out;
       if constexpr (E == Epilogue::kMaskByH) out = (load(mask + r * g.ldm + v * W) <= zero) ? zero : out;
+      if constexpr (E == Epilogue::kScale) out = out * load(mask + r * g.ldm + v * W);
       const int64_t valid = ncols - v * W;
       if (valid >= W) {
         if (g.accumulate) out += load(crow + v * W);
@@ -322,7 +324,9 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
   Scratch<T> ws((keep_z ? 2 : 1) * hidden + rows * op + n_adj * rows * widest + slots * rows * lf);
   Scratch<T> xbuf(p.m > 1 ? rows * p.ld_x : 0);
   if (!ws.data || !xbuf.data) return false;
-  // h_l, then z_l where kept, layer after layer at the start of ws.
+  // h_l, then z_l where act' reads it, layer after layer at the start of ws; once h_l is
+  // recomputed, z_l's buffer holds act'(z_l) (activation_value_slope), which the walk down the
+  // layers multiplies in (Epilogue::kScale).
   auto h_of = [&](int64_t l) {
     T* at = ws.data;
     for (int64_t i = 0; i < l; ++i) at += (keep_z ? 2 : 1) * rows * p.layers[i].ld_out;
@@ -346,16 +350,16 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
       const T* in = l ? h_of(l - 1) : nullptr;
       T* h = h_of(l);
       const bool kept = p.kept && p.kept[l];
-      if (kept && keep_z) {
+      if (kept && keep_z) {  // h, and z replaced by act'(z) for the walk down the layers
         kept_rows(p, l, t, r0, rows, z_of(l), ld);
-        activation_forward<T>(p.act, p.act_param, z_of(l), h, rows * ld);
+        activation_value_slope<T>(p.act, p.act_param, z_of(l), h, rows * ld);
       } else if (kept) {
         kept_rows(p, l, t, r0, rows, h, ld);
       } else if (relu) {
         layer_forward<T, Epilogue::kRelu>(p, l, rows, ut, fb, in, h, ld);
       } else if (keep_z) {
         layer_forward<T, Epilogue::kNone>(p, l, rows, ut, fb, in, z_of(l), ld);
-        activation_forward<T>(p.act, p.act_param, z_of(l), h, rows * ld);
+        activation_value_slope<T>(p.act, p.act_param, z_of(l), h, rows * ld);
       } else {
         layer_forward<T, Epilogue::kNone>(p, l, rows, ut, fb, in, h, ld);
         activation_forward<T>(p.act, p.act_param, h, h, rows * ld);
@@ -392,6 +396,8 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
                         .ldc = ly.ld_in};
       if (relu) {
         gemm<T, Epilogue::kMaskByH>(gd, adj, ly.w, adj, ly.w, nullptr, h_in, dz);
+      } else if (keep_z) {  // z_of holds act'(z) (above)
+        gemm<T, Epilogue::kScale>(gd, adj, ly.w, adj, ly.w, nullptr, z_of(l - 1), dz);
       } else {
         gemm<T, Epilogue::kNone>(gd, adj, ly.w, adj, ly.w, nullptr, nullptr, dz);
         activation_backward<T>(p.act, p.act_param, dz, z_of(l - 1), h_in, dz, rows * ly.ld_in);

@@ -189,8 +189,8 @@ inline typename Vec<T>::type vact_forward(int act, T param, typename Vec<T>::typ
       return vtanh<T>(z);
     case Act::kSigmoid:
       return vsigmoid<T>(z);
-    case Act::kSilu:
-      return z / (T(1) + vexp<T>(-z));
+    case Act::kSilu:  // z sigmoid(z), as vact_value_slope computes it
+      return z * vsigmoid<T>(z);
     case Act::kGelu:
       return z * vnormal_cdf<T>(z);
     case Act::kGeluTanh: {
@@ -252,6 +252,23 @@ inline typename Vec<T>::type vact_backward(int act, T param, typename Vec<T>::ty
   return g;
 }
 
+// h = act(z), bit for bit vact_forward's, and act'(z), for the activations whose derivative
+// reads z (act_needs_z): the backward's recomputation of a layer then takes one pass over z
+// instead of a forward pass and a backward pass that each evaluate the activation's
+// transcendental part. SiLU shares its sigmoid between the two.
+template <typename T>
+inline void vact_value_slope(int act, T param, typename Vec<T>::type z, typename Vec<T>::type& h,
+                             typename Vec<T>::type& slope) {
+  if (static_cast<Act>(act) == Act::kSilu) {
+    const typename Vec<T>::type s = vsigmoid<T>(z);
+    h = z * s;
+    slope = s * (T(1) + z * (T(1) - s));
+    return;
+  }
+  h = vact_forward<T>(act, param, z);
+  slope = vact_backward<T>(act, param, splat<T>(T(1)), z, h);
+}
+
 // f over the n elements of a buffer, whole vectors at a time; the last partial vector reads
 // into the buffer's slack (every tile buffer has one vector of it) and writes only its n
 // valid elements, so no neighbouring buffer is touched.
@@ -296,6 +313,20 @@ void activation_forward(int act, T param, const T* z, T* h, int64_t n) {
   with_act(act, [&](auto tag) {
     for_each_vector<T>(n, [&](int64_t i, int64_t count) {
       store_first<T>(h + i, vact_forward<T>(decltype(tag)::value, param, load(z + i)), count);
+    });
+  });
+}
+
+// h = act(z) and z := act'(z) over n elements (vact_value_slope), for act_needs_z activations.
+template <typename T>
+void activation_value_slope(int act, T param, T* z, T* h, int64_t n) {
+  using V = typename Vec<T>::type;
+  with_act(act, [&](auto tag) {
+    for_each_vector<T>(n, [&](int64_t i, int64_t count) {
+      V hv, slope;
+      vact_value_slope<T>(decltype(tag)::value, param, load(z + i), hv, slope);
+      store_first<T>(h + i, hv, count);
+      store_first<T>(z + i, slope, count);
     });
   });
 }
