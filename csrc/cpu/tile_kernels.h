@@ -288,8 +288,11 @@ bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
         layer_forward<T, Epilogue::kRelu>(p, l, rows, ut, fb, in, h, ld);
       } else {
         layer_forward<T, Epilogue::kNone>(p, l, rows, ut, fb, in, h, ld);
-        if (keep_z && p.kept && p.kept[l]) keep_rows(p, l, t, r0, rows, h, ld);
-        activation_forward<T>(p.act, p.act_param, h, h, rows * ld);
+        if (keep_z && p.kept && p.kept[l])
+          activation_keep_rows<T>(p.act, p.act_param, h, ld, p.kept[l] + (t * p.rows_y + r0) * p.layers[l].out, rows,
+                                  p.layers[l].out);
+        else
+          activation_forward<T>(p.act, p.act_param, h, h, rows * ld);
       }
       if (!keep_z && p.kept && p.kept[l]) keep_rows(p, l, t, r0, rows, h, ld);
       in = h;
@@ -350,9 +353,10 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
       const T* in = l ? h_of(l - 1) : nullptr;
       T* h = h_of(l);
       const bool kept = p.kept && p.kept[l];
-      if (kept && keep_z) {  // h, and z replaced by act'(z) for the walk down the layers
-        kept_rows(p, l, t, r0, rows, z_of(l), ld);
-        activation_value_slope<T>(p.act, p.act_param, z_of(l), h, rows * ld);
+      if (kept && keep_z) {  // h, and act'(z) in z's buffer for the walk down the layers
+        const int64_t out = p.layers[l].out;
+        activation_value_slope_rows<T>(p.act, p.act_param, p.kept[l] + (t * p.rows_y + r0) * out, h, z_of(l), ld,
+                                       rows, out);
       } else if (kept) {
         kept_rows(p, l, t, r0, rows, h, ld);
       } else if (relu) {

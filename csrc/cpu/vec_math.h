@@ -98,8 +98,21 @@ inline void exp_parts(typename Vec<T>::type x, typename Vec<T>::type* n, typenam
 // exp(x), or with kMinusOne exp(x) - 1 without the cancellation of exp(x) - 1 near 0: the series
 // itself where no range reduction happens (n = 0, |x| <= ln(2) / 2), 2^n (1 + q) - 1 beyond
 // (where it loses no digits).
+//
+// Inlined or not, the same in every caller: the compiler may fuse a multiply inside an inlined
+// copy with an add around it (1 + e^-z) into one FMA, and the tile backward's recomputed act(z)
+// must be the forward's bits, whichever function computes it (activation_forward,
+// activation_keep_rows, vact_value_slope). So exp, which GCC inlined in some callers and not
+// in others, is never inlined, and expm1 (tanh's, on the NARX rollouts' critical path) always is.
+#if defined(__GNUC__)
+#define FBFAST_ALWAYS_INLINE inline __attribute__((always_inline))
+#define FBFAST_NEVER_INLINE __attribute__((noinline))
+#else
+#define FBFAST_ALWAYS_INLINE inline
+#define FBFAST_NEVER_INLINE inline
+#endif
 template <typename T, bool kMinusOne>
-inline typename Vec<T>::type vexp_impl(typename Vec<T>::type x) {
+FBFAST_ALWAYS_INLINE typename Vec<T>::type vexp_impl(typename Vec<T>::type x) {
   using V = typename Vec<T>::type;
   using C = ExpConst<T>;
   V n, q, second;
@@ -112,12 +125,12 @@ inline typename Vec<T>::type vexp_impl(typename Vec<T>::type x) {
 }
 
 template <typename T>
-inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+FBFAST_NEVER_INLINE typename Vec<T>::type vexp(typename Vec<T>::type x) {
   return vexp_impl<T, false>(x);
 }
 
 template <typename T>
-inline typename Vec<T>::type vexpm1(typename Vec<T>::type x) {
+FBFAST_ALWAYS_INLINE typename Vec<T>::type vexpm1(typename Vec<T>::type x) {
   return vexp_impl<T, true>(x);
 }
 
@@ -314,6 +327,47 @@ void activation_forward(int act, T param, const T* z, T* h, int64_t n) {
     for_each_vector<T>(n, [&](int64_t i, int64_t count) {
       store_first<T>(h + i, vact_forward<T>(decltype(tag)::value, param, load(z + i)), count);
     });
+  });
+}
+
+// The first count elements at p (the rest zero): a partial vector read from memory that may
+// end right after them, such as the last row of a kept activation tensor.
+template <typename T>
+inline typename Vec<T>::type load_first(const T* p, int64_t count) {
+  if (count == Vec<T>::kWidth) return load(p);
+  typename Vec<T>::type v{};
+  for (int64_t j = 0; j < count; ++j) v[j] = p[j];
+  return v;
+}
+
+// For rows of n elements: z, read from a tile buffer (rows ld apart), is copied to keep (rows n
+// apart) and replaced by h = act(z); one pass where a copy and an activation pass read z twice.
+template <typename T>
+void activation_keep_rows(int act, T param, T* z, int64_t ld, T* keep, int64_t rows, int64_t n) {
+  with_act(act, [&](auto tag) {
+    for (int64_t i = 0; i < rows; ++i)
+      for_each_vector<T>(n, [&](int64_t j, int64_t count) {
+        const typename Vec<T>::type zv = load(z + i * ld + j);
+        store_first<T>(keep + i * n + j, zv, count);
+        store_first<T>(z + i * ld + j, vact_forward<T>(decltype(tag)::value, param, zv), count);
+      });
+  });
+}
+
+// For rows of n elements: from z, read where the forward kept it (rows n apart), h = act(z) and
+// slope = act'(z) into tile buffers (rows ld apart): vact_value_slope without a copy of z first.
+template <typename T>
+void activation_value_slope_rows(int act, T param, const T* kept, T* h, T* slope, int64_t ld, int64_t rows,
+                                 int64_t n) {
+  using V = typename Vec<T>::type;
+  with_act(act, [&](auto tag) {
+    for (int64_t i = 0; i < rows; ++i)
+      for_each_vector<T>(n, [&](int64_t j, int64_t count) {
+        V hv, sv;
+        vact_value_slope<T>(decltype(tag)::value, param, load_first<T>(kept + i * n + j, count), hv, sv);
+        store_first<T>(h + i * ld + j, hv, count);
+        store_first<T>(slope + i * ld + j, sv, count);
+      });
   });
 }
 
