@@ -112,7 +112,10 @@ def measure_group(fns: Dict[str, Callable[[], object]], *, target_s: float, runs
     """Median seconds per call of each of ``fns`` over ``runs`` measurements of ~``target_s``.
 
     The measurements are interleaved (run 1 of every function, then run 2, ...), so that a
-    stretch of load from other processes slows every backend alike rather than one of them.
+    stretch of load from other processes slows every backend alike rather than one of them, and
+    each run starts one function later than the one before: a function leaves threads spinning
+    or caches cold for the next one (right after JAX's call, fbfast's MBRL training step took
+    10% longer), so no function always follows the same one.
     Stops after fewer runs (at least one) once the runs took ``patience`` x their planned time:
     on a machine whose cores are taken by other processes, every parallel op can wait a
     scheduler time slice, and the report must still end.
@@ -125,8 +128,11 @@ def measure_group(fns: Dict[str, Callable[[], object]], *, target_s: float, runs
     gc.disable()
     try:
         start = time.perf_counter()
-        for _ in range(runs):
-            for name, fn in fns.items():
+        names = list(fns)
+        for run in range(runs):
+            shift = run % len(names) if names else 0
+            for name in names[shift:] + names[:shift]:
+                fn = fns[name]
                 number = plan[name][0]
                 t0 = time.perf_counter()
                 for _ in range(number):
