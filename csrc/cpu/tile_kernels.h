@@ -248,18 +248,23 @@ void layer_forward(const TileParams<T>& p, int64_t l, int64_t rows, const T* ut,
   }
 }
 
-// Rows [r0, r1) of step t of a kept hidden layer (TileParams::kept, rows `out` wide) to or from
-// a tile buffer of row stride ld.
+// Row r0 of step t of a kept hidden layer l (TileParams::kept): rows `out` wide follow it.
+template <typename T>
+T* kept_at(const TileParams<T>& p, int64_t l, int64_t t, int64_t r0) {
+  return p.kept[l] + (t * p.rows_y + r0) * p.layers[l].out;
+}
+
+// Rows [r0, r1) of step t of a kept hidden layer to or from a tile buffer of row stride ld.
 template <typename T>
 void keep_rows(const TileParams<T>& p, int64_t l, int64_t t, int64_t r0, int64_t rows, const T* buf, int64_t ld) {
   const int64_t out = p.layers[l].out;
-  T* dst = p.kept[l] + (t * p.rows_y + r0) * out;
+  T* dst = kept_at(p, l, t, r0);
   for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * out, buf + i * ld, sizeof(T) * out);
 }
 template <typename T>
 void kept_rows(const TileParams<T>& p, int64_t l, int64_t t, int64_t r0, int64_t rows, T* buf, int64_t ld) {
   const int64_t out = p.layers[l].out;
-  const T* src = p.kept[l] + (t * p.rows_y + r0) * out;
+  const T* src = kept_at(p, l, t, r0);
   for (int64_t i = 0; i < rows; ++i) std::memcpy(buf + i * ld, src + i * out, sizeof(T) * out);
 }
 
@@ -289,8 +294,7 @@ bool forward_tile(const TileParams<T>& p, int64_t r0, int64_t r1) {
       } else {
         layer_forward<T, Epilogue::kNone>(p, l, rows, ut, fb, in, h, ld);
         if (keep_z && p.kept && p.kept[l])
-          activation_keep_rows<T>(p.act, p.act_param, h, ld, p.kept[l] + (t * p.rows_y + r0) * p.layers[l].out, rows,
-                                  p.layers[l].out);
+          activation_keep_rows<T>(p.act, p.act_param, h, ld, kept_at(p, l, t, r0), rows, p.layers[l].out);
         else
           activation_forward<T>(p.act, p.act_param, h, h, rows * ld);
       }
@@ -328,7 +332,7 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
   Scratch<T> xbuf(p.m > 1 ? rows * p.ld_x : 0);
   if (!ws.data || !xbuf.data) return false;
   // h_l, then z_l where act' reads it, layer after layer at the start of ws; once h_l is
-  // recomputed, z_l's buffer holds act'(z_l) (activation_value_slope), which the walk down the
+  // recomputed, z_l's buffer holds act'(z_l) (activation_value_slope_rows), which the walk down the
   // layers multiplies in (Epilogue::kScale).
   auto h_of = [&](int64_t l) {
     T* at = ws.data;
@@ -353,17 +357,16 @@ bool backward_tile(const TileParams<T>& p, int64_t r0, int64_t r1, const TileGra
       const T* in = l ? h_of(l - 1) : nullptr;
       T* h = h_of(l);
       const bool kept = p.kept && p.kept[l];
+      const int64_t out = p.layers[l].out;
       if (kept && keep_z) {  // h, and act'(z) in z's buffer for the walk down the layers
-        const int64_t out = p.layers[l].out;
-        activation_value_slope_rows<T>(p.act, p.act_param, p.kept[l] + (t * p.rows_y + r0) * out, h, z_of(l), ld,
-                                       rows, out);
+        activation_value_slope_rows<T>(p.act, p.act_param, kept_at(p, l, t, r0), out, h, z_of(l), ld, rows, out);
       } else if (kept) {
         kept_rows(p, l, t, r0, rows, h, ld);
       } else if (relu) {
         layer_forward<T, Epilogue::kRelu>(p, l, rows, ut, fb, in, h, ld);
       } else if (keep_z) {
         layer_forward<T, Epilogue::kNone>(p, l, rows, ut, fb, in, z_of(l), ld);
-        activation_value_slope<T>(p.act, p.act_param, z_of(l), h, rows * ld);
+        activation_value_slope_rows<T>(p.act, p.act_param, z_of(l), ld, h, z_of(l), ld, rows, out);
       } else {
         layer_forward<T, Epilogue::kNone>(p, l, rows, ut, fb, in, h, ld);
         activation_forward<T>(p.act, p.act_param, h, h, rows * ld);

@@ -354,34 +354,22 @@ void activation_keep_rows(int act, T param, T* z, int64_t ld, T* keep, int64_t r
   });
 }
 
-// For rows of n elements: from z, read where the forward kept it (rows n apart), h = act(z) and
-// slope = act'(z) into tile buffers (rows ld apart): vact_value_slope without a copy of z first.
+// For rows of n elements: from z (rows z_ld apart: where the forward kept it, or a tile buffer),
+// h = act(z) and slope = act'(z) into tile buffers (rows ld apart) by vact_value_slope; slope may
+// be z itself. z is read a partial vector at a time at the end of each row, so it may be a kept
+// tensor that ends there.
 template <typename T>
-void activation_value_slope_rows(int act, T param, const T* kept, T* h, T* slope, int64_t ld, int64_t rows,
-                                 int64_t n) {
+void activation_value_slope_rows(int act, T param, const T* z, int64_t z_ld, T* h, T* slope, int64_t ld,
+                                 int64_t rows, int64_t n) {
   using V = typename Vec<T>::type;
   with_act(act, [&](auto tag) {
     for (int64_t i = 0; i < rows; ++i)
       for_each_vector<T>(n, [&](int64_t j, int64_t count) {
         V hv, sv;
-        vact_value_slope<T>(decltype(tag)::value, param, load_first<T>(kept + i * n + j, count), hv, sv);
+        vact_value_slope<T>(decltype(tag)::value, param, load_first<T>(z + i * z_ld + j, count), hv, sv);
         store_first<T>(h + i * ld + j, hv, count);
         store_first<T>(slope + i * ld + j, sv, count);
       });
-  });
-}
-
-// h = act(z) and z := act'(z) over n elements (vact_value_slope), for act_needs_z activations.
-template <typename T>
-void activation_value_slope(int act, T param, T* z, T* h, int64_t n) {
-  using V = typename Vec<T>::type;
-  with_act(act, [&](auto tag) {
-    for_each_vector<T>(n, [&](int64_t i, int64_t count) {
-      V hv, slope;
-      vact_value_slope<T>(decltype(tag)::value, param, load(z + i), hv, slope);
-      store_first<T>(h + i, hv, count);
-      store_first<T>(z + i, slope, count);
-    });
   });
 }
 
