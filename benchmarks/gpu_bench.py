@@ -13,7 +13,10 @@ Backends, all float32 with bitwise identical weights (benchmarks.cases.make_inpu
                  ``h_0 = relu(W1 [u_0; x0] + b1)`` as the first step and ``Y = W2 H + b2`` as one
                  GEMM over all steps (version 1's network only: one ReLU hidden layer, delay 1; a
                  zero input column when Du = 0);
-* ``fbfast``     ``fbfast.rollout(..., backend="cuda")``.
+* ``fbfast``     ``fbfast.rollout(..., backend="cuda")``;
+* ``fbfast-steps`` the same with ``cuda_graphs="off"``: the general path's per-step launches
+                 without its CUDA-graph replay (csrc/cuda/graphed_call.h), for the cases whose
+                 weights do not fit in shared memory (GENERAL_CASES) only.
 
 The cases are version 1's network at growing widths, then deeper networks with the smooth
 activations of model-based RL (SiLU, GELU), which no cuDNN RNN computes.
@@ -35,6 +38,7 @@ Importing this module touches no GPU; everything CUDA happens in ``main``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -56,13 +60,17 @@ from .loops import forward_step, seed_loop, step_loss, training_step
 GPU_CASES = (
     Case("narx", 1, 8, 2, 5, 1000),
     Case("small", 64, 0, 32, 64, 1000),
+    # 256 KB of fp32 weights, above any GPU's shared memory per block: the general path, whose
+    # per-step launches the CUDA graph replaces.
+    Case("wide", 32, 0, 32, 1024, 1000),
     Case("medium", 4096, 0, 64, 256, 100),
     Case("large", 16384, 0, 256, 512, 20),
     Case("silu3", 256, 4, 16, 64, 200, layers=2, activation="silu"),
     Case("gelu4", 1024, 0, 32, 64, 100, layers=3, activation="gelu"),
 )
 CASES_BY_NAME = {c.name: c for c in GPU_CASES}
-BACKENDS = ("fbfast", "eager", "compile-ro", "rnn", "compile")
+GENERAL_CASES = ("wide",)
+BACKENDS = ("fbfast", "fbfast-steps", "eager", "compile-ro", "rnn", "compile")
 MODES = ("fwd", "train")
 
 # Targets of the CUDA backend on an H100 (benchmarks/README.md), checked in the report.
@@ -160,7 +168,7 @@ class RnnBaseline(torch.nn.Module):
 
 def rollout_callable(backend: str, inputs, cache: Dict) -> Callable[[], torch.Tensor]:
     x0, u, steps = inputs.x0, inputs.u, inputs.steps
-    if backend == "fbfast":
+    if backend in ("fbfast", "fbfast-steps"):  # run_backend sets fbfast-steps' option
         params = [t for fc in inputs.fb_net.layers for t in (fc.weight, fc.bias)]
         return lambda: fbfast.rollout(x0, *params, steps=steps, u=u, delay=1, activation=inputs.activation,
                                       backend="cuda")
@@ -184,7 +192,7 @@ def rollout_callable(backend: str, inputs, cache: Dict) -> Callable[[], torch.Te
 
 
 def params_of(backend: str, inputs, cache: Dict):
-    if backend == "fbfast":
+    if backend in ("fbfast", "fbfast-steps"):
         return list(inputs.fb_net.parameters())
     if backend == "rnn":
         return list(cache["rnn"].parameters())
@@ -229,7 +237,7 @@ def check_against_eager(inputs) -> Dict:
 
 # The cheap backends of every case first, then the compiled baselines case by case: when the
 # budget runs out, what is missing is the costliest, least important part.
-PHASES = (("fbfast", "eager", "rnn"), ("compile-ro",), ("compile",))
+PHASES = (("fbfast", "fbfast-steps", "eager", "rnn"), ("compile-ro",), ("compile",))
 
 
 def prepare_case(case: Case, args, deadline: float) -> Dict:
@@ -258,6 +266,8 @@ def run_backend(case: Case, state: Dict, backend: str, args, deadline: float) ->
             skip = "overall time budget spent"
         elif backend == "rnn" and not rnn_applies(case):
             skip = "not applicable: nn.RNN computes one ReLU hidden layer with delay 1"
+        elif backend == "fbfast-steps" and case.name not in GENERAL_CASES:
+            skip = "not applicable: the fused path, which has no CUDA graph to turn off"
         elif backend.startswith("compile") and deadline - time.perf_counter() < args.compile_reserve:
             skip = f"less than {args.compile_reserve:.0f} s left for a compile"
         elif time.perf_counter() > entry_deadline:
@@ -266,18 +276,21 @@ def run_backend(case: Case, state: Dict, backend: str, args, deadline: float) ->
             out["times"][mode][backend] = {"skipped": skip}
             log(f"  {case.name:7s} {mode:5s} {backend:10s} skipped ({skip})")
             continue
+        options = (fbfast.kernel_options(cuda_graphs="off") if backend == "fbfast-steps"
+                   else contextlib.nullcontext())
         try:
-            fn = rollout_callable(backend, inputs, cache)
-            step = (forward_step(fn) if mode == "fwd"
-                    else training_step(fn, params_of(backend, inputs, cache), inputs.target))
-            first = first_call_s(step)
-            if backend.startswith("compile"):
-                out["first_call_s"].setdefault(backend, {})[mode] = first
-            warmup = 3 if backend == "compile-ro" else 1
-            res = measure(step, target_s=args.target, runs=args.runs, warmup=warmup, deadline=entry_deadline)
-            out["times"][mode][backend] = res
-            log(f"  {case.name:7s} {mode:5s} {backend:10s} {fmt_time(res['median_s']):>10s}  "
-                f"({len(res['runs_s'])} x {res['number']}; first call {fmt_time(first)})")
+            with options:
+                fn = rollout_callable(backend, inputs, cache)
+                step = (forward_step(fn) if mode == "fwd"
+                        else training_step(fn, params_of(backend, inputs, cache), inputs.target))
+                first = first_call_s(step)
+                if backend.startswith("compile"):
+                    out["first_call_s"].setdefault(backend, {})[mode] = first
+                warmup = 3 if backend == "compile-ro" else 1
+                res = measure(step, target_s=args.target, runs=args.runs, warmup=warmup, deadline=entry_deadline)
+                out["times"][mode][backend] = res
+                log(f"  {case.name:7s} {mode:5s} {backend:10s} {fmt_time(res['median_s']):>10s}  "
+                    f"({len(res['runs_s'])} x {res['number']}; first call {fmt_time(first)})")
         except Exception as exc:  # a baseline that fails must not cost the report
             msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             out["times"][mode][backend] = {"skipped": msg}
@@ -370,6 +383,11 @@ def markdown(info: Dict, results: List[Dict], args, elapsed: float) -> str:
             cells += [fmt_ratio(ratio(fb, median_of(r, mode, b))) for b in ("eager", "compile-ro", "rnn")]
             cells.append("—" if fb is None else f"{flops / fb / 1e9:.3g}")
             lines.append("| " + " | ".join(cells) + " |")
+    graphed = [f"{r['case']} {m} {fmt_ratio(ratio(median_of(r, m, 'fbfast'), median_of(r, m, 'fbfast-steps')))}"
+               for r in results if r["case"] in GENERAL_CASES for m in MODES]
+    if graphed:
+        lines += ["", "General path, CUDA-graph replay vs step by step (fbfast-steps / fbfast): "
+                  + ", ".join(graphed) + "."]
     skipped = [f"{r['case']} {m} {b}: {e['skipped']}" for r in results for m, row in r["times"].items()
                for b, e in row.items() if "skipped" in e]
     if skipped:

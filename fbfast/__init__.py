@@ -7,9 +7,10 @@
 from .dispatch import BackendStatus, backends
 from .functional import rollout
 from .modules import FeedbackMLP, from_module
-from .options import cpu_path_calibration, get_kernel_options, kernel_options, set_kernel_options
+from .options import cpu_path_calibration, cuda_graph_stats, get_kernel_options, kernel_options, set_kernel_options
 from .reference import rollout_reference
 
 __version__ = "0.1.0"
 __all__ = ["rollout", "rollout_reference", "FeedbackMLP", "from_module", "backends", "BackendStatus",
-           "set_kernel_options", "get_kernel_options", "kernel_options", "cpu_path_calibration"]
+           "set_kernel_options", "get_kernel_options", "kernel_options", "cpu_path_calibration",
+           "cuda_graph_stats"]

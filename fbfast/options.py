@@ -1,6 +1,7 @@
 """Process-wide settings of the compiled kernels, safe to change while other threads call them.
 
-The kernels read ``FBFAST_CPU_ISA``, ``FBFAST_CPU_PATH`` and ``FBFAST_CUDA_PATH`` once, when the
+The kernels read ``FBFAST_CPU_ISA``, ``FBFAST_CPU_PATH``, ``FBFAST_CUDA_PATH`` and
+``FBFAST_CUDA_GRAPHS`` once, when the
 extension loads; a call never reads the environment (``getenv`` in a kernel races with
 ``os.environ[...] = ...`` in another thread and can crash the process). To change a setting
 afterwards, use `set_kernel_options` or the `kernel_options` context manager:
@@ -13,13 +14,18 @@ afterwards, use `set_kernel_options` or the `kernel_options` context manager:
 | `cpu_isa`   | "auto", "avx512", "avx2", "base"        | the CPU tile kernels' instruction set   |
 | `cpu_path`  | "auto", "rule", "tile", "blas"          | the CPU kernel's path (csrc/cpu/)       |
 | `cuda_path` | "auto", "fused", "general"              | the CUDA kernel's path (csrc/cuda/)     |
+| `cuda_graphs` | "auto", "always", "off"               | CUDA-graph replay of the general path   |
 
 "auto" is the default. For `cpu_path` it is the static rule of csrc/cpu/rollout_cpu.cpp except
 where the tile path and per-step BLAS GEMMs trade places between machines (layers of 128 x 128
 to 512 x 512): there the first call of a shape class times both paths on a reduced copy of the
 call and keeps the faster for the rest of the process (`cpu_path_calibration` lists them).
-"rule" is the static rule alone, which repeats bit for bit across processes. The settings hold
-for the whole process, in every thread.
+"rule" is the static rule alone, which repeats bit for bit across processes. For `cuda_graphs`,
+"auto" records a general-path call (per-step cuBLAS GEMMs, taken where the weights do not fit
+in shared memory) of at least 4 steps as a CUDA graph the second time its sizes are seen, and
+replays it from then on; "always" records from the first call; "off" never
+(csrc/cuda/graphed_call.h; `cuda_graph_stats` counts them). Calls through one graph repeat
+bit for bit; against the step-by-step path they agree to cuBLAS's rounding. The settings hold for the whole process, in every thread.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 
 from . import ops
 
-__all__ = ["set_kernel_options", "kernel_options", "cpu_path_calibration"]
+__all__ = ["set_kernel_options", "kernel_options", "cpu_path_calibration", "cuda_graph_stats"]
 
 
 def _require(kernel: str) -> None:
@@ -42,7 +48,7 @@ def _require(kernel: str) -> None:
 
 
 def set_kernel_options(*, cpu_isa: Optional[str] = None, cpu_path: Optional[str] = None,
-                       cuda_path: Optional[str] = None) -> Dict[str, str]:
+                       cuda_path: Optional[str] = None, cuda_graphs: Optional[str] = None) -> Dict[str, str]:
     """Set the given options (None leaves one unchanged); returns the previous value of each
     option that was given, so that ``set_kernel_options(**previous)`` restores them."""
     previous: Dict[str, str] = {}
@@ -53,9 +59,13 @@ def set_kernel_options(*, cpu_isa: Optional[str] = None, cpu_path: Optional[str]
             previous["cpu_isa"] = isa
         if cpu_path is not None:
             previous["cpu_path"] = path
-    if cuda_path is not None:
+    if cuda_path is not None or cuda_graphs is not None:
         _require("CUDA")
-        (previous["cuda_path"],) = torch.ops.fbfast.cuda_options(cuda_path)
+        path, graphs = torch.ops.fbfast.cuda_options(cuda_path, cuda_graphs)
+        if cuda_path is not None:
+            previous["cuda_path"] = path
+        if cuda_graphs is not None:
+            previous["cuda_graphs"] = graphs
     return previous
 
 
@@ -65,7 +75,7 @@ def get_kernel_options() -> Dict[str, str]:
     if ops.LOADED and ops.has_kernel("CPU"):
         current["cpu_isa"], current["cpu_path"] = torch.ops.fbfast.cpu_options(None, None)
     if ops.LOADED and ops.has_kernel("CUDA"):
-        (current["cuda_path"],) = torch.ops.fbfast.cuda_options(None)
+        current["cuda_path"], current["cuda_graphs"] = torch.ops.fbfast.cuda_options(None, None)
     return current
 
 
@@ -87,3 +97,13 @@ def cpu_path_calibration() -> List[str]:
     if not (ops.LOADED and ops.has_kernel("CPU")):
         return []
     return list(torch.ops.fbfast.cpu_path_calibration())
+
+
+def cuda_graph_stats() -> Dict[str, int]:
+    """What ``cuda_graphs`` did in this process: general-path calls ``recorded`` as CUDA graphs,
+    their ``replayed`` calls, recordings that ``failed`` (those sizes then run step by step), and
+    the graphs ``held`` now (all zero without the CUDA kernel)."""
+    names = ("recorded", "replayed", "failed", "held")
+    if not (ops.LOADED and ops.has_kernel("CUDA")):
+        return dict.fromkeys(names, 0)
+    return dict(zip(names, torch.ops.fbfast.cuda_graph_stats()))

@@ -19,7 +19,10 @@ GEMM path, pinned with fbfast.kernel_options(cuda_path=...)) and on "auto" (the 
   GELU network, which keeps every hidden layer's z); and the grid (a row per member), block and
   shared memory of those launches, as the profiler records them;
 * opcheck, output masks, zero sizes, NaN, non-contiguous inputs, bitwise determinism, a
-  non-default stream, and torch.compile(mode="reduce-overhead", fullgraph=True).
+  non-default stream, and torch.compile(mode="reduce-overhead", fullgraph=True);
+* the general path's CUDA graphs (csrc/cuda/graphed_call.h): replays against step-by-step runs
+  for several structures, an ensemble and bfloat16, new inputs and in-place weight updates,
+  recording on the second call only, no recording inside a user's capture, eviction.
 
 Skipped as a whole unless CUDA is available and the extension was built with the CUDA kernel.
 Every test here has a time limit (tests/conftest.py, FBFAST_CUDA_TEST_TIMEOUT). With
@@ -515,6 +518,131 @@ def test_non_default_stream(path):
     assert same(y, y_ref)
     for a, b in zip(g, g_ref):
         assert same(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs of the general path (csrc/cuda/graphed_call.h): a recorded call replayed with new
+# inputs, against the same call run step by step.
+
+GRAPH_CASES = {
+    "v1-relu": dict(B=5, Du=2, O=3, H=16, T=9, delay=2, truncate=4),
+    "structure-silu": dict(B=7, Du=3, O=6, H=12, T=10, lags=(3, 1), feedback=4, residual=True, truncate=3,
+                           activation="silu"),
+    "ensemble-shared-tanh": dict(B=6, Du=2, O=4, H=8, T=8, ensemble=3, shared_x0=True, activation="tanh"),
+    "deep-gelu-bf16": dict(B=9, Du=0, O=5, H=12, T=7, layers=4, activation="gelu", dtype=torch.bfloat16),
+    "short-T2": dict(B=4, Du=1, O=2, H=6, T=2, delay=3),
+}
+
+
+def _graph_problem(case, seed=0, **over):
+    kw = dict(GRAPH_CASES[case], seed=seed, **over)
+    return _cuda_problem(kw.pop("B"), kw.pop("Du"), kw.pop("O"), kw.pop("H"), kw.pop("T"), **kw)
+
+
+def _forward_and_grads(p, gy):
+    y = p.run("cuda")
+    return [y.detach()] + grads(y, p.inputs(), gy)
+
+
+@pytest.mark.parametrize("case", sorted(GRAPH_CASES))
+def test_graph_replays_match_step_by_step(case):
+    p = _graph_problem(case)
+    with fbfast.kernel_options(cuda_path="general", cuda_graphs="off"):
+        gy = torch.randn(p.run("cuda").shape, device="cuda", dtype=p.x0.dtype)
+        before = fbfast.cuda_graph_stats()
+        eager = _forward_and_grads(p, gy)
+        assert fbfast.cuda_graph_stats() == before  # "off" records nothing
+    members = GRAPH_CASES[case].get("ensemble", 1)
+    with fbfast.kernel_options(cuda_path="general", cuda_graphs="always"):
+        runs = [_forward_and_grads(p, gy) for _ in range(3)]  # record, then two replays
+        after = fbfast.cuda_graph_stats()
+    # Every general-path call went through a graph: a forward and a backward per member (an
+    # ensemble's general path runs member after member, all of one size: one graph each), three
+    # times. At most one forward and one backward graph were recorded (none if an earlier test
+    # recorded these sizes).
+    assert after["failed"] == before["failed"]
+    recorded, replayed = after["recorded"] - before["recorded"], after["replayed"] - before["replayed"]
+    assert recorded <= 2 and recorded + replayed == 6 * members
+    # Calls through one graph get the graph's bits. Against the step-by-step run the results agree
+    # to cuBLAS's rounding: it may pick other kernels under capture and on another stream.
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+    for name, a, b in zip(["Y"] + list(p.names), runs[0], eager):
+        assert_close(a.double(), b.double(), p.x0.dtype, "grad", f"{case} {name}")
+
+
+def test_graph_takes_new_inputs_and_leaves_earlier_results_alone():
+    with fbfast.kernel_options(cuda_path="general", cuda_graphs="always"):
+        first = _graph_problem("structure-silu", seed=1, requires_grad=False)
+        second = _graph_problem("structure-silu", seed=2, requires_grad=False)
+        y1 = first.run("cuda")
+        kept = y1.clone()
+        recorded = fbfast.cuda_graph_stats()["recorded"]
+        y2 = second.run("cuda")  # a replay, with the second problem's inputs copied in
+        assert fbfast.cuda_graph_stats()["recorded"] == recorded
+        assert torch.equal(y1, kept)  # the result is the caller's own tensor, not the graph's
+        with torch.no_grad():
+            for w in first.weights:
+                w.mul_(0.5)  # an optimizer's in-place update: same pointers, new values
+        y3 = first.run("cuda")
+    with fbfast.kernel_options(cuda_path="general", cuda_graphs="off"):
+        assert_close(y2, second.run("cuda"), torch.float32)
+        assert_close(y3, first.run("cuda"), torch.float32)
+    assert not torch.equal(y3, y1)
+
+
+def test_graph_auto_records_on_the_second_call_of_long_enough_rollouts():
+    with fbfast.kernel_options(cuda_path="general", cuda_graphs="auto"), torch.no_grad():
+        p = _graph_problem("v1-relu", seed=3, B=11)  # sizes no other test uses
+        start = fbfast.cuda_graph_stats()["recorded"]
+        p.run("cuda")
+        assert fbfast.cuda_graph_stats()["recorded"] == start
+        p.run("cuda")
+        assert fbfast.cuda_graph_stats()["recorded"] == start + 1
+        short = _graph_problem("short-T2", seed=3, B=13)  # T = 2 < kGraphMinSteps
+        for _ in range(3):
+            short.run("cuda")
+        assert fbfast.cuda_graph_stats()["recorded"] == start + 1
+
+
+def test_graph_inside_a_users_capture_runs_step_by_step():
+    # A rollout inside torch.cuda.graph capture must not record a graph of its own: the general
+    # path's kernels become part of the user's graph, which then replays with new inputs.
+    p = _graph_problem("v1-relu", seed=4, requires_grad=False)
+    with fbfast.kernel_options(cuda_path="general", cuda_graphs="always"), torch.no_grad():
+        x0 = p.x0.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            p.run("cuda")  # warm-up outside the capture, as torch.cuda.graph asks
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        recorded = fbfast.cuda_graph_stats()["recorded"]
+        with torch.cuda.graph(graph):
+            y = fbfast.rollout(x0, *p.params, steps=p.steps, u=p.u, delay=p.delay, truncate=p.truncate,
+                               backend="cuda")
+        assert fbfast.cuda_graph_stats()["recorded"] == recorded
+        x0.copy_(torch.randn_like(x0))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = fbfast.rollout(x0, *p.params, steps=p.steps, u=p.u, delay=p.delay, truncate=p.truncate,
+                                  backend="cuda")
+    assert_close(y, expected, torch.float32)
+
+
+def test_graphs_beyond_the_limit_are_evicted_and_rerecorded():
+    with fbfast.kernel_options(cuda_path="general", cuda_graphs="always"), torch.no_grad():
+        problems = [_graph_problem("v1-relu", seed=5, B=20 + i, requires_grad=False) for i in range(10)]
+        recorded = fbfast.cuda_graph_stats()["recorded"]
+        results = [p.run("cuda") for p in problems]  # sizes no other test uses: 10 recordings
+        stats = fbfast.cuda_graph_stats()
+        assert stats["recorded"] == recorded + 10 and stats["held"] <= 8  # kMaxGraphs, graphed_call.h
+        again = problems[0].run("cuda")  # evicted by now: recorded anew
+        assert fbfast.cuda_graph_stats()["recorded"] == recorded + 11
+        assert_close(again, results[0], torch.float32)
+    with fbfast.kernel_options(cuda_path="general", cuda_graphs="off"), torch.no_grad():
+        assert_close(results[0], problems[0].run("cuda"), torch.float32)
 
 
 def test_double_backward_matches_reference():

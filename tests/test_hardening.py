@@ -119,6 +119,21 @@ def test_kernel_options_are_validated_and_restored():
     assert fbfast.get_kernel_options() == before
 
 
+def test_cuda_options_without_the_cuda_kernel():
+    # CUDA graph replay of the general path is a CUDA-kernel setting: a build without the CUDA
+    # kernel refuses it by name, and reports no graphs.
+    if fbfast.ops.has_kernel("CUDA"):
+        with pytest.raises(RuntimeError, match=r"cuda_graphs must be 'auto', 'always' or 'off', got 'on'"):
+            fbfast.set_kernel_options(cuda_graphs="on")
+        with fbfast.kernel_options(cuda_graphs="off"):
+            assert fbfast.get_kernel_options()["cuda_graphs"] == "off"
+        return
+    with pytest.raises(RuntimeError, match="has no CUDA kernel"):
+        fbfast.set_kernel_options(cuda_graphs="off")
+    assert "cuda_graphs" not in fbfast.get_kernel_options()
+    assert fbfast.cuda_graph_stats() == dict(recorded=0, replayed=0, failed=0, held=0)
+
+
 def test_environment_is_read_once_at_load():
     out = _child_json("""
         import os, json

@@ -10,7 +10,9 @@
 //    network has at most kMaxLayers layers, the rollout at most kMaxLags lags and the plan fits
 //    the device's opt-in shared memory (plan_rollout, rollout_params.h).
 //  * general path (csrc/gemm_path.h): per-step cuBLAS GEMMs through ATen, for any size (an
-//    ensemble member after member); the same code serves the CPU's wide layers.
+//    ensemble member after member); the same code serves the CPU's wide layers. A call of the
+//    same sizes seen again is recorded as a CUDA graph and replayed as one launch
+//    (graphed_call.h; cuda_graphs='auto'|'always'|'off').
 // cuda_path='fused'|'general' (fbfast.set_kernel_options, or FBFAST_CUDA_PATH read at load)
 // overrides the rule (the tests run both paths).
 // Everything runs on the current stream of the tensors' device, under a device guard.
@@ -26,6 +28,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -34,6 +37,7 @@
 
 #include "../gemm_path.h"
 #include "../rollout_checks.h"
+#include "graphed_call.h"
 #include "rollout_launch.h"
 #include "rollout_params.h"
 
@@ -113,15 +117,25 @@ std::atomic<int> g_path{static_cast<int>(path_from_env())};
 
 PathChoice path_override() { return static_cast<PathChoice>(g_path.load(std::memory_order_relaxed)); }
 
-std::vector<std::string> cuda_options(const std::optional<std::string>& path) {
-  std::vector<std::string> previous{path_name(path_override())};
-  if (path.has_value()) {
-    const auto choice = parse_path(*path);
-    TORCH_CHECK(choice.has_value(), "fbfast.set_kernel_options: cuda_path must be 'auto', 'fused' or 'general', got '",
-                *path, "'");
-    g_path.store(static_cast<int>(*choice));
-  }
+std::vector<std::string> cuda_options(const std::optional<std::string>& path,
+                                      const std::optional<std::string>& graphs) {
+  std::vector<std::string> previous{path_name(path_override()), graph_mode_name(graph_mode())};
+  // Both values are checked before either is set.
+  const auto choice = path.has_value() ? parse_path(*path) : std::optional<PathChoice>(path_override());
+  TORCH_CHECK(choice.has_value(), "fbfast.set_kernel_options: cuda_path must be 'auto', 'fused' or 'general', got '",
+              path.value_or(""), "'");
+  const auto mode = graphs.has_value() ? parse_graph_mode(*graphs) : std::optional<GraphMode>(graph_mode());
+  TORCH_CHECK(mode.has_value(), "fbfast.set_kernel_options: cuda_graphs must be 'auto', 'always' or 'off', got '",
+              graphs.value_or(""), "'");
+  g_path.store(static_cast<int>(*choice));
+  set_graph_mode(*mode);
   return previous;
+}
+
+// fbfast::cuda_graph_stats(): graphed_call.h's counters, for fbfast.cuda_graph_stats().
+std::vector<int64_t> cuda_graph_stats() {
+  const GraphStats s = graph_stats();
+  return {s.recorded, s.replayed, s.failed, s.held};
 }
 
 // The layers, contiguous, as the general path takes them (csrc/gemm_path.h).
@@ -219,6 +233,74 @@ std::vector<const void*> bias_pointers(const gemm_path::Network& net) {
   return b;
 }
 
+// What, besides the sizes and dtypes of its tensors, decides the work of a general-path call:
+// the key of its recorded graph (graphed_call.h). kind: 0 forward, 1 backward.
+std::vector<int64_t> general_key(int64_t kind, const gemm_path::Network& net, int64_t delay, int64_t truncate,
+                                 const c10::List<bool>* mask) {
+  int64_t param_bits = 0;
+  static_assert(sizeof(param_bits) == sizeof(net.param));
+  std::memcpy(&param_bits, &net.param, sizeof(param_bits));
+  std::vector<int64_t> key{kind, static_cast<int64_t>(net.act), param_bits, net.du, net.f, net.residual, delay,
+                           truncate, net.layers(), static_cast<int64_t>(net.lags.size())};
+  key.insert(key.end(), net.lags.begin(), net.lags.end());
+  key.insert(key.end(), net.x0_base.begin(), net.x0_base.end());
+  if (mask)
+    for (const bool want : *mask) key.push_back(want);
+  return key;
+}
+
+// The general path's inputs as run_graphed takes them: `first`, then w_1..w_L, b_1..b_L.
+std::vector<at::Tensor> general_inputs(std::vector<at::Tensor> first, const gemm_path::Network& net) {
+  first.insert(first.end(), net.w.begin(), net.w.end());
+  first.insert(first.end(), net.b.begin(), net.b.end());
+  return first;
+}
+
+// `net` with its weights and biases taken from a general_inputs list whose first `skip` entries
+// are not parameters.
+gemm_path::Network with_parameters(gemm_path::Network net, const std::vector<at::Tensor>& in, size_t skip) {
+  const size_t L = net.w.size();
+  for (size_t l = 0; l < L; ++l) {
+    net.w[l] = in[skip + l];
+    net.b[l] = in[skip + L + l];
+  }
+  return net;
+}
+
+// The general path's forward: replayed from a recorded graph where graphed_call.h's rules allow.
+void general_forward(const at::Tensor& x0, const at::Tensor& u, const gemm_path::Network& net, at::Tensor& y,
+                     int64_t delay, int64_t truncate) {
+  const GraphBody body = [&net](const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out) {
+    at::Tensor y_out = out[0];
+    gemm_path::forward(kForwardOp, in[0], in[1], with_parameters(net, in, 2), y_out, nullptr);
+  };
+  if (!run_graphed(general_key(0, net, delay, truncate, nullptr), y.size(0), general_inputs({x0, u}, net), {y},
+                   body))
+    gemm_path::forward(kForwardOp, x0, u, net, y, nullptr);
+}
+
+// The general path's backward into g (the wanted gradients, zero-filled), likewise.
+void general_backward(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& x0, const at::Tensor& u,
+                      const gemm_path::Network& net, int64_t delay, int64_t truncate,
+                      const c10::List<bool>& output_mask, gemm_path::Grads& g) {
+  const GraphBody body = [&](const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out) {
+    // The graph's own gradients are zero-filled inside it, as the general path needs them.
+    for (const auto& t : out)
+      if (t.defined()) t.zero_();
+    const size_t L = net.w.size();
+    gemm_path::Grads own{out[0], out[1], std::vector<at::Tensor>(out.begin() + 2, out.begin() + 2 + L),
+                         std::vector<at::Tensor>(out.begin() + 2 + L, out.end())};
+    gemm_path::backward(kBackwardOp, in[0], in[1], in[2], in[3], with_parameters(net, in, 4), delay, truncate, own,
+                        {}, kChunkBytes);
+  };
+  std::vector<at::Tensor> out{g.x0, g.u};
+  out.insert(out.end(), g.w.begin(), g.w.end());
+  out.insert(out.end(), g.b.begin(), g.b.end());
+  if (!run_graphed(general_key(1, net, delay, truncate, &output_mask), y.size(0),
+                   general_inputs({grad_y, y, x0, u}, net), out, body))
+    general_backward(grad_y, y, x0, u, net, delay, truncate, output_mask, g);
+}
+
 // An ensemble (docs/spec.md §1.3) on the general path runs its members one after another: member
 // e's weights w[e], its own x0[:, e] and u[:, e] or the shared ones. (The fused path launches all
 // members at once.)
@@ -275,7 +357,7 @@ at::Tensor rollout_forward_cuda(const at::Tensor& x0_in, const std::optional<at:
   gemm_path::Network net = make_network(weights, biases, sizes, activation_param, sizes.du.expect_int());
   net.x0_base = rows.base;
   if (!plan.fused) {
-    gemm_path::forward(kForwardOp, x0, u, net, y, nullptr);
+    general_forward(x0, u, net, y, delay, truncate);
     return y;
   }
   RolloutParams p{};
@@ -366,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   }
 
   if (!empty_problem && !plan.fused) {
-    gemm_path::backward(kBackwardOp, grad_y, y, x0, u, net, delay, truncate, g, {}, kChunkBytes);
+    general_backward(grad_y, y, x0, u, net, delay, truncate, output_mask, g);
   } else if (!empty_problem) {
     std::vector<void*> grad_w, grad_b;
     bool any_weight = false;
@@ -410,7 +492,8 @@ TORCH_LIBRARY_IMPL(fbfast, CUDA, m) {
 // A device-less operator: the one way to change the CUDA kernels' process settings while other
 // threads may be calling them (fbfast.set_kernel_options in fbfast/options.py).
 TORCH_LIBRARY_FRAGMENT(fbfast, m) {
-  m.def("cuda_options(str? path=None) -> str[]", &cuda_options);
+  m.def("cuda_options(str? path=None, str? graphs=None) -> str[]", &cuda_options);
+  m.def("cuda_graph_stats() -> int[]", &cuda_graph_stats);
 }
 
 }  // namespace cuda

@@ -1,0 +1,70 @@
+// CUDA-graph replay of the general path (csrc/gemm_path.h) on CUDA.
+//
+// The general path launches several kernels per step from a host loop: at small batches the GPU
+// then waits on the host (~25 us per step), and a T = 1000 rollout costs tens of milliseconds of
+// launches for microseconds of arithmetic. A call of the same sizes a second time (the usual case:
+// every training step, every planning rollout) is instead recorded once as a CUDA graph on a side
+// stream and from then on replayed as one launch, with the call's inputs copied into the graph's
+// own input tensors before the replay and its results copied out after it. Every call through a
+// graph (the recording call too) gets the graph's results, so they repeat bit for bit; against a
+// step-by-step run they agree to cuBLAS's rounding (it may choose other kernels under capture,
+// and promises the same bits only per stream).
+//
+// Setting (cuda_graphs, fbfast.set_kernel_options; FBFAST_CUDA_GRAPHS read at load):
+//   "auto"   (default) record a call of at least kGraphMinSteps steps the second time its key
+//            (sizes, dtype, device, stream, structure, activation, output mask) is seen;
+//   "always" record at the first call, whatever its length (what the tests pin);
+//   "off"    never.
+// Never recorded: a call made while its stream is being captured by someone else (a user's
+// torch.cuda.graph or torch.compile's "reduce-overhead" mode: the eager path then runs inside
+// their capture), and a call whose own inputs and results exceed kGraphMaxBytes (its copies
+// would cost more than the launches saved, and its recorded buffers would stay reserved). At
+// most kMaxGraphs graphs stay recorded per process, the least recently used going first. A key
+// whose recording failed is never tried again (the call's results still come from the eager run
+// that precedes every recording).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace fbfast {
+namespace cuda {
+
+enum class GraphMode : int { kAuto = 0, kAlways = 1, kOff = 2 };
+
+constexpr int64_t kGraphMinSteps = 4;
+constexpr int64_t kGraphMaxBytes = int64_t(256) << 20;
+constexpr size_t kMaxGraphs = 8;
+
+std::optional<GraphMode> parse_graph_mode(const std::string& name);
+const char* graph_mode_name(GraphMode mode);
+GraphMode graph_mode();
+void set_graph_mode(GraphMode mode);
+
+// Computes `out` from `in`: stream-ordered work on the current CUDA stream only (no host
+// synchronisation, no host-side decision on tensor values), writing every element of every
+// defined `out` tensor. Undefined tensors stay undefined in both lists.
+using GraphBody = std::function<void(const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out)>;
+
+// Runs body(in, out) through a recorded graph when the setting and the rules above allow, and
+// returns true; returns false, having done nothing, when the caller should run body itself.
+// `key` names everything besides the tensors' sizes and dtypes that changes the recorded work
+// (the call's sizes and dtypes are added here, with the device and the current stream). `in`
+// and `out` are on the current device; `out` holds the caller's result tensors, contiguous.
+bool run_graphed(std::vector<int64_t> key, int64_t steps, const std::vector<at::Tensor>& in,
+                 const std::vector<at::Tensor>& out, const GraphBody& body);
+
+// Counters since the process started: graphs recorded, replays, recordings that failed, and the
+// graphs held now.
+struct GraphStats {
+  int64_t recorded = 0, replayed = 0, failed = 0, held = 0;
+};
+GraphStats graph_stats();
+
+}  // namespace cuda
+}  // namespace fbfast
