@@ -14,9 +14,12 @@ Backends, all float32 with bitwise identical weights (benchmarks.cases.make_inpu
                  GEMM over all steps (version 1's network only: one ReLU hidden layer, delay 1; a
                  zero input column when Du = 0);
 * ``fbfast``     ``fbfast.rollout(..., backend="cuda")``;
-* ``fbfast-steps`` the same with ``cuda_graphs="off"``: the general path's per-step launches
-                 without its CUDA-graph replay (csrc/cuda/graphed_call.h), for the cases whose
-                 weights do not fit in shared memory (GENERAL_CASES) only.
+* ``fbfast-graphs`` the same with ``cuda_graphs="auto"`` (opt-in): the general path replayed
+                 from a recorded CUDA graph (csrc/cuda/graphed_call.h), for the cases whose
+                 weights do not fit in shared memory (VARIANT_CASES);
+* ``fbfast-fp32`` the same with ``cuda_tensor_cores="off"``: the fused kernels' fp32 FMA GEMMs
+                 instead of their default 3xTF32 tensor cores, for the cases whose plans use
+                 tensor cores (VARIANT_CASES).
 
 The cases are version 1's network at growing widths, then deeper networks with the smooth
 activations of model-based RL (SiLU, GELU), which no cuDNN RNN computes.
@@ -69,8 +72,10 @@ GPU_CASES = (
     Case("gelu4", 1024, 0, 32, 64, 100, layers=3, activation="gelu"),
 )
 CASES_BY_NAME = {c.name: c for c in GPU_CASES}
-GENERAL_CASES = ("wide",)
-BACKENDS = ("fbfast", "fbfast-steps", "eager", "compile-ro", "rnn", "compile")
+# The fbfast variants (kernel options against the defaults) and the cases where they differ.
+VARIANTS = {"fbfast-graphs": dict(cuda_graphs="auto"), "fbfast-fp32": dict(cuda_tensor_cores="off")}
+VARIANT_CASES = {"fbfast-graphs": ("wide",), "fbfast-fp32": ("medium",)}
+BACKENDS = ("fbfast", "fbfast-graphs", "fbfast-fp32", "eager", "compile-ro", "rnn", "compile")
 MODES = ("fwd", "train")
 
 # Targets of the CUDA backend on an H100 (benchmarks/README.md), checked in the report.
@@ -168,7 +173,7 @@ class RnnBaseline(torch.nn.Module):
 
 def rollout_callable(backend: str, inputs, cache: Dict) -> Callable[[], torch.Tensor]:
     x0, u, steps = inputs.x0, inputs.u, inputs.steps
-    if backend in ("fbfast", "fbfast-steps"):  # run_backend sets fbfast-steps' option
+    if backend == "fbfast" or backend in VARIANTS:  # run_backend sets a variant's options
         params = [t for fc in inputs.fb_net.layers for t in (fc.weight, fc.bias)]
         return lambda: fbfast.rollout(x0, *params, steps=steps, u=u, delay=1, activation=inputs.activation,
                                       backend="cuda")
@@ -192,7 +197,7 @@ def rollout_callable(backend: str, inputs, cache: Dict) -> Callable[[], torch.Te
 
 
 def params_of(backend: str, inputs, cache: Dict):
-    if backend in ("fbfast", "fbfast-steps"):
+    if backend == "fbfast" or backend in VARIANTS:
         return list(inputs.fb_net.parameters())
     if backend == "rnn":
         return list(cache["rnn"].parameters())
@@ -237,7 +242,7 @@ def check_against_eager(inputs) -> Dict:
 
 # The cheap backends of every case first, then the compiled baselines case by case: when the
 # budget runs out, what is missing is the costliest, least important part.
-PHASES = (("fbfast", "fbfast-steps", "eager", "rnn"), ("compile-ro",), ("compile",))
+PHASES = (("fbfast", *VARIANTS, "eager", "rnn"), ("compile-ro",), ("compile",))
 
 
 def prepare_case(case: Case, args, deadline: float) -> Dict:
@@ -266,8 +271,8 @@ def run_backend(case: Case, state: Dict, backend: str, args, deadline: float) ->
             skip = "overall time budget spent"
         elif backend == "rnn" and not rnn_applies(case):
             skip = "not applicable: nn.RNN computes one ReLU hidden layer with delay 1"
-        elif backend == "fbfast-steps" and case.name not in GENERAL_CASES:
-            skip = "not applicable: the fused path, which has no CUDA graph to turn off"
+        elif backend in VARIANTS and case.name not in VARIANT_CASES[backend]:
+            skip = "not applicable: the option changes nothing here"
         elif backend.startswith("compile") and deadline - time.perf_counter() < args.compile_reserve:
             skip = f"less than {args.compile_reserve:.0f} s left for a compile"
         elif time.perf_counter() > entry_deadline:
@@ -276,8 +281,7 @@ def run_backend(case: Case, state: Dict, backend: str, args, deadline: float) ->
             out["times"][mode][backend] = {"skipped": skip}
             log(f"  {case.name:7s} {mode:5s} {backend:10s} skipped ({skip})")
             continue
-        options = (fbfast.kernel_options(cuda_graphs="off") if backend == "fbfast-steps"
-                   else contextlib.nullcontext())
+        options = fbfast.kernel_options(**VARIANTS[backend]) if backend in VARIANTS else contextlib.nullcontext()
         try:
             with options:
                 fn = rollout_callable(backend, inputs, cache)
@@ -383,11 +387,13 @@ def markdown(info: Dict, results: List[Dict], args, elapsed: float) -> str:
             cells += [fmt_ratio(ratio(fb, median_of(r, mode, b))) for b in ("eager", "compile-ro", "rnn")]
             cells.append("—" if fb is None else f"{flops / fb / 1e9:.3g}")
             lines.append("| " + " | ".join(cells) + " |")
-    graphed = [f"{r['case']} {m} {fmt_ratio(ratio(median_of(r, m, 'fbfast'), median_of(r, m, 'fbfast-steps')))}"
-               for r in results if r["case"] in GENERAL_CASES for m in MODES]
-    if graphed:
-        lines += ["", "General path, CUDA-graph replay vs step by step (fbfast-steps / fbfast): "
-                  + ", ".join(graphed) + "."]
+    for variant, what in (("fbfast-graphs", "CUDA-graph replay of the general path vs step by step"),
+                          ("fbfast-fp32", "3xTF32 tensor cores vs fp32 FMAs")):
+        pairs = (("fbfast-graphs", "fbfast") if variant == "fbfast-graphs" else ("fbfast", "fbfast-fp32"))
+        got = [f"{r['case']} {m} {fmt_ratio(ratio(median_of(r, m, pairs[0]), median_of(r, m, pairs[1])))}"
+               for r in results if r["case"] in VARIANT_CASES[variant] for m in MODES]
+        if got:
+            lines += ["", f"{what} (speed-up): " + ", ".join(got) + "."]
     skipped = [f"{r['case']} {m} {b}: {e['skipped']}" for r in results for m, row in r["times"].items()
                for b, e in row.items() if "skipped" in e]
     if skipped:

@@ -15,17 +15,22 @@ afterwards, use `set_kernel_options` or the `kernel_options` context manager:
 | `cpu_path`  | "auto", "rule", "tile", "blas"          | the CPU kernel's path (csrc/cpu/)       |
 | `cuda_path` | "auto", "fused", "general"              | the CUDA kernel's path (csrc/cuda/)     |
 | `cuda_graphs` | "auto", "always", "off"               | CUDA-graph replay of the general path   |
+| `cuda_tensor_cores` | "auto", "off"                   | tensor cores in the fused CUDA kernels  |
 
-"auto" is the default. For `cpu_path` it is the static rule of csrc/cpu/rollout_cpu.cpp except
+"auto" is the default, except for `cuda_graphs` ("off"). For `cpu_path` it is the static rule of csrc/cpu/rollout_cpu.cpp except
 where the tile path and per-step BLAS GEMMs trade places between machines (layers of 128 x 128
 to 512 x 512): there the first call of a shape class times both paths on a reduced copy of the
 call and keeps the faster for the rest of the process (`cpu_path_calibration` lists them).
-"rule" is the static rule alone, which repeats bit for bit across processes. For `cuda_graphs`,
-"auto" records a general-path call (per-step cuBLAS GEMMs, taken where the weights do not fit
-in shared memory) of at least 4 steps as a CUDA graph the second time its sizes are seen, and
-replays it from then on; "always" records from the first call; "off" never
-(csrc/cuda/graphed_call.h; `cuda_graph_stats` counts them). Calls through one graph repeat
-bit for bit; against the step-by-step path they agree to cuBLAS's rounding. The settings hold for the whole process, in every thread.
+"rule" is the static rule alone, which repeats bit for bit across processes. `cuda_graphs`
+(default "off") replays the CUDA general path (per-step cuBLAS GEMMs, taken where the weights do
+not fit in shared memory) from a recorded CUDA graph: "auto" records a call of at least 4 steps
+the second time its sizes are seen, "always" from the first call; "off" drops every recorded
+graph (csrc/cuda/graphed_call.h, which says why it is not the default yet; `cuda_graph_stats`
+counts them). Calls through one graph repeat bit for bit; against the step-by-step path they
+agree to cuBLAS's rounding. For `cuda_tensor_cores`, "auto" runs the fused kernels' products on TF32 tensor cores where every
+width is a multiple of 16 and the tiles hold whole 16-row groups, each fp32 operand split in two
+TF32 parts ("3xTF32", close to fp32's accuracy; csrc/cuda/rollout_params.h); "off" keeps the
+fp32 FMA kernels everywhere. The environment variable is ``FBFAST_CUDA_TENSOR_CORES``. The settings hold for the whole process, in every thread.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def _require(kernel: str) -> None:
 
 
 def set_kernel_options(*, cpu_isa: Optional[str] = None, cpu_path: Optional[str] = None,
-                       cuda_path: Optional[str] = None, cuda_graphs: Optional[str] = None) -> Dict[str, str]:
+                       cuda_path: Optional[str] = None, cuda_graphs: Optional[str] = None,
+                       cuda_tensor_cores: Optional[str] = None) -> Dict[str, str]:
     """Set the given options (None leaves one unchanged); returns the previous value of each
     option that was given, so that ``set_kernel_options(**previous)`` restores them."""
     previous: Dict[str, str] = {}
@@ -59,13 +65,11 @@ def set_kernel_options(*, cpu_isa: Optional[str] = None, cpu_path: Optional[str]
             previous["cpu_isa"] = isa
         if cpu_path is not None:
             previous["cpu_path"] = path
-    if cuda_path is not None or cuda_graphs is not None:
+    cuda = dict(cuda_path=cuda_path, cuda_graphs=cuda_graphs, cuda_tensor_cores=cuda_tensor_cores)
+    if any(v is not None for v in cuda.values()):
         _require("CUDA")
-        path, graphs = torch.ops.fbfast.cuda_options(cuda_path, cuda_graphs)
-        if cuda_path is not None:
-            previous["cuda_path"] = path
-        if cuda_graphs is not None:
-            previous["cuda_graphs"] = graphs
+        values = torch.ops.fbfast.cuda_options(cuda_path, cuda_graphs, cuda_tensor_cores)
+        previous.update((k, v) for (k, given), v in zip(cuda.items(), values) if given is not None)
     return previous
 
 
@@ -75,7 +79,8 @@ def get_kernel_options() -> Dict[str, str]:
     if ops.LOADED and ops.has_kernel("CPU"):
         current["cpu_isa"], current["cpu_path"] = torch.ops.fbfast.cpu_options(None, None)
     if ops.LOADED and ops.has_kernel("CUDA"):
-        current["cuda_path"], current["cuda_graphs"] = torch.ops.fbfast.cuda_options(None, None)
+        current["cuda_path"], current["cuda_graphs"], current["cuda_tensor_cores"] = (
+            torch.ops.fbfast.cuda_options(None, None, None))
     return current
 
 

@@ -66,6 +66,8 @@ K_MAX_LAYERS = 8
 K_MAX_LAGS = 16
 K_MAX_MEMBERS = 65535
 DEFAULT_SMEM_BYTES = 48 * 1024  # a launch above this needs cudaFuncAttributeMaxDynamicSharedMemorySize
+K_TC_TILE = 16
+K_TC_SCRATCH_FLOATS = (K_MAX_THREADS // 32) * K_TC_TILE * K_TC_TILE
 
 
 def _round_up4(n: int) -> int:
@@ -96,10 +98,11 @@ def _structure(widths: Sequence[int], delay: int, lags: Optional[Sequence[int]],
 
 def make_layout(steps: int, du: int, widths: Sequence[int], delay: int, activation: str, rows: int, chunk: int,
                 backward: bool, lags: Optional[Sequence[int]] = None, feedback: Optional[int] = None,
-                residual: bool = False, grads_global: bool = False) -> Dict[str, int]:
+                residual: bool = False, grads_global: bool = False, tensor_cores: bool = False) -> Dict[str, int]:
     """SmemLayout's slots and total (in floats) of make_layout(); widths are out_0 .. out_{L-1};
     delay is D = max(lags) (lags None: the one lag delay). grads_global: the backward's weight
-    gradients accumulate in global memory, not in shared memory."""
+    gradients accumulate in global memory, not in shared memory; tensor_cores: the layout has
+    the per-warp result tiles of the tensor-core GEMM."""
     L, o = len(widths), widths[-1]
     m, f, plain = _structure(widths, delay, lags, feedback, residual)
     fed = min(delay, steps)
@@ -121,36 +124,58 @@ def make_layout(steps: int, du: int, widths: Sequence[int], delay: int, activati
         total += (bw + keep_pre) * hidden * R * out_pad[l] + weights + (1 - bw * (1 - hidden)) * out_pad[l]
         if not grads_global:
             total += bw * (weights + out_pad[l])
+    total += K_TC_SCRATCH_FLOATS if tensor_cores else 0
     return {"rows": rows, "chunk": chunk, "slots": slots, "total": total}
+
+
+def _plan_rows(B, steps, du, widths, delay, activation, backward, num_sms, limit, members, structure) -> int:
+    """plan_rows(): one direction's tile rows (0: not even one row fits)."""
+    def fits(rows: int) -> bool:
+        return make_layout(steps, du, widths, delay, activation, rows, 1, backward, **structure)["total"] <= limit
+
+    rows = min(_ceil_div(B * members, num_sms if num_sms > 0 else 1), B)
+    rows = max(1, min(K_MAX_ROWS, rows))
+    if rows >= 4:
+        rows = _round_up4(rows)
+    if structure.get("tensor_cores") and rows >= K_TC_TILE:
+        rows = _ceil_div(rows, K_TC_TILE) * K_TC_TILE
+    while not fits(rows):
+        if rows == 1:
+            return 0
+        rows = (rows // 2) & ~3 if rows > 4 else rows // 2
+    return rows
 
 
 def plan_rollout(B: int, steps: int, du: int, widths: Sequence[int], delay: int, activation: str, backward: bool,
                  num_sms: int, smem_limit_bytes: int, lags: Optional[Sequence[int]] = None,
                  feedback: Optional[int] = None, residual: bool = False,
-                 members: int = 1) -> Optional[Dict[str, int]]:
+                 members: int = 1, tensor_cores: bool = True) -> Optional[Dict[str, int]]:
     """The fused plan of plan_rollout(), or None where it takes the general path. ``blocks`` and
-    ``tiles`` are per member: an ensemble's grid is blocks x members."""
+    ``tiles`` are per member: an ensemble's grid is blocks x members. ``tensor_cores``: whether
+    they are allowed (the extension's default, cuda_tensor_cores="auto"); the plan's own
+    ``tensor_cores`` says whether it uses them (tensor_cores_fit)."""
     m, f, _ = _structure(widths, delay, lags, feedback, residual)
     if len(widths) > K_MAX_LAYERS or not 1 <= m <= K_MAX_LAGS or not 1 <= members <= K_MAX_MEMBERS:
         return None
     limit = smem_limit_bytes // 4
     structure = dict(lags=lags, feedback=feedback, residual=residual)
     # The weight-gradient accumulators leave shared memory only when not even a one-row tile fits.
-    grads_global = backward and make_layout(steps, du, widths, delay, activation, 1, 1, True,
-                                            **structure)["total"] > limit
-    structure["grads_global"] = grads_global
+    global_bwd = make_layout(steps, du, widths, delay, activation, 1, 1, True, **structure)["total"] > limit
+    grads_global = backward and global_bwd
+    # Tensor cores: widths in whole 16-wide tiles, and tiles of whole 16-row groups both ways.
+    tc = tensor_cores and all(w % K_TC_TILE == 0 for w in (du, m * f, *widths))
+    for direction in (False, True) if tc else ():
+        rows = _plan_rows(B, steps, du, widths, delay, activation, direction, num_sms, limit, members,
+                          dict(structure, grads_global=direction and global_bwd, tensor_cores=True))
+        tc = tc and rows >= K_TC_TILE and rows % K_TC_TILE == 0
+    structure.update(grads_global=grads_global, tensor_cores=tc)
 
     def fits(rows: int, chunk: int) -> bool:
         return make_layout(steps, du, widths, delay, activation, rows, chunk, backward, **structure)["total"] <= limit
 
-    rows = min(_ceil_div(B * members, num_sms if num_sms > 0 else 1), B)
-    rows = max(1, min(K_MAX_ROWS, rows))
-    if rows >= 4:
-        rows = _round_up4(rows)
-    while not fits(rows, 1):
-        if rows == 1:
-            return None
-        rows = (rows // 2) & ~3 if rows > 4 else rows // 2
+    rows = _plan_rows(B, steps, du, widths, delay, activation, backward, num_sms, limit, members, structure)
+    if rows == 0:
+        return None
 
     o = widths[-1]
     stage_per_step = rows * (_round_up4(du) + _round_up4(m * f) + _round_up4(o) if backward else _round_up4(du))
@@ -161,7 +186,7 @@ def plan_rollout(B: int, steps: int, du: int, widths: Sequence[int], delay: int,
         while chunk > 1 and not fits(rows, chunk):
             chunk //= 2
 
-    rows_per_item = 4 if rows % 4 == 0 else 1
+    rows_per_item = 4 if rows % 4 == 0 and not tc else 1
     ins = [du + m * f] + list(widths[:-1])
     widest = max(max(widths), max(ins) if backward else 0)
     work = (rows // rows_per_item) * widest
@@ -173,7 +198,8 @@ def plan_rollout(B: int, steps: int, du: int, widths: Sequence[int], delay: int,
     lay = make_layout(steps, du, widths, delay, activation, rows, chunk, backward, **structure)
     return {"rows": rows, "rows_per_item": rows_per_item, "chunk": chunk, "slots": lay["slots"],
             "threads": max(32, min(K_MAX_THREADS, work)), "tiles": tiles,
-            "blocks": min(tiles, share), "smem_bytes": 4 * lay["total"], "grads_global": int(grads_global)}
+            "blocks": min(tiles, share), "smem_bytes": 4 * lay["total"], "grads_global": int(grads_global),
+            "tensor_cores": int(tc)}
 
 
 def device_limits(device=None) -> Dict[str, int]:
@@ -336,6 +362,26 @@ def medium_shape(sms: int, smem: int) -> Optional[Shape]:
     return s if fwd is not None and bwd is not None else None
 
 
+def tensor_core_tiles(sms: int, smem: int) -> Shape:
+    """Widths in whole 16-wide tiles and 32-row tiles (B = 32 SMs + 7: ceil(B / SMs) = 33, rounded
+    up to 48 rows per tile, the last partial), with u and truncation: every GEMM of both
+    directions on tensor cores (cuda_tensor_cores="auto")."""
+    return _with_tensor_cores(Shape(B=32 * sms + 7, Du=16, O=16, H=64, T=12, delay=2, truncate=5), sms, smem)
+
+
+def tensor_core_structure(sms: int, smem: int) -> Shape:
+    """Tensor cores with two lags, F = 16 < O = 32, a residual skip and a three-layer SiLU network
+    (z kept per layer), 16-row tiles."""
+    return _with_tensor_cores(Shape(B=16 * sms, Du=0, O=32, H=32, T=10, lags=(2, 1), feedback=16, residual=True,
+                                    layers=3, activation="silu"), sms, smem)
+
+
+def _with_tensor_cores(s: Shape, sms: int, smem: int) -> Optional[Shape]:
+    """s where its plans use tensor cores on this device (too little shared memory: None)."""
+    fwd, bwd = plans_of(s, sms, smem)
+    return s if fwd and bwd and fwd["tensor_cores"] and bwd["tensor_cores"] else None
+
+
 # What each sized problem must give on the device (checked on the mirrored plans).
 PLAN_SHAPES: Dict[str, Callable[[int, int], Optional[Shape]]] = {
     "partial-4-row-tile": partial_four_row_tile,
@@ -345,6 +391,8 @@ PLAN_SHAPES: Dict[str, Callable[[int, int], Optional[Shape]]] = {
     "deep-gelu-backward-smem-near-limit": deep_backward_smem_near_limit,
     "ensemble-persistent-blocks": ensemble_persistent_blocks,
     "backward-grads-global": backward_grads_global,
+    "tensor-core-tiles": tensor_core_tiles,
+    "tensor-core-structure": tensor_core_structure,
 }
 
 
@@ -370,6 +418,8 @@ def plan_shape_problem(kind: str, sms: int, smem: int):
         assert not bwd["grads_global"], why
     elif kind == "backward-grads-global":
         assert bwd is not None and bwd["grads_global"] and bwd["blocks"] > 1, why
+    elif kind.startswith("tensor-core"):
+        assert bwd is not None and fwd["tensor_cores"] and bwd["tensor_cores"], why
     return s, fwd, bwd
 
 
@@ -414,6 +464,8 @@ def smoke_cases(sms: int, smem: int) -> List[Case]:
         # and the issue's medium shape, which needs it on an H100.
         Case("fused-backward-f32-grads-global", backward_grads_global(sms, smem)),
         Case("fused-backward-f32-medium-256-64-256-T100", medium_shape(sms, smem)),
+        Case("fused-backward-f32-tensor-cores", tensor_core_tiles(sms, smem)),
+        Case("fused-backward-bf16-tensor-cores-lags21-silu-L3", tensor_core_structure(sms, smem), dtype=torch.bfloat16),
         Case("fused-backward-bf16-mish-L3", Shape(B=33, Du=4, O=3, H=8, T=20, delay=2, layers=3, activation="mish"),
              dtype=torch.bfloat16),
         # Feedback structures (docs/spec.md §1.2) and ensembles (§1.3) in the fused kernels: D ring

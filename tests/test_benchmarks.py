@@ -74,3 +74,23 @@ def test_paths_runs_and_reports_what_auto_measured(tmp_path):
         assert "widths 20-128-128-128-16, Du 4, E 1, B <= 128, T <= 64, gelu, float32" in done.stdout
         assert all(r["calibrated"] for r in data["results"])
     assert {"loop", "auto", "rule", "tile", "blas", "mm"} == set(data["results"][0]["median_s"])
+
+
+def test_gpu_bench_report_renders_every_backend_and_variant():
+    # The GPU benchmark runs only on a lent GPU (scripts/gpu_check.sh): its report must not be
+    # the first thing to break there. Made-up times, every backend of every case.
+    import argparse
+
+    from benchmarks import gpu_bench
+
+    results = [{"case": c.name, "shape": c.shape, "first_call_s": {}, "errors": {},
+                "check": {"y": 1e-7, "grad": 1e-6},
+                "times": {m: {b: {"median_s": 1e-3 * (i + 1)} for i, b in enumerate(gpu_bench.BACKENDS)}
+                          for m in gpu_bench.MODES}} for c in gpu_bench.GPU_CASES]
+    info = dict(device="GPU", capability="9.0", sms=132, torch="2.11", cuda="13.0", cudnn=1, fbfast="0.1",
+                date="today", cudnn_allow_tf32=True, matmul_allow_tf32=False)
+    text = gpu_bench.markdown(info, results, argparse.Namespace(runs=5, target=0.05, argv=[]), 1.0)
+    assert "| fbfast | fbfast-graphs | fbfast-fp32 | eager |" in text
+    assert "CUDA-graph replay of the general path vs step by step (speed-up): wide fwd 0.5x" in text
+    assert "3xTF32 tensor cores vs fp32 FMAs (speed-up): medium fwd 3.0x" in text
+    assert all(set(gpu_bench.VARIANT_CASES[v]) <= set(gpu_bench.CASES_BY_NAME) for v in gpu_bench.VARIANTS)

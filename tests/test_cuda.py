@@ -20,6 +20,7 @@ GEMM path, pinned with fbfast.kernel_options(cuda_path=...)) and on "auto" (the 
   shared memory of those launches, as the profiler records them;
 * opcheck, output masks, zero sizes, NaN, non-contiguous inputs, bitwise determinism, a
   non-default stream, and torch.compile(mode="reduce-overhead", fullgraph=True);
+* tensor cores (3xTF32) against the fp32 FMA kernels, on device-sized plans that use them;
 * the general path's CUDA graphs (csrc/cuda/graphed_call.h): replays against step-by-step runs
   for several structures, an ensemble and bfloat16, new inputs and in-place weight updates,
   recording on the second call only, no recording inside a user's capture, eviction.
@@ -518,6 +519,28 @@ def test_non_default_stream(path):
     assert same(y, y_ref)
     for a, b in zip(g, g_ref):
         assert same(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor cores in the fused kernels (3xTF32, tile_gemm_tc in csrc/cuda/tile_common.cuh): the
+# device-sized plan kinds "tensor-core-*" above run them against the reference; here against the
+# fp32 FMA kernels, which compute the same sums in another order.
+
+@pytest.mark.parametrize("kind", ["tensor-core-tiles", "tensor-core-structure"])
+def test_tensor_cores_agree_with_the_fp32_kernels(kind):
+    p, shape, fwd, bwd, dev = _plan_problem(kind)
+    gy = torch.randn(shape.T, *shape.members, shape.B, shape.O, device="cuda")
+    with fbfast.kernel_options(cuda_path="fused"):
+        tc = _forward_and_grads(p, gy)
+        again = _forward_and_grads(p, gy)
+        with fbfast.kernel_options(cuda_tensor_cores="off"):
+            fma = _forward_and_grads(p, gy)
+    for a, b in zip(tc, again):
+        assert torch.equal(a, b)  # deterministic, like the fp32 kernels
+    for name, a, b in zip(["Y"] + list(p.names), tc, fma):
+        assert_close(a, b, torch.float32, "grad", f"{kind} {name}")
+    # Another arithmetic: some bits differ (were they all equal, the tensor cores did not run).
+    assert not all(torch.equal(a, b) for a, b in zip(tc, fma))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ class Net:
 
     def __init__(self, B, Du, widths, T, delay=1, truncate=None, bias=True, activation="relu",
                  dtype=torch.float32, seed=0, feedback=None, residual=False, ensemble=None,
-                 shared_x0=False, shared_u=False):
+                 shared_x0=False, shared_u=False, tensor_cores=True):
         g = torch.Generator().manual_seed(seed)
 
         def rnd(*shape, scale=1.0):
@@ -203,6 +203,7 @@ class Net:
         self.activation, self.dtype = activation, dtype
         self.batch, self.du, self.feedback, self.residual = B, Du, F, residual
         self.ensemble, self.shared_x0, self.shared_u = ensemble, shared_x0, shared_u
+        self.tensor_cores = tensor_cores  # allowed (the plan decides), as cuda_tensor_cores="auto"
 
     @property
     def y_shape(self):
@@ -211,7 +212,8 @@ class Net:
     @property
     def structure(self) -> dict:
         """The structure as scripts/gpu_smoke.py's plan_rollout takes it."""
-        return dict(lags=self.lags, feedback=self.feedback, residual=self.residual, members=self.ensemble or 1)
+        return dict(lags=self.lags, feedback=self.feedback, residual=self.residual, members=self.ensemble or 1,
+                    tensor_cores=self.tensor_cores)
 
     def tensors(self):
         """x0, u, w_1 .. w_L, b_1 .. b_L: the order of the operator's output_mask."""
@@ -259,7 +261,7 @@ def _emulate(exe: Path, net: Net, grad_y: torch.Tensor, mask, num_sms: int, smem
     T, L = net.steps, len(net.widths)
     header = [_DTYPE_CODE[net.dtype], ACT_CODES[net.activation], net.batch, T, net.du, L, net.delay,
               net.truncate or 0, net.u is not None, num_sms, smem, len(net.lags), net.feedback, net.residual,
-              net.ensemble or 0, net.shared_x0, net.shared_u]
+              net.ensemble or 0, net.shared_x0, net.shared_u, net.tensor_cores]
     tail = [*net.widths, *(b is not None for b in net.biases), *map(int, mask), *net.lags]
     tensors = net.tensors()
     with tempfile.TemporaryDirectory() as tmp:
@@ -559,3 +561,53 @@ def test_emulated_weight_gradients_in_global_memory(emulator, name, kw, num_sms,
 def test_emulated_global_accumulators_with_masks(emulator, mask):
     """Some weight gradients (the others' rows stay zero, never reduced), or none (no workspace)."""
     _check_emulated(emulator, Net(B=20, Du=2, widths=(33, 6), T=12, delay=2, truncate=4), 3, 7168, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor cores (rollout_params.h: Du, m F and every width in whole 16-wide tiles, and tiles of
+# whole 16-row groups both ways): every GEMM of both directions through the 3xTF32 tile GEMM of
+# tile_common.cuh, run on the emulated nvcuda::wmma of host_emulation.h (which checks the loads'
+# 32-byte alignment and spreads fragments over lanes in an order of its own).
+
+# (name, Net keywords, num_sms, smem): version 1's network with u and truncation; a deeper GELU
+# network (z kept per layer) with 48-row tiles, the last one partial, over persistent blocks;
+# two lags, F < O and a residual skip; an ensemble with a shared x0; one layer; bfloat16.
+TENSOR_CORES = [
+    ("v1-relu-u-K3", dict(B=32, Du=16, widths=(32, 16), T=6, delay=2, truncate=3), 2, 48 << 10),
+    ("gelu-L3-R48-partial", dict(B=70, Du=0, widths=(16, 32, 16), T=5, delay=1, activation="gelu"), 2, 96 << 10),
+    ("lags21-F16-residual-silu", dict(B=16, Du=16, widths=(48, 32), T=7, delay=(2, 1), feedback=16, residual=True,
+                                      truncate=2, activation="silu"), 1, 96 << 10),
+    ("E2-shared-x0-tanh", dict(B=16, Du=0, widths=(32, 16), T=5, delay=2, ensemble=2, shared_x0=True,
+                               activation="tanh"), 2, 48 << 10),
+    ("L1-u", dict(B=16, Du=16, widths=(16,), T=5, delay=1), 1, 48 << 10),
+    ("v1-bf16", dict(B=32, Du=16, widths=(32, 16), T=6, delay=2, dtype=torch.bfloat16), 2, 48 << 10),
+]
+
+
+@pytest.mark.parametrize("name,kw,num_sms,smem", TENSOR_CORES, ids=[c[0] for c in TENSOR_CORES])
+def test_emulated_tensor_cores(emulator, name, kw, num_sms, smem):
+    net = Net(**kw)
+    for backward in (False, True):
+        plan = smoke.plan_rollout(net.batch, net.steps, net.du, net.widths, net.delay, net.activation, backward,
+                                  num_sms, smem, **net.structure)
+        assert plan is not None and plan["tensor_cores"] and plan["rows"] % 16 == 0, plan
+    _check_emulated(emulator, net, num_sms, smem)
+
+
+def test_tensor_cores_only_where_both_directions_allow():
+    """The plans use tensor cores alike in both directions (the backward recomputes z with the
+    forward's arithmetic), and never where a width, the tile rows, or the setting rule them out."""
+    def plans(B, Du, widths, num_sms, smem=48 << 10, **kw):
+        return [smoke.plan_rollout(B, 5, Du, widths, 1, "relu", backward, num_sms, smem, **kw)["tensor_cores"]
+                for backward in (False, True)]
+    assert plans(32, 16, (32, 16), 2) == [1, 1]
+    assert plans(32, 16, (32, 16), 2, tensor_cores=False) == [0, 0]  # cuda_tensor_cores="off"
+    assert plans(32, 16, (33, 16), 2) == [0, 0]     # a width off the 16-grid
+    assert plans(32, 8, (32, 16), 2) == [0, 0]      # Du off the grid
+    assert plans(32, 16, (32, 16), 4) == [0, 0]     # 8-row tiles
+    # Room for 16-row tensor-core tiles forward but not backward: neither direction uses them.
+    smem, structure = 80896, dict(lags=None, feedback=None, residual=False, grads_global=False, tensor_cores=True)
+    rows = [smoke._plan_rows(16, 5, 0, (256, 16), 1, "relu", backward, 1, smem // 4, 1, structure)
+            for backward in (False, True)]
+    assert rows[0] == 16 and rows[1] < 16, rows  # the case tests what it says
+    assert plans(16, 0, (256, 16), 1, smem) == [0, 0]

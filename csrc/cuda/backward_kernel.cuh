@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kMaxThreads, kRB == 1 ? kBlocksPerSm : 0)
           const LayerLayout& below = lay.layer[l - 1];
           float* g_below = smem + lay.act[(l - 1) & 1];
           const TileGemm through{{g, nullptr}, {lay.act_pad, 0}, {layer.out_pad, 0}, w, layer.ld, nullptr, R,
-                                 d.width[l - 1]};
+                                 d.width[l - 1], tc_scratch(lay, smem)};
           tile_gemm<kRB, WeightLayout::kRowPerInput>(through, [&](int r, int n, float v) {
             const int i = r * below.out_pad + n;
             float dz;
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kMaxThreads, kRB == 1 ? kBlocksPerSm : 0)
           h_l = LayerInput{nullptr, 0, 0, smem + below.hidden, below.out_pad};
         } else {
           const TileGemm through_x{{g, nullptr}, {lay.act_pad, 0}, {layer.out_pad, 0}, w + lay.du_pad, layer.ld,
-                                   nullptr, R, d.x()};
+                                   nullptr, R, d.x(), tc_scratch(lay, smem)};
           if (plain) {
             // The ring slot was read into g_out at the top of this step (barriers since); it now
             // takes the adjoint of y_{t-k}.
@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kMaxThreads, kRB == 1 ? kBlocksPerSm : 0)
           if (p.grad_u && d.du > 0) {
             const int64_t gu_first = t * p.grad_u_rows.step + member_offset(p.grad_u_rows) + row0 * d.du;
             const TileGemm through_u{{g, nullptr}, {lay.act_pad, 0}, {layer.out_pad, 0}, w, layer.ld, nullptr, R,
-                                     d.du};
+                                     d.du, tc_scratch(lay, smem)};
             tile_gemm<kRB, WeightLayout::kRowPerInput>(through_u, [&](int r, int n, float v) {
               if (r < rows_valid) store_element(p.grad_u, gu_first + r * d.du + n, p.dtype, v);
             });

@@ -13,7 +13,8 @@
 // weights. An ensemble's member e runs on the blocks with blockIdx.y = e, with its own weights
 // and its own or the shared rows of x0 and u (RolloutParams::x0_rows, u_rows).
 //
-// Numerics: inputs of any dtype are widened to fp32, every product accumulates in fp32, hidden
+// Numerics: inputs of any dtype are widened to fp32, every product accumulates in fp32 (on
+// tensor cores where the plan says so: 3xTF32, tile_gemm_tc in tile_common.cuh), hidden
 // activations stay fp32, and y_t (with a residual model's skip added in fp32) is rounded to the
 // output dtype once. The ring keeps that rounded y_t, so the fed-back value is exactly the stored
 // Y (a chunked rollout continued from Y[-D:] equals one long rollout, and the backward recomputes

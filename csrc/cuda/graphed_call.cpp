@@ -7,6 +7,7 @@
 // other threads' CUDA calls stay legal while this thread records.
 #include "graphed_call.h"
 
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -23,6 +24,13 @@
 #include <memory>
 #include <mutex>
 
+// Declared in ATen/cuda/CUDAContextLight.h, which needs the cuBLAS headers (not on every build
+// machine): frees the cuBLAS workspaces of every (handle, stream), so that the next GEMM on a
+// stream allocates its own.
+namespace at::cuda {
+TORCH_CUDA_CPP_API void clearCublasWorkspaces();
+}  // namespace at::cuda
+
 namespace fbfast {
 namespace cuda {
 namespace {
@@ -31,7 +39,7 @@ namespace {
 // see path_from_env in rollout_cuda.cpp).
 GraphMode mode_from_env() {
   const char* env = std::getenv("FBFAST_CUDA_GRAPHS");
-  return parse_graph_mode(env ? env : "").value_or(GraphMode::kAuto);
+  return parse_graph_mode(env ? env : "").value_or(GraphMode::kOff);
 }
 std::atomic<int> g_mode{static_cast<int>(mode_from_env())};
 
@@ -42,6 +50,21 @@ cudaEvent_t make_event() {
   cudaEvent_t event = nullptr;
   C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
   return event;
+}
+
+// The stream every recording of a device is captured on: created here and never destroyed, so
+// that no other code enqueues work on it (a capture would take that work in) and no later stream
+// reuses its handle.
+c10::cuda::CUDAStream capture_stream(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<c10::DeviceIndex, cudaStream_t> streams;
+  const std::lock_guard<std::mutex> lock(mutex);
+  cudaStream_t& stream = streams[device];
+  if (!stream) {
+    const c10::cuda::CUDAGuard guard(device);
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  }
+  return c10::cuda::getStreamFromExternal(stream, device);
 }
 
 // `waiter` continues only after the work enqueued on `signaller` so far.
@@ -62,9 +85,8 @@ struct Entry {
   // Read by the eviction under the cache's lock while `graph` may be being recorded under this
   // entry's: set once the graph exists.
   std::atomic<bool> has_graph{false};
-  // Under the cache's lock.
-  int64_t seen = 0;
-  uint64_t last_use = 0;
+  std::atomic<int64_t> seen{0};
+  uint64_t last_use = 0;  // under the cache's lock
 
   ~Entry() {
     // The last replay may still run: its pool must not be handed out before it ends. Errors are
@@ -138,28 +160,37 @@ void copy_all(const std::vector<at::Tensor>& dst, const std::vector<at::Tensor>&
     if (dst[i].defined()) dst[i].copy_(src[i]);
 }
 
-// First use of a key that may be recorded: run the call eagerly on a side stream into the
+// First use of a key that may be recorded: run the call eagerly on the capture stream into the
 // entry's own tensors, then once more under capture, then replay the graph for this call's
-// results. A failed capture leaves the entry marked, and the eager run's results stand.
-void record(Entry& entry, const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out,
+// results. The cuBLAS workspaces are cleared right before the capture, so that the one the
+// captured GEMMs use is allocated inside the graph's own pool (the graph owns it), and right
+// after, so that no later eager GEMM shares it. Returns false, leaving `out` alone, when the
+// eager run fails (e.g. no memory for the graph's copies): the caller then runs step by step. A
+// failed capture marks the entry, turns recording off for the process (a capture that failed
+// half-way can leave the allocator or a generator in an odd state, which a second one would not
+// mend), and the eager run's results stand.
+bool record(Entry& entry, const std::vector<at::Tensor>& in, const std::vector<at::Tensor>& out,
             const GraphBody& body, const c10::cuda::CUDAStream& current) {
-  entry.in = like(in);
-  entry.out = like(out);
-  copy_all(entry.in, in);
-  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, current.device_index());
-  join(side, current);
+  const c10::cuda::CUDAStream side = capture_stream(current.device_index());
+  try {
+    entry.in = like(in);
+    entry.out = like(out);
+    copy_all(entry.in, in);
+    join(side, current);
+    const c10::cuda::CUDAStreamGuard on_side(side);
+    body(entry.in, entry.out);
+  } catch (const std::exception&) {
+    join(current, side);  // the tensors are freed on the current stream
+    entry.in.clear();
+    entry.out.clear();
+    entry.failed = true;
+    return false;
+  }
   {
     const c10::cuda::CUDAStreamGuard on_side(side);
-    try {
-      body(entry.in, entry.out);
-    } catch (...) {
-      join(current, side);  // the tensors are freed on the current stream
-      entry.in.clear();
-      entry.out.clear();
-      throw;
-    }
     auto graph = std::make_unique<at::cuda::CUDAGraph>();
     try {
+      at::cuda::clearCublasWorkspaces();
       graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
       try {
         body(entry.in, entry.out);
@@ -171,6 +202,7 @@ void record(Entry& entry, const std::vector<at::Tensor>& in, const std::vector<a
         throw;
       }
       graph->capture_end();
+      at::cuda::clearCublasWorkspaces();
       // The call's results come from the graph itself, so that every call through it gives the
       // same bits (cuBLAS may pick other kernels under capture than in the eager run).
       graph->replay();
@@ -182,9 +214,10 @@ void record(Entry& entry, const std::vector<at::Tensor>& in, const std::vector<a
       (void)cudaGetLastError();  // a refused capture leaves its error behind
       entry.failed = true;
       ++g_failed;
+      set_graph_mode(GraphMode::kOff);
       const std::string what = e.what();
-      TORCH_WARN_ONCE("fbfast: the general path could not be recorded as a CUDA graph, so calls of these sizes ",
-                      "run step by step (", what.substr(0, what.find('\n')), ")");
+      TORCH_WARN("fbfast: the general path could not be recorded as a CUDA graph (",
+                 what.substr(0, what.find('\n')), "); cuda_graphs is now 'off' for this process");
     }
   }
   join(current, side);
@@ -194,6 +227,7 @@ void record(Entry& entry, const std::vector<at::Tensor>& in, const std::vector<a
     entry.in.clear();
     entry.out.clear();
   }
+  return true;
 }
 
 }  // namespace
@@ -212,6 +246,16 @@ const char* graph_mode_name(GraphMode mode) {
 GraphMode graph_mode() { return static_cast<GraphMode>(g_mode.load(std::memory_order_relaxed)); }
 void set_graph_mode(GraphMode mode) { g_mode.store(static_cast<int>(mode)); }
 
+void release_graphs() {
+  Cache& c = cache();
+  std::map<std::vector<int64_t>, std::shared_ptr<Entry>> dropped;
+  {
+    const std::lock_guard<std::mutex> lock(c.mutex);
+    dropped.swap(c.entries);
+  }
+  // Destroyed here, outside the lock, each after its last replay (Entry's destructor).
+}
+
 bool run_graphed(std::vector<int64_t> key, int64_t steps, const std::vector<at::Tensor>& in,
                  const std::vector<at::Tensor>& out, const GraphBody& body) {
   const GraphMode mode = graph_mode();
@@ -227,6 +271,12 @@ bool run_graphed(std::vector<int64_t> key, int64_t steps, const std::vector<at::
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device);
   key.push_back(device);
   key.push_back(static_cast<int64_t>(current.id()));
+  // The process's math settings that a recorded GEMM keeps: TF32, reduced-precision reductions.
+  const at::Context& ctx = at::globalContext();
+  key.push_back(ctx.allowTF32CuBLAS());
+  key.push_back(static_cast<int64_t>(ctx.float32MatmulPrecision()));
+  key.push_back(static_cast<int64_t>(ctx.allowFP16ReductionCuBLAS()));
+  key.push_back(static_cast<int64_t>(ctx.allowBF16ReductionCuBLAS()));
   for (const auto* list : {&in, &out}) {
     key.push_back(static_cast<int64_t>(list->size()));
     for (const auto& t : *list) add_tensor_key(key, t);
@@ -245,21 +295,25 @@ bool run_graphed(std::vector<int64_t> key, int64_t steps, const std::vector<at::
   std::vector<std::shared_ptr<Entry>> dropped;
   {
     const std::lock_guard<std::mutex> use(entry->mutex);
-    if (entry->failed || (!entry->graph && mode == GraphMode::kAuto && entry->seen < 2)) {
+    bool ran = false;
+    if (!entry->failed && (entry->graph || mode == GraphMode::kAlways || entry->seen >= 2)) {
+      if (!entry->done) entry->done = make_event();
+      if (entry->graph) {
+        copy_all(entry->in, in);
+        entry->graph->replay();
+        copy_all(out, entry->out);
+        ++g_replayed;
+        ran = true;
+      } else {
+        ran = record(*entry, in, out, body, current);
+      }
+      C10_CUDA_CHECK(cudaEventRecord(entry->done, current.stream()));
+    }
+    if (!ran) {
       const std::lock_guard<std::mutex> lock(c.mutex);
       dropped = evict(c, entry.get());
       return false;
     }
-    if (!entry->done) entry->done = make_event();
-    if (entry->graph) {
-      copy_all(entry->in, in);
-      entry->graph->replay();
-      copy_all(out, entry->out);
-      ++g_replayed;
-    } else {
-      record(*entry, in, out, body, current);
-    }
-    C10_CUDA_CHECK(cudaEventRecord(entry->done, current.stream()));
   }
   {
     const std::lock_guard<std::mutex> lock(c.mutex);

@@ -11,17 +11,24 @@
 // and promises the same bits only per stream).
 //
 // Setting (cuda_graphs, fbfast.set_kernel_options; FBFAST_CUDA_GRAPHS read at load):
-//   "auto"   (default) record a call of at least kGraphMinSteps steps the second time its key
-//            (sizes, dtype, device, stream, structure, activation, output mask) is seen;
-//   "always" record at the first call, whatever its length (what the tests pin);
-//   "off"    never.
-// Never recorded: a call made while its stream is being captured by someone else (a user's
-// torch.cuda.graph or torch.compile's "reduce-overhead" mode: the eager path then runs inside
-// their capture), and a call whose own inputs and results exceed kGraphMaxBytes (its copies
-// would cost more than the launches saved, and its recorded buffers would stay reserved). At
-// most kMaxGraphs graphs stay recorded per process, the least recently used going first. A key
-// whose recording failed is never tried again (the call's results still come from the eager run
-// that precedes every recording).
+//   "off"    (default) never;
+//   "auto"   record a call of at least kGraphMinSteps steps the second time its key (sizes,
+//            dtype, device, stream, structure, activation, output mask, the process's TF32 and
+//            reduced-precision settings) is seen;
+//   "always" record at the first call, whatever its length (what the tests pin).
+// Off by default until a GPU run has checked it beside torch.compile's CUDA graphs ("reduce-
+// overhead" mode), whose warm-up sends a thread's allocations into their own pool: a recording
+// made then would keep memory that they hand out again. Never recorded: a call made while its
+// stream is being captured by someone else (a user's torch.cuda.graph, or torch.compile's
+// capture: the eager path then runs inside their graph), and a call whose own inputs and results
+// exceed kGraphMaxBytes (its copies would cost more than the launches saved, and its recorded
+// buffers would stay reserved). At most kMaxGraphs graphs stay recorded per process, the least
+// recently used going first; setting "off" drops them all. A key whose eager run failed (e.g.
+// out of memory for the copies) is never tried again; a capture that fails turns recording off
+// for the process, with a warning. Recordings are captured on a stream of their own, with the
+// cuBLAS workspaces cleared before and after, so that each graph owns the workspace its GEMMs
+// use. The first call of a key that is recorded runs twice (eagerly, then under capture) and
+// replays once.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -45,6 +52,9 @@ std::optional<GraphMode> parse_graph_mode(const std::string& name);
 const char* graph_mode_name(GraphMode mode);
 GraphMode graph_mode();
 void set_graph_mode(GraphMode mode);
+// Drops every recorded graph (each after its last replay), returning its memory to the caching
+// allocator: what setting cuda_graphs to "off" does.
+void release_graphs();
 
 // Computes `out` from `in`: stream-ordered work on the current CUDA stream only (no host
 // synchronisation, no host-side decision on tensor values), writing every element of every

@@ -8,11 +8,12 @@
 //    state in shared memory. Every feedback structure (lags, partial feedback, residual,
 //    truncation) and a whole ensemble in one launch (a grid row per member). Taken whenever the
 //    network has at most kMaxLayers layers, the rollout at most kMaxLags lags and the plan fits
-//    the device's opt-in shared memory (plan_rollout, rollout_params.h).
+//    the device's opt-in shared memory (plan_rollout, rollout_params.h). Its GEMMs run on tensor
+//    cores (3xTF32) where the widths allow (cuda_tensor_cores='auto'|'off').
 //  * general path (csrc/gemm_path.h): per-step cuBLAS GEMMs through ATen, for any size (an
-//    ensemble member after member); the same code serves the CPU's wide layers. A call of the
-//    same sizes seen again is recorded as a CUDA graph and replayed as one launch
-//    (graphed_call.h; cuda_graphs='auto'|'always'|'off').
+//    ensemble member after member); the same code serves the CPU's wide layers. With
+//    cuda_graphs='auto'|'always' (default 'off'), a call of the same sizes seen again is recorded
+//    as a CUDA graph and replayed as one launch (graphed_call.h).
 // cuda_path='fused'|'general' (fbfast.set_kernel_options, or FBFAST_CUDA_PATH read at load)
 // overrides the rule (the tests run both paths).
 // Everything runs on the current stream of the tensors' device, under a device guard.
@@ -117,18 +118,39 @@ std::atomic<int> g_path{static_cast<int>(path_from_env())};
 
 PathChoice path_override() { return static_cast<PathChoice>(g_path.load(std::memory_order_relaxed)); }
 
+// Tensor cores in the fused kernels where the widths allow (rollout_params.h): "auto" (default)
+// or "off" (FBFAST_CUDA_TENSOR_CORES, read at load, like FBFAST_CUDA_PATH).
+std::optional<bool> parse_tensor_cores(const std::string& name) {
+  if (name.empty() || name == "auto") return true;
+  if (name == "off") return false;
+  return std::nullopt;
+}
+bool tensor_cores_from_env() {
+  const char* env = std::getenv("FBFAST_CUDA_TENSOR_CORES");
+  return parse_tensor_cores(env ? env : "").value_or(true);
+}
+std::atomic<bool> g_tensor_cores{tensor_cores_from_env()};
+
 std::vector<std::string> cuda_options(const std::optional<std::string>& path,
-                                      const std::optional<std::string>& graphs) {
-  std::vector<std::string> previous{path_name(path_override()), graph_mode_name(graph_mode())};
-  // Both values are checked before either is set.
+                                      const std::optional<std::string>& graphs,
+                                      const std::optional<std::string>& tensor_cores) {
+  const bool tc_now = g_tensor_cores.load();
+  std::vector<std::string> previous{path_name(path_override()), graph_mode_name(graph_mode()),
+                                    tc_now ? "auto" : "off"};
+  // Every value is checked before any is set.
   const auto choice = path.has_value() ? parse_path(*path) : std::optional<PathChoice>(path_override());
   TORCH_CHECK(choice.has_value(), "fbfast.set_kernel_options: cuda_path must be 'auto', 'fused' or 'general', got '",
               path.value_or(""), "'");
   const auto mode = graphs.has_value() ? parse_graph_mode(*graphs) : std::optional<GraphMode>(graph_mode());
   TORCH_CHECK(mode.has_value(), "fbfast.set_kernel_options: cuda_graphs must be 'auto', 'always' or 'off', got '",
               graphs.value_or(""), "'");
+  const auto tc = tensor_cores.has_value() ? parse_tensor_cores(*tensor_cores) : std::optional<bool>(tc_now);
+  TORCH_CHECK(tc.has_value(), "fbfast.set_kernel_options: cuda_tensor_cores must be 'auto' or 'off', got '",
+              tensor_cores.value_or(""), "'");
   g_path.store(static_cast<int>(*choice));
   set_graph_mode(*mode);
+  if (*mode == GraphMode::kOff) release_graphs();
+  g_tensor_cores.store(*tc);
   return previous;
 }
 
@@ -204,7 +226,7 @@ Plan choose_plan(const RolloutSizes& s, int64_t steps, int64_t truncate, bool ba
                      truncate);
     set_feedback(dims, static_cast<int>(m), s.lags.data(), static_cast<int>(s.f.expect_int()), s.residual);
     dims.members = E;
-    plan = plan_rollout(dims, backward, s.act, limits.sms, limits.smem_optin);
+    plan = plan_rollout(dims, backward, s.act, limits.sms, limits.smem_optin, g_tensor_cores.load());
   }
   TORCH_CHECK(plan.fused || !pinned, op, ": the fused path is pinned (cuda_path='fused'), but the weights (",
               describe(s), ") do not fit in the ", limits.smem_optin,
@@ -298,7 +320,7 @@ void general_backward(const at::Tensor& grad_y, const at::Tensor& y, const at::T
   out.insert(out.end(), g.b.begin(), g.b.end());
   if (!run_graphed(general_key(1, net, delay, truncate, &output_mask), y.size(0),
                    general_inputs({grad_y, y, x0, u}, net), out, body))
-    general_backward(grad_y, y, x0, u, net, delay, truncate, output_mask, g);
+    gemm_path::backward(kBackwardOp, grad_y, y, x0, u, net, delay, truncate, g, {}, kChunkBytes);
 }
 
 // An ensemble (docs/spec.md §1.3) on the general path runs its members one after another: member
@@ -492,7 +514,7 @@ TORCH_LIBRARY_IMPL(fbfast, CUDA, m) {
 // A device-less operator: the one way to change the CUDA kernels' process settings while other
 // threads may be calling them (fbfast.set_kernel_options in fbfast/options.py).
 TORCH_LIBRARY_FRAGMENT(fbfast, m) {
-  m.def("cuda_options(str? path=None, str? graphs=None) -> str[]", &cuda_options);
+  m.def("cuda_options(str? path=None, str? graphs=None, str? tensor_cores=None) -> str[]", &cuda_options);
   m.def("cuda_graph_stats() -> int[]", &cuda_graph_stats);
 }
 

@@ -32,6 +32,14 @@
 // layer l + 1 reads and its weight gradient needs; pre_l = z_l is kept only for the activations
 // whose derivative reads z (act_needs_z, csrc/common/act_kind.h).
 //
+// Tensor cores (SmemLayout::tensor_cores): where Du, m F and every layer's width are multiples of
+// 16 and both directions' tiles are too (tensor_cores_fit), every product of a step runs on
+// 16 x 16 x 8 TF32 tensor-core tiles, each fp32 operand split into a TF32 high part and a TF32
+// remainder and three products summed (hi lo + lo hi + hi hi), which keeps about fp32's accuracy.
+// The widths are then their own pads, every buffer's size is a multiple of 8 floats (so every
+// buffer starts 32-byte aligned, as the tensor-core loads need), and one more buffer holds a
+// 16 x 16 result tile per warp (tc_scratch) on its way to the GEMM's epilogue.
+//
 // W_0 rows hold the u columns at [0, Du) and the x columns at [Du_pad, Du_pad + m F), so both k
 // segments of z_0 = W_0 [u ; x] start 16-byte aligned. Every buffer is a multiple of 4 floats
 // and starts at one, and every pad is zero (the kernels clear the pad columns of act[], which
@@ -60,6 +68,9 @@ constexpr int kMaxRows = 64;
 // latency every S steps instead of one per step, the dominant cost of small serial rollouts.
 constexpr int kMaxChunk = 32;
 constexpr int64_t kStageBudgetFloats = 8192;
+// The tensor-core tile (16 x 16 outputs, 8 deep) and the per-warp result tile it needs.
+constexpr int kTcTile = 16;
+constexpr int64_t kTcScratchFloats = int64_t(kMaxThreads / 32) * kTcTile * kTcTile;
 // Persistent grid: at most this many blocks per SM; blocks loop over the remaining tiles, so the
 // backward's per-block gradient workspace stays O(SMs) for any batch.
 constexpr int kBlocksPerSm = 2;
@@ -157,14 +168,27 @@ struct SmemLayout {
   // where the weights fit on chip but weights plus accumulators do not (plan_rollout), so that
   // such a backward stays one fused kernel instead of the per-step general path.
   bool grads_global;
+  // Every tile GEMM on tensor cores (the file comment); tc_scratch: a 16 x 16 tile per warp.
+  bool tensor_cores;
+  int64_t tc_scratch;
 };
 
+// Whether the widths let every GEMM of a step run on whole 16 x 16 x 8 tensor-core tiles (the
+// tile rows are checked by the plan).
+inline FBFAST_HD bool tensor_core_widths(const Dims& d) {
+  if (d.du % kTcTile || d.x() % kTcTile) return false;
+  for (int l = 0; l < d.layers; ++l)
+    if (d.width[l] % kTcTile) return false;
+  return true;
+}
+
 inline FBFAST_HD SmemLayout make_layout(const Dims& d, Act act, int rows, int chunk, bool backward,
-                                        bool grads_global = false) {
+                                        bool grads_global = false, bool tensor_cores = false) {
   SmemLayout s{};
   s.rows = rows;
   s.chunk = chunk;
   s.grads_global = backward && grads_global;
+  s.tensor_cores = tensor_cores;
   const int L = d.layers;
   const bool plain = d.plain();
   // Version 1's feedback: step t reads x_t from slot t % slots and its output y_t becomes x_{t+k},
@@ -224,6 +248,7 @@ inline FBFAST_HD SmemLayout make_layout(const Dims& d, Act act, int rows, int ch
       lay.db = take(backward ? lay.out_pad : 0);
     }
   }
+  s.tc_scratch = take(tensor_cores ? kTcScratchFloats : 0);
   s.total = off;
   return s;
 }
@@ -232,6 +257,7 @@ inline FBFAST_HD SmemLayout make_layout(const Dims& d, Act act, int rows, int ch
 // takes the general path (per-step ATen GEMMs, csrc/gemm_path.h).
 struct Plan {
   bool fused = false;
+  bool tensor_cores = false;  // lay.tensor_cores
   Act act = Act::kRelu;   // the activation the layout is for (the backward keeps z for act_needs_z)
   int rows = 0;           // R, tile rows per block
   int rows_per_item = 1;  // rows one thread carries per output column (a kernel template argument)
@@ -257,28 +283,56 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 //
 // An ensemble's E members share the device: its tiles are sized from all E B rows (E = 1: as for
 // one network), and each member gets an equal share of the persistent grid's blocks.
-inline Plan plan_rollout(const Dims& d, bool backward, Act act, int num_sms, int64_t smem_limit_bytes) {
-  Plan plan;
-  if (d.members < 1 || d.members > kMaxMembers || d.m < 1 || d.m > kMaxLags || d.delay > INT32_MAX) return plan;
-  const int64_t limit = smem_limit_bytes / int64_t(sizeof(float));
-  // The backward's weight-gradient accumulators go to global memory only where they must: with
-  // them in shared memory not even a one-row tile fits.
-  const bool grads_global = backward && make_layout(d, act, 1, 1, true, false).total > limit;
-  auto fits = [&](int rows, int chunk) {
-    return make_layout(d, act, rows, chunk, backward, grads_global).total <= limit;
+// The tile rows of one direction's plan: about one tile per SM, halved until a one-step chunk
+// fits; 0 when not even one row fits. With tensor cores, tiles of 16 or more rows are multiples
+// of 16 (a plan whose rows end below 16 then cannot use them).
+inline int64_t plan_rows(const Dims& d, bool backward, Act act, int num_sms, int64_t limit, bool grads_global,
+                         bool tensor_cores) {
+  auto fits = [&](int64_t rows) {
+    return make_layout(d, act, static_cast<int>(rows), 1, backward, grads_global, tensor_cores).total <= limit;
   };
-
   // About one tile per SM: the time loop is serial, so parallelism comes from the batch (and the
   // members) only. A tile holds one member's rows, so never more than B.
   int64_t rows = ceil_div(d.batch * d.members, num_sms > 0 ? num_sms : 1);
   if (rows > d.batch) rows = d.batch;
   rows = rows < 1 ? 1 : rows > kMaxRows ? kMaxRows : rows;
   if (rows >= 4) rows = round_up4(static_cast<int>(rows));
+  if (tensor_cores && rows >= kTcTile) rows = ceil_div(rows, kTcTile) * kTcTile;
   // Halve until one chunk of one step fits; tiles of 4 or more rows stay multiples of 4.
-  while (!fits(static_cast<int>(rows), 1)) {
-    if (rows == 1) return plan;
+  while (!fits(rows)) {
+    if (rows == 1) return 0;
     rows = rows > 4 ? (rows / 2) & ~int64_t(3) : rows / 2;
   }
+  return rows;
+}
+
+// Tensor cores for a call (both directions decide alike, so that the backward recomputes every
+// z with the forward's arithmetic): wanted, widths that allow them, and tiles of whole 16-row
+// groups in the forward's plan and the backward's.
+inline bool tensor_cores_fit(const Dims& d, Act act, int num_sms, int64_t limit, bool want) {
+  if (!want || !tensor_core_widths(d)) return false;
+  const bool grads_global = make_layout(d, act, 1, 1, true, false).total > limit;
+  for (const bool backward : {false, true}) {
+    const int64_t rows = plan_rows(d, backward, act, num_sms, limit, backward && grads_global, true);
+    if (rows < kTcTile || rows % kTcTile) return false;
+  }
+  return true;
+}
+
+inline Plan plan_rollout(const Dims& d, bool backward, Act act, int num_sms, int64_t smem_limit_bytes,
+                         bool tensor_cores = false) {
+  Plan plan;
+  if (d.members < 1 || d.members > kMaxMembers || d.m < 1 || d.m > kMaxLags || d.delay > INT32_MAX) return plan;
+  const int64_t limit = smem_limit_bytes / int64_t(sizeof(float));
+  // The backward's weight-gradient accumulators go to global memory only where they must: with
+  // them in shared memory not even a one-row tile fits.
+  const bool grads_global = backward && make_layout(d, act, 1, 1, true, false).total > limit;
+  const bool tc = tensor_cores_fit(d, act, num_sms, limit, tensor_cores);
+  auto fits = [&](int rows, int chunk) {
+    return make_layout(d, act, rows, chunk, backward, grads_global, tc).total <= limit;
+  };
+  const int64_t rows = plan_rows(d, backward, act, num_sms, limit, grads_global, tc);
+  if (rows == 0) return plan;
 
   const int64_t stage_per_step =
       rows * (backward ? round_up4(d.du) + round_up4(d.x()) + round_up4(d.o) : round_up4(d.du));
@@ -292,10 +346,11 @@ inline Plan plan_rollout(const Dims& d, bool backward, Act act, int num_sms, int
   }
 
   plan.fused = true;
+  plan.tensor_cores = tc;
   plan.act = act;
   plan.rows = static_cast<int>(rows);
-  plan.rows_per_item = rows % 4 == 0 ? 4 : 1;
-  plan.lay = make_layout(d, act, plan.rows, static_cast<int>(chunk), backward, grads_global);
+  plan.rows_per_item = rows % 4 == 0 && !tc ? 4 : 1;  // tile_gemm: tensor cores in the 1-row kernels
+  plan.lay = make_layout(d, act, plan.rows, static_cast<int>(chunk), backward, grads_global, tc);
   // Enough threads for one output per thread in the widest GEMM of a step (backward: the
   // products through W_l have in_l outputs), and, backward, a few weight-gradient elements
   // each, in whole warps.

@@ -11,8 +11,14 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "rollout_params.h"
+
+// The tensor-core API (nvcuda::wmma); the host emulation brings its own (host_emulation.h).
+#if !defined(FBFAST_HOST_EMULATION)
+#include <mma.h>
+#endif
 
 namespace fbfast {
 namespace cuda {
@@ -79,7 +85,66 @@ struct TileGemm {
   const float* bias;  // (n) or null
   int rows;           // multiple of kRB
   int n;              // outputs per row
+  // Null: the SIMT tile GEMM. Else the tensor-core one (SmemLayout::tensor_cores: rows, n and
+  // every k multiples of 16, every row start 32-byte aligned), whose per-warp 16 x 16 result
+  // tiles pass through here on their way to the epilogue.
+  float* tc_scratch = nullptr;
 };
+
+// The GEMM of `g` on tensor cores, for layouts that allow it (TileGemm::tc_scratch). Each warp
+// takes 16 x 16 output tiles in turn; per 8-deep slice of k, each fp32 operand x is split into
+// hi = tf32(x) and lo = tf32(x - hi), and lo hi + hi lo + hi hi accumulate in fp32 ("3xTF32":
+// the product loses about lo lo, so the result keeps close to fp32's accuracy, where one TF32
+// product would keep 11 bits). An output's arithmetic depends only on its own row and column,
+// never on the tile's position or the warp that computes it, so the backward's recomputation
+// (same layouts, forward_kernel.cuh) reproduces the forward's z bit for bit.
+template <WeightLayout kLayout, typename Epilogue>
+__device__ __forceinline__ void tile_gemm_tc(const TileGemm& g, Epilogue&& epilogue) {
+  namespace wmma = nvcuda::wmma;
+  using BLayout = std::conditional_t<kLayout == WeightLayout::kRowPerOutput, wmma::col_major, wmma::row_major>;
+  using FragA = wmma::fragment<wmma::matrix_a, kTcTile, kTcTile, 8, wmma::precision::tf32, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, kTcTile, kTcTile, 8, wmma::precision::tf32, BLayout>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int col_tiles = g.n / kTcTile, tiles = (g.rows / kTcTile) * col_tiles;
+  float* out = g.tc_scratch + warp * kTcTile * kTcTile;
+  auto split = [](auto& hi, auto& lo) {
+#pragma unroll
+    for (int i = 0; i < hi.num_elements; ++i) {
+      const float x = hi.x[i];
+      hi.x[i] = wmma::__float_to_tf32(x);
+      lo.x[i] = wmma::__float_to_tf32(x - hi.x[i]);
+    }
+  };
+  for (int tile = warp; tile < tiles; tile += warps) {
+    const int r0 = (tile / col_tiles) * kTcTile, n0 = (tile % col_tiles) * kTcTile;
+    wmma::fragment<wmma::accumulator, kTcTile, kTcTile, 8, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int seg = 0; seg < 2; ++seg) {
+      const int k_offset = seg == 0 ? 0 : g.k[0];
+      for (int k = 0; k < g.k[seg]; k += 8) {
+        FragA a_hi, a_lo;
+        FragB b_hi, b_lo;
+        wmma::load_matrix_sync(a_hi, g.a[seg] + r0 * g.lda[seg] + k, g.lda[seg]);
+        // W(k, n) is w[n ldw + k] (a column-major B) or w[k ldw + n] (row-major).
+        const float* w = kLayout == WeightLayout::kRowPerOutput ? g.w + n0 * g.ldw + k_offset + k
+                                                                : g.w + (k_offset + k) * g.ldw + n0;
+        wmma::load_matrix_sync(b_hi, w, g.ldw);
+        split(a_hi, a_lo);
+        split(b_hi, b_lo);
+        wmma::mma_sync(acc, a_lo, b_hi, acc);
+        wmma::mma_sync(acc, a_hi, b_lo, acc);
+        wmma::mma_sync(acc, a_hi, b_hi, acc);
+      }
+    }
+    wmma::store_matrix_sync(out, acc, kTcTile, wmma::mem_row_major);
+    __syncwarp();
+    for (int i = lane; i < kTcTile * kTcTile; i += 32) {
+      const int n = n0 + i % kTcTile;
+      epilogue(r0 + i / kTcTile, n, (g.bias ? g.bias[n] : 0.f) + out[i]);
+    }
+    __syncwarp();  // the tile is read before the warp's next one overwrites it
+  }
+}
 
 template <int kRB, WeightLayout kLayout>
 __device__ __forceinline__ void accumulate_segment(float (&acc)[kRB][4], const float* a, int lda,
@@ -113,6 +178,15 @@ __device__ __forceinline__ void accumulate_segment(float (&acc)[kRB][4], const f
 // epilogue(r, n, value) is called once per output.
 template <int kRB, WeightLayout kLayout, typename Epilogue>
 __device__ __forceinline__ void tile_gemm(const TileGemm& g, Epilogue&& epilogue) {
+  // Tensor-core plans run the one-row kernels (Plan::rows_per_item), which alone hold this path:
+  // in the 4-row kernels its fragments would add to the register pressure of the SIMT path's
+  // time loop, which then spills.
+  if constexpr (kRB == 1) {
+    if (g.tc_scratch) {  // uniform over the block: the plan's choice
+      tile_gemm_tc<kLayout>(g, epilogue);
+      return;
+    }
+  }
   const int items = (g.rows / kRB) * g.n;
   for (int item = threadIdx.x; item < items; item += blockDim.x) {
     const int n = item % g.n;
@@ -131,17 +205,22 @@ __device__ __forceinline__ void tile_gemm(const TileGemm& g, Epilogue&& epilogue
   }
 }
 
+// TileGemm::tc_scratch of a layout: null unless it runs on tensor cores.
+__device__ __forceinline__ float* tc_scratch(const SmemLayout& lay, float* smem) {
+  return lay.tensor_cores ? smem + lay.tc_scratch : nullptr;
+}
+
 // z_l = W_l h_l + b_l for the rows of one tile, W_l and b_l in shared memory (`smem`): h_0 is
 // [u_t ; x_t], two segments of pitch Du_pad and X_pad (x_t's rows: version 1's ring slots, O_pad
 // wide, or the gathered lags); h_l for l > 0 the rows of h, pitch ldh.
-__device__ __forceinline__ TileGemm layer_gemm(const Dims& d, const SmemLayout& lay, const float* smem, int l,
+__device__ __forceinline__ TileGemm layer_gemm(const Dims& d, const SmemLayout& lay, float* smem, int l,
                                                const float* u_t, const float* x_t, const float* h, int ldh) {
   const LayerLayout& layer = lay.layer[l];
   if (l == 0)
     return TileGemm{{u_t, x_t}, {lay.du_pad, lay.x_pad}, {lay.du_pad, lay.x_pad}, smem + layer.w, layer.ld,
-                    smem + layer.b, lay.rows, d.width[0]};
+                    smem + layer.b, lay.rows, d.width[0], tc_scratch(lay, smem)};
   return TileGemm{{h, nullptr}, {ldh, 0}, {layer.in_pad, 0}, smem + layer.w, layer.ld, smem + layer.b, lay.rows,
-                  d.width[l]};
+                  d.width[l], tc_scratch(lay, smem)};
 }
 
 // The offset of this block's member (blockIdx.y, docs/spec.md §1.3) in a tensor with these rows.

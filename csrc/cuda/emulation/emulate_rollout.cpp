@@ -9,7 +9,7 @@
 //   emulate_rollout IN OUT
 // IN : int64 {dtype (0 float32, 1 float16, 2 bfloat16), activation (fbfast::Act), B, T, Du, L,
 //      delay, truncate, has_u, num_sms, smem_limit_bytes, m, F, residual, E, x0_shared,
-//      u_shared}, float64 activation_param, then int64 widths[L] (out_l), has_bias[L],
+//      u_shared, tensor_cores (allowed: the plan still decides)}, float64 activation_param, then int64 widths[L] (out_l), has_bias[L],
 //      mask[2 + 2L] (x0, u, w_1..w_L, b_1..b_L) and lags[m] (max = delay); then float32 arrays
 //      x0 (delay, [E,] B, F), u (T, [E,] B, Du) if has_u, w_l ([E,] out_l, in_l) for every layer,
 //      b_l ([E,] out_l) for the layers that have one, grad_y (T, [E,] B, O), all row-major. E = 0:
@@ -29,7 +29,8 @@
 
 namespace fbfast::cuda {
 constexpr int64_t kSmemCapacity = int64_t(1) << 16;
-float4 fbfast_smem[kSmemCapacity / 4];
+// 128-byte aligned, like a GPU's dynamic shared memory: the tensor-core loads need 32.
+alignas(128) float4 fbfast_smem[kSmemCapacity / 4];
 }  // namespace fbfast::cuda
 
 namespace {
@@ -38,7 +39,7 @@ namespace fc = fbfast::cuda;
 
 struct Header {
   int64_t dtype, act, B, T, du, layers, delay, truncate, has_u, num_sms, smem_limit, m, f, residual, E, x0_shared,
-      u_shared;
+      u_shared, tensor_cores;
 };
 
 // Everything the header describes once its variable-length part is read.
@@ -109,17 +110,26 @@ std::vector<T> read_x0(const std::vector<T>& x0, int64_t step, const std::vector
 void print_plan(const char* name, const fc::Plan& p) {
   std::printf(
       "%s rows=%d rows_per_item=%d chunk=%d slots=%lld threads=%d tiles=%lld blocks=%lld smem_bytes=%lld "
-      "grads_global=%d\n",
+      "grads_global=%d tensor_cores=%d\n",
       name, p.rows, p.rows_per_item, p.lay.chunk, static_cast<long long>(p.lay.slots), p.threads,
       static_cast<long long>(p.tiles), static_cast<long long>(p.blocks), static_cast<long long>(p.lay.total * 4),
-      p.lay.grads_global ? 1 : 0);
+      p.lay.grads_global ? 1 : 0, p.tensor_cores ? 1 : 0);
 }
 
 float* smem() { return reinterpret_cast<float*>(fc::fbfast_smem); }
 
 // On a GPU the tile GEMM's float4 loads fault unless 16-byte aligned, which the emulation does
-// not enforce: every buffer offset, padded width and row stride must be a multiple of 4 floats.
+// not enforce: every buffer offset, padded width and row stride must be a multiple of 4 floats
+// (the tensor-core loads check their own 32-byte alignment, host_emulation.h); with tensor
+// cores every buffer offset a multiple of 8.
 bool aligned(const fc::SmemLayout& s, int layers) {
+  if (s.tensor_cores) {
+    std::vector<int64_t> starts{s.ring, s.u_stage, s.x_buf, s.x_stage, s.gy_stage, s.act[0], s.act[1], s.tc_scratch};
+    for (int l = 0; l < layers; ++l)
+      starts.insert(starts.end(), {s.layer[l].w, s.layer[l].b, s.layer[l].hidden, s.layer[l].pre});
+    for (const int64_t v : starts)
+      if (v % 8) return false;
+  }
   std::vector<int64_t> values{s.ring,   s.u_stage, s.x_buf, s.x_stage, s.gy_stage, s.act[0], s.act[1],  s.total,
                               s.du_pad, s.o_pad,   s.f_pad, s.x_pad,   s.ring_pad, s.act_pad};
   for (int l = 0; l < layers; ++l) {
@@ -163,8 +173,9 @@ int run(const Problem& pr, std::vector<std::vector<float>>& in, std::vector<floa
   }
   std::vector<T> y(hd.T * E * hd.B * pr.O(), T(NAN));
 
-  const fc::Plan pf = fc::plan_rollout(d, false, act, static_cast<int>(hd.num_sms), hd.smem_limit);
-  const fc::Plan pb = fc::plan_rollout(d, true, act, static_cast<int>(hd.num_sms), hd.smem_limit);
+  const bool tc = hd.tensor_cores != 0;
+  const fc::Plan pf = fc::plan_rollout(d, false, act, static_cast<int>(hd.num_sms), hd.smem_limit, tc);
+  const fc::Plan pb = fc::plan_rollout(d, true, act, static_cast<int>(hd.num_sms), hd.smem_limit, tc);
   if (!pf.fused || !pb.fused) {
     std::fprintf(stderr, "plan does not fit: forward %d backward %d\n", pf.fused, pb.fused);
     return 3;

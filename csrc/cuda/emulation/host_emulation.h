@@ -5,8 +5,17 @@
 // shared memory between barriers. Not part of the extension: setup.py compiles only
 // csrc/cuda/*.cu and csrc/cuda/*.cpp.
 //
+// Warp-level pieces get a std::barrier per warp: __syncwarp(), and the tensor-core API the
+// kernels use (nvcuda::wmma below, TF32 16 x 16 x 8 tiles). The emulated fragments spread a
+// tile's elements over the warp's lanes in an order of their own (element i of the row-major
+// tile at lane i % 32), which the kernels cannot observe: they touch fragments only through
+// load / store / fill / mma and element-wise conversions, as the CUDA API requires, so code that
+// passes here does not depend on the GPU's own (unspecified) order.
+//
 // Include this before any kernel header; define FBFAST_EMULATION_SMEM_FLOATS in one place.
 #pragma once
+
+#define FBFAST_HOST_EMULATION 1
 
 #include <math.h>
 
@@ -15,7 +24,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -41,6 +53,14 @@ namespace fbfast::emulation {
 inline thread_local std::barrier<>* block_barrier = nullptr;
 inline thread_local int64_t barrier_count = 0;
 
+// One warp's barrier and the exchange buffers of its collective tensor-core operations.
+struct Warp {
+  explicit Warp(int lanes) : barrier(lanes) {}
+  std::barrier<> barrier;
+  float a[16 * 8], b[8 * 16], c[16 * 16];
+};
+inline thread_local Warp* warp = nullptr;
+
 // Shared memory of the one block that runs at a time, with a guard zone after it: the kernels
 // declare `extern __shared__ float4 fbfast_smem[]` in namespace fbfast::cuda, which names the
 // array defined by the including program.
@@ -64,6 +84,9 @@ bool launch(void (*kernel)(const Params), int64_t blocks, int64_t blocks_y, int 
     const int64_t b = flat % blocks, by = flat / blocks;
     for (int64_t i = 0; i < smem_capacity; ++i) smem[i] = i < smem_floats ? NAN : kGuard;
     std::barrier<> barrier(threads);
+    std::vector<std::unique_ptr<Warp>> warps;
+    for (int w = 0; w * 32 < threads; ++w)
+      warps.push_back(std::make_unique<Warp>(threads - w * 32 < 32 ? threads - w * 32 : 32));
     std::vector<int64_t> counts(threads);
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t) {
@@ -71,11 +94,13 @@ bool launch(void (*kernel)(const Params), int64_t blocks, int64_t blocks_y, int 
         threadIdx = EmulatedDim3{static_cast<unsigned>(t), 0, 0};
         blockIdx = EmulatedDim3{static_cast<unsigned>(b), static_cast<unsigned>(by), 0};
         block_barrier = &barrier;
+        warp = warps[t / 32].get();
         barrier_count = 0;
         kernel(params);
         counts[t] = barrier_count;
         // A thread that returns early must not hang the others; the count check reports it.
         barrier.arrive_and_drop();
+        warp->barrier.arrive_and_drop();
       });
     }
     for (auto& th : pool) th.join();
@@ -105,3 +130,91 @@ inline void __syncthreads() {
   ++fbfast::emulation::barrier_count;
   fbfast::emulation::block_barrier->arrive_and_wait();
 }
+
+inline void __syncwarp() { fbfast::emulation::warp->barrier.arrive_and_wait(); }
+
+// The subset of CUDA's <mma.h> that the kernels use: TF32 m16n16k8 fragments in fp32 storage.
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols / 32;
+  float x[num_elements];
+};
+
+// The lane's k-th element: row-major index lane + 32 k of the rows x cols tile.
+inline int lane_element(int k) { return static_cast<int>(threadIdx.x % 32) + 32 * k; }
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const float* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  static_assert(std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>);
+  if (reinterpret_cast<uintptr_t>(p) % 32 || ldm % 4) {
+    std::fprintf(stderr, "emulation: wmma::load_matrix_sync needs 32-byte aligned rows, ldm %% 4 == 0\n");
+    std::abort();
+  }
+  for (int k = 0; k < F::num_elements; ++k) {
+    const int i = lane_element(k), r = i / F::cols, c = i % F::cols;
+    f.x[k] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[r + c * ldm];
+  }
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
+  using F = fragment<accumulator, M, N, K, float>;
+  for (int k = 0; k < F::num_elements; ++k) {
+    const int i = lane_element(k), r = i / F::cols, c = i % F::cols;
+    p[layout == mem_row_major ? r * ldm + c : r + c * ldm] = f.x[k];
+  }
+}
+
+template <typename F>
+void fill_fragment(F& f, float v) {
+  for (float& x : f.x) x = v;
+}
+
+// Round to nearest, ties away from zero, to TF32's 10 mantissa bits (cvt.rna.tf32.f32); Inf and
+// NaN pass unchanged.
+inline float __float_to_tf32(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// d = a b + c for the warp's 16 x 8 a and 8 x 16 b: a collective operation, so the lanes pool
+// their elements first. Products of TF32 values are exact in fp32; the sum runs over k in order.
+template <typename LA, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, 8, float>& d, const fragment<matrix_a, 16, 16, 8, precision::tf32, LA>& a,
+              const fragment<matrix_b, 16, 16, 8, precision::tf32, LB>& b,
+              const fragment<accumulator, 16, 16, 8, float>& c) {
+  fbfast::emulation::Warp& w = *fbfast::emulation::warp;
+  for (int k = 0; k < a.num_elements; ++k) w.a[lane_element(k)] = a.x[k];
+  for (int k = 0; k < b.num_elements; ++k) w.b[lane_element(k)] = b.x[k];
+  for (int k = 0; k < c.num_elements; ++k) w.c[lane_element(k)] = c.x[k];
+  w.barrier.arrive_and_wait();
+  float out[8];
+  for (int k = 0; k < 8; ++k) {
+    const int i = lane_element(k), r = i / 16, n = i % 16;
+    float sum = w.c[i];
+    for (int j = 0; j < 8; ++j) sum += w.a[r * 8 + j] * w.b[j * 16 + n];
+    out[k] = sum;
+  }
+  w.barrier.arrive_and_wait();  // every lane has read the pool before any lane refills it
+  for (int k = 0; k < 8; ++k) d.x[k] = out[k];
+}
+
+}  // namespace nvcuda::wmma
