@@ -142,7 +142,10 @@ def _plan_rows(B, steps, du, widths, delay, activation, backward, num_sms, limit
     while not fits(rows):
         if rows == 1:
             return 0
-        rows = (rows // 2) & ~3 if rows > 4 else rows // 2
+        if structure.get("tensor_cores") and rows > K_TC_TILE:
+            rows = max(K_TC_TILE, (rows // 2) & ~(K_TC_TILE - 1))
+        else:
+            rows = (rows // 2) & ~3 if rows > 4 else rows // 2
     return rows
 
 

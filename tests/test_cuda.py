@@ -418,6 +418,18 @@ def test_zero_size(B, T, path):
         assert g.shape == t.shape and not g.abs().sum().item()
 
 
+def test_tensor_cores_propagate_inf_and_nan_like_the_reference():
+    p, shape, fwd, bwd, dev = _plan_problem("tensor-core-tiles")
+    with torch.no_grad():
+        p.u[1, 3, 5] = float("inf")
+        p.x0[0, 7, 2] = float("nan")
+    with fbfast.kernel_options(cuda_path="fused"), torch.no_grad():
+        y = p.run("cuda")
+    ref = _as_float64(p).reference()
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y).any()
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+
+
 @pytest.mark.parametrize("path", ["fused", "general"], indirect=True)
 def test_nan_propagates_like_the_reference(path):
     p = _cuda_problem(6, 2, 3, 5, 5, delay=2)
@@ -538,7 +550,8 @@ def test_tensor_cores_agree_with_the_fp32_kernels(kind):
     for a, b in zip(tc, again):
         assert torch.equal(a, b)  # deterministic, like the fp32 kernels
     for name, a, b in zip(["Y"] + list(p.names), tc, fma):
-        assert_close(a, b, torch.float32, "grad", f"{kind} {name}")
+        # 3xTF32 keeps close to fp32; one TF32 product (or a lost split) would be ~1e-3 off.
+        assert _rel_err(a, b) < 2e-5, f"{kind} {name}: {_rel_err(a, b):.2e}"
     # Another arithmetic: some bits differ (were they all equal, the tensor cores did not run).
     assert not all(torch.equal(a, b) for a, b in zip(tc, fma))
 

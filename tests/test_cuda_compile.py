@@ -317,7 +317,7 @@ def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-6)).item()
 
 
-def _check_emulated(exe, net: Net, num_sms: int, smem: int, mask=None):
+def _check_emulated(exe, net: Net, num_sms: int, smem: int, mask=None, fp32_bound: float = 1e-4):
     tensors = net.tensors()
     mask = tuple(bool(m) and t is not None for m, t in zip(mask or (1,) * len(tensors), tensors))
     gen = torch.Generator().manual_seed(1)
@@ -352,7 +352,7 @@ def _check_emulated(exe, net: Net, num_sms: int, smem: int, mask=None):
         assert a is not None and torch.isfinite(a).all(), f"{name}: missing or not finite\n{plan}"
         err = _max_rel_err(a, b)
         if eager is None:
-            assert err < 1e-4, f"{name}: relative error {err:.2e}\n{plan}"
+            assert err < fp32_bound, f"{name}: relative error {err:.2e}\n{plan}"
         else:
             bound = 2 * _max_rel_err(eager[i], b) + 2e-3
             assert err <= bound, f"{name}: error {err:.2e} > {bound:.2e} ({net.dtype})\n{plan}"
@@ -591,7 +591,27 @@ def test_emulated_tensor_cores(emulator, name, kw, num_sms, smem):
         plan = smoke.plan_rollout(net.batch, net.steps, net.du, net.widths, net.delay, net.activation, backward,
                                   num_sms, smem, **net.structure)
         assert plan is not None and plan["tensor_cores"] and plan["rows"] % 16 == 0, plan
-    _check_emulated(emulator, net, num_sms, smem)
+    # 3xTF32 keeps close to fp32 (the fp32 kernels reach ~1e-6 here); one TF32 product per term,
+    # or a missed split, gives ~1e-3 and fails.
+    _check_emulated(emulator, net, num_sms, smem, fp32_bound=2e-5)
+
+
+def test_emulated_tensor_cores_propagate_inf_and_nan(emulator):
+    # An Inf in u and a NaN in x0 on the tensor-core path: the slices holding them take hi hi
+    # alone (tile_gemm_tc), so Y has NaN and Inf exactly where the reference has them (ReLU lets
+    # the Inf through); the other rows of those 16-row tiles keep TF32's precision in those slices.
+    net = Net(B=32, Du=16, widths=(32, 16), T=4, delay=1, activation="relu")
+    net.u[1, 3, 5] = float("inf")
+    net.x0[0, 7, 2] = float("nan")
+    plan = smoke.plan_rollout(net.batch, net.steps, net.du, net.widths, net.delay, net.activation, False, 2,
+                              48 << 10, **net.structure)
+    assert plan["tensor_cores"], plan
+    y, _, _ = _emulate(emulator, net, torch.zeros(net.y_shape), (1,) * 6, 2, 48 << 10)
+    ref = _reference(net, [t if t is None else t.double() for t in net.tensors()])
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.isnan(y).any()
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert finite.any() and torch.allclose(y[finite].double(), ref[finite], rtol=1e-2, atol=1e-3)
 
 
 def test_tensor_cores_only_where_both_directions_allow():

@@ -84,7 +84,8 @@ __device__ __forceinline__ float* workspace_row(const BackwardParams& p) {
 template <Act kAct, int kRB>
 __global__ void __launch_bounds__(kMaxThreads, kRB == 1 ? kBlocksPerSm : 0)
     rollout_backward_kernel(const BackwardParams p) {
-  extern __shared__ float4 fbfast_smem[];
+  // 128-byte aligned: the tensor-core loads need 32 (dynamic shared memory guarantees 16).
+  extern __shared__ __align__(128) float4 fbfast_smem[];
   float* smem = reinterpret_cast<float*>(fbfast_smem);
   constexpr bool kNeedsZ = act_needs_z(kAct);
   const Dims& d = p.dims;

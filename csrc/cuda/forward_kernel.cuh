@@ -30,7 +30,8 @@ namespace cuda {
 
 template <Act kAct, int kRB>
 __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const RolloutParams p) {
-  extern __shared__ float4 fbfast_smem[];
+  // 128-byte aligned: the tensor-core loads need 32 (dynamic shared memory guarantees 16).
+  extern __shared__ __align__(128) float4 fbfast_smem[];
   float* smem = reinterpret_cast<float*>(fbfast_smem);
   const Dims& d = p.dims;
   const SmemLayout& lay = p.lay;

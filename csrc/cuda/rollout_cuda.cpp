@@ -68,6 +68,7 @@ void* mutable_data_or_null(const at::Tensor& t) { return t.defined() ? t.data_pt
 
 struct DeviceLimits {
   int sms = 0;
+  int major = 0;           // compute capability: TF32 tensor cores from 8 on
   int64_t smem_optin = 0;  // bytes of shared memory one block may opt in to
   int64_t memory = 0;      // bytes of global memory
 };
@@ -80,15 +81,16 @@ DeviceLimits device_limits(c10::DeviceIndex device) {
   if (cache.size() <= static_cast<size_t>(device)) cache.resize(device + 1);
   DeviceLimits& limits = cache[device];
   if (limits.sms == 0) {
-    int sms = 0, smem = 0;
+    int sms = 0, smem = 0, major = 0;
     size_t free_bytes = 0, total_bytes = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     {
       const c10::cuda::CUDAGuard guard(device);
       C10_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
     }
-    limits = DeviceLimits{sms, smem, static_cast<int64_t>(total_bytes)};
+    limits = DeviceLimits{sms, major, smem, static_cast<int64_t>(total_bytes)};
   }
   return limits;
 }
@@ -226,7 +228,10 @@ Plan choose_plan(const RolloutSizes& s, int64_t steps, int64_t truncate, bool ba
                      truncate);
     set_feedback(dims, static_cast<int>(m), s.lags.data(), static_cast<int>(s.f.expect_int()), s.residual);
     dims.members = E;
-    plan = plan_rollout(dims, backward, s.act, limits.sms, limits.smem_optin, g_tensor_cores.load());
+    // Both operators read the setting: one changed between a forward and its backward makes the
+    // backward recompute z with the other arithmetic (results then agree to rounding only).
+    plan = plan_rollout(dims, backward, s.act, limits.sms, limits.smem_optin,
+                        g_tensor_cores.load() && limits.major >= 8);
   }
   TORCH_CHECK(plan.fused || !pinned, op, ": the fused path is pinned (cuda_path='fused'), but the weights (",
               describe(s), ") do not fit in the ", limits.smem_optin,

@@ -298,10 +298,16 @@ inline int64_t plan_rows(const Dims& d, bool backward, Act act, int num_sms, int
   rows = rows < 1 ? 1 : rows > kMaxRows ? kMaxRows : rows;
   if (rows >= 4) rows = round_up4(static_cast<int>(rows));
   if (tensor_cores && rows >= kTcTile) rows = ceil_div(rows, kTcTile) * kTcTile;
-  // Halve until one chunk of one step fits; tiles of 4 or more rows stay multiples of 4.
+  // Halve until one chunk of one step fits; tiles of 4 or more rows stay multiples of 4 (with
+  // tensor cores, tiles above 16 rows multiples of 16).
   while (!fits(rows)) {
     if (rows == 1) return 0;
-    rows = rows > 4 ? (rows / 2) & ~int64_t(3) : rows / 2;
+    if (tensor_cores && rows > kTcTile) {
+      const int64_t half = (rows / 2) & ~int64_t(kTcTile - 1);
+      rows = half > kTcTile ? half : kTcTile;
+    } else {
+      rows = rows > 4 ? (rows / 2) & ~int64_t(3) : rows / 2;
+    }
   }
   return rows;
 }

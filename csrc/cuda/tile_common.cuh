@@ -97,7 +97,13 @@ struct TileGemm {
 // the product loses about lo lo, so the result keeps close to fp32's accuracy, where one TF32
 // product would keep 11 bits). An output's arithmetic depends only on its own row and column,
 // never on the tile's position or the warp that computes it, so the backward's recomputation
-// (same layouts, forward_kernel.cuh) reproduces the forward's z bit for bit.
+// (same layouts, forward_kernel.cuh) reproduces the forward's z bit for bit. A slice whose
+// operands hold an Inf or NaN (x - hi would be NaN there, and Inf lo = Inf 0 = NaN) takes hi hi
+// alone, so Inf and NaN propagate as in fp32; the rest of that 16 x 16 tile then keeps TF32's 11
+// bits in that slice (the choice depends on the data only: forward and backward still agree).
+// TF32 tensor cores exist from sm_80 on; the host code plans them only there.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define FBFAST_TENSOR_CORES 1
 template <WeightLayout kLayout, typename Epilogue>
 __device__ __forceinline__ void tile_gemm_tc(const TileGemm& g, Epilogue&& epilogue) {
   namespace wmma = nvcuda::wmma;
@@ -107,13 +113,17 @@ __device__ __forceinline__ void tile_gemm_tc(const TileGemm& g, Epilogue&& epilo
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int col_tiles = g.n / kTcTile, tiles = (g.rows / kTcTile) * col_tiles;
   float* out = g.tc_scratch + warp * kTcTile * kTcTile;
+  // hi, lo = the split of hi's elements; true when all of them are finite.
   auto split = [](auto& hi, auto& lo) {
+    bool finite = true;
 #pragma unroll
     for (int i = 0; i < hi.num_elements; ++i) {
       const float x = hi.x[i];
+      finite = finite && isfinite(x);
       hi.x[i] = wmma::__float_to_tf32(x);
       lo.x[i] = wmma::__float_to_tf32(x - hi.x[i]);
     }
+    return finite;
   };
   for (int tile = warp; tile < tiles; tile += warps) {
     const int r0 = (tile / col_tiles) * kTcTile, n0 = (tile % col_tiles) * kTcTile;
@@ -129,10 +139,11 @@ __device__ __forceinline__ void tile_gemm_tc(const TileGemm& g, Epilogue&& epilo
         const float* w = kLayout == WeightLayout::kRowPerOutput ? g.w + n0 * g.ldw + k_offset + k
                                                                 : g.w + (k_offset + k) * g.ldw + n0;
         wmma::load_matrix_sync(b_hi, w, g.ldw);
-        split(a_hi, a_lo);
-        split(b_hi, b_lo);
-        wmma::mma_sync(acc, a_lo, b_hi, acc);
-        wmma::mma_sync(acc, a_hi, b_lo, acc);
+        const bool finite = split(a_hi, a_lo) & split(b_hi, b_lo);
+        if (__all_sync(0xffffffffu, finite)) {
+          wmma::mma_sync(acc, a_lo, b_hi, acc);
+          wmma::mma_sync(acc, a_hi, b_lo, acc);
+        }
         wmma::mma_sync(acc, a_hi, b_hi, acc);
       }
     }
@@ -145,6 +156,7 @@ __device__ __forceinline__ void tile_gemm_tc(const TileGemm& g, Epilogue&& epilo
     __syncwarp();  // the tile is read before the warp's next one overwrites it
   }
 }
+#endif
 
 template <int kRB, WeightLayout kLayout>
 __device__ __forceinline__ void accumulate_segment(float (&acc)[kRB][4], const float* a, int lda,
@@ -181,12 +193,14 @@ __device__ __forceinline__ void tile_gemm(const TileGemm& g, Epilogue&& epilogue
   // Tensor-core plans run the one-row kernels (Plan::rows_per_item), which alone hold this path:
   // in the 4-row kernels its fragments would add to the register pressure of the SIMT path's
   // time loop, which then spills.
+#if defined(FBFAST_TENSOR_CORES)
   if constexpr (kRB == 1) {
     if (g.tc_scratch) {  // uniform over the block: the plan's choice
       tile_gemm_tc<kLayout>(g, epilogue);
       return;
     }
   }
+#endif
   const int items = (g.rows / kRB) * g.n;
   for (int item = threadIdx.x; item < items; item += blockDim.x) {
     const int n = item % g.n;

@@ -35,6 +35,9 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+// The kernels' `extern __shared__ __align__(n)` array is defined by the including program, with
+// its alignment there (emulate_rollout.cpp).
+#define __align__(n)
 #define __shared__
 
 struct alignas(16) float4 {
@@ -55,11 +58,23 @@ inline thread_local int64_t barrier_count = 0;
 
 // One warp's barrier and the exchange buffers of its collective tensor-core operations.
 struct Warp {
-  explicit Warp(int lanes) : barrier(lanes) {}
+  explicit Warp(int lanes) : lanes(lanes), barrier(lanes) {}
+  int lanes;
   std::barrier<> barrier;
   float a[16 * 8], b[8 * 16], c[16 * 16];
+  int vote[32];
 };
+
 inline thread_local Warp* warp = nullptr;
+
+// A collective operation of the whole warp: the kernels call them only with all 32 lanes.
+inline Warp& full_warp(const char* what) {
+  if (warp->lanes != 32) {
+    std::fprintf(stderr, "emulation: %s in a warp of %d lanes\n", what, warp->lanes);
+    std::abort();
+  }
+  return *warp;
+}
 
 // Shared memory of the one block that runs at a time, with a guard zone after it: the kernels
 // declare `extern __shared__ float4 fbfast_smem[]` in namespace fbfast::cuda, which names the
@@ -133,6 +148,17 @@ inline void __syncthreads() {
 
 inline void __syncwarp() { fbfast::emulation::warp->barrier.arrive_and_wait(); }
 
+inline bool __all_sync(unsigned mask, bool pred) {
+  fbfast::emulation::Warp& w = fbfast::emulation::full_warp("__all_sync");
+  if (mask != 0xffffffffu) std::abort();  // the kernels vote with the whole warp
+  w.vote[threadIdx.x % 32] = pred;
+  w.barrier.arrive_and_wait();
+  bool all = true;
+  for (const int v : w.vote) all = all && v;
+  w.barrier.arrive_and_wait();  // every lane has read the votes before any lane votes again
+  return all;
+}
+
 // The subset of CUDA's <mma.h> that the kernels use: TF32 m16n16k8 fragments in fp32 storage.
 namespace nvcuda::wmma {
 
@@ -174,6 +200,10 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const float* p, unsi
 template <int M, int N, int K>
 void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
   using F = fragment<accumulator, M, N, K, float>;
+  if (reinterpret_cast<uintptr_t>(p) % 32 || ldm % 4) {
+    std::fprintf(stderr, "emulation: wmma::store_matrix_sync needs a 32-byte aligned pointer, ldm %% 4 == 0\n");
+    std::abort();
+  }
   for (int k = 0; k < F::num_elements; ++k) {
     const int i = lane_element(k), r = i / F::cols, c = i % F::cols;
     p[layout == mem_row_major ? r * ldm + c : r + c * ldm] = f.x[k];
@@ -195,15 +225,26 @@ inline float __float_to_tf32(float v) {
   return v;
 }
 
+// The TF32 value the tensor cores read from an fp32 register: its low 13 mantissa bits ignored.
+inline float tf32_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits &= 0xffffe000u;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
 // d = a b + c for the warp's 16 x 8 a and 8 x 16 b: a collective operation, so the lanes pool
-// their elements first. Products of TF32 values are exact in fp32; the sum runs over k in order.
+// their elements first. The operands count with their TF32 bits only, as on the GPU (a kernel
+// that skipped its conversions would lose precision here too); products of TF32 values are exact
+// in fp32, and the sum runs over k in order.
 template <typename LA, typename LB>
 void mma_sync(fragment<accumulator, 16, 16, 8, float>& d, const fragment<matrix_a, 16, 16, 8, precision::tf32, LA>& a,
               const fragment<matrix_b, 16, 16, 8, precision::tf32, LB>& b,
               const fragment<accumulator, 16, 16, 8, float>& c) {
-  fbfast::emulation::Warp& w = *fbfast::emulation::warp;
-  for (int k = 0; k < a.num_elements; ++k) w.a[lane_element(k)] = a.x[k];
-  for (int k = 0; k < b.num_elements; ++k) w.b[lane_element(k)] = b.x[k];
+  fbfast::emulation::Warp& w = fbfast::emulation::full_warp("wmma::mma_sync");
+  for (int k = 0; k < a.num_elements; ++k) w.a[lane_element(k)] = tf32_bits(a.x[k]);
+  for (int k = 0; k < b.num_elements; ++k) w.b[lane_element(k)] = tf32_bits(b.x[k]);
   for (int k = 0; k < c.num_elements; ++k) w.c[lane_element(k)] = c.x[k];
   w.barrier.arrive_and_wait();
   float out[8];
