@@ -6,7 +6,8 @@
 // grid-wide synchronisation is needed. The weights of every layer are loaded into shared memory
 // once per block and stay there; the tile's last fed-back values live in a ring in shared memory
 // (rollout_params.h: version 1's feedback reads x_t in place, at slot t % slots: x0[t] at first,
-// then y_{t-k}; other structures gather the m lags of x_t from D slots into x_buf first), and the
+// then y_{t-k}; so does one lag of another structure in a deeper network; other structures
+// gather the m lags of x_t from D slots into x_buf first), and the
 // hidden layers' outputs in two buffers that the layers take in turn, so only u (staged S steps at
 // a time) is read from and only Y is written to global memory inside the loop. The grid is
 // persistent: a block that finishes its tile takes the next one (tile += gridDim.x), keeping its
@@ -54,6 +55,10 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Roll
     load_vector(smem + layer.b, element_at(p.b[l], e * out, p.dtype), p.dtype, d.width[l]);
   }
 
+  // One lag (it is D) of another structure (F < O or a residual skip: a delta model): x_t is the
+  // ring slot of step t - D, read in place like version 1's, without a gather and its barrier.
+  // Not in a one-layer network, whose single GEMM writes y_t[:F] into that slot while reading x_t.
+  const bool direct = !plain && d.m == 1 && d.layers > 1;
   const int fed = static_cast<int>(k < T ? k : T);  // steps that read x0 (version 1's feedback)
   const int slots = static_cast<int>(lay.slots);
   const int ring_slot = R * lay.ring_pad;
@@ -81,8 +86,9 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Roll
         stage_rows(u_stage, [&](int64_t tt) { return StepRows{p.u, tt * p.u_rows.step + member_offset(p.u_rows)}; },
                    p.dtype, t, count, row0, R, B, d.du, lay.du_pad);
       }
-      if (!plain) gather_lags(x_buf, ring, d, lay, slot);
-      if (stage_u || !plain) __syncthreads();
+      const bool gather = !plain && !direct;
+      if (gather) gather_lags(x_buf, ring, d, lay, slot);
+      if (stage_u || gather) __syncthreads();
       // Version 1: y_t is fed back only when a step t + k exists; its slot is free: x_t's own slot
       // once the first layer has read it (barrier), or in a one-layer network a slot of its own.
       // Other structures: y_t[:F] always takes slot t % D (x_t was gathered before the barrier).
@@ -90,7 +96,8 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Roll
       const int64_t y_first = t * p.y_rows.step + member_offset(p.y_rows) + row0 * d.o;
 
       const float* u_t = u_stage + s * u_step;
-      const float* x_t = plain ? ring + slot * ring_slot : x_buf;
+      // Direct: the one lag D's value is slot t % D, pitch ring_pad = x_pad (both round_up4(F)).
+      const float* x_t = plain || direct ? ring + slot * ring_slot : x_buf;
       for (int l = 0; l <= last; ++l) {
         // Layer l > 0 reads layer l - 1's output from the other act buffer.
         const TileGemm gemm = layer_gemm(d, lay, smem, l, u_t, x_t, smem + lay.act[(l + 1) & 1], lay.act_pad);
@@ -107,7 +114,8 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Roll
             if (r < rows_valid) store_element(p.y, y_first + r * d.o + n, p.dtype, out);
           });
         } else {
-          // The residual skip adds the first lag's value, columns [0, F) of x_t.
+          // The residual skip adds the first lag's value, columns [0, F) of x_t. Direct, x_t is
+          // the slot y_t[:F] goes to: each element is read, then written, by one thread.
           tile_gemm<kRB, WeightLayout::kRowPerOutput>(gemm, [&](int r, int n, float v) {
             const bool fed_back = n < d.f;
             if (d.residual && fed_back) v += x_t[r * lay.x_pad + n];
