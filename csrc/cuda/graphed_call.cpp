@@ -259,7 +259,8 @@ void release_graphs() {
 bool run_graphed(std::vector<int64_t> key, int64_t steps, const std::vector<at::Tensor>& in,
                  const std::vector<at::Tensor>& out, const GraphBody& body) {
   const GraphMode mode = graph_mode();
-  if (mode == GraphMode::kOff || (mode == GraphMode::kAuto && steps < kGraphMinSteps)) return false;
+  if (mode == GraphMode::kOff || (mode == GraphMode::kAuto && steps < kGraphMinSteps) || steps > kGraphMaxSteps)
+    return false;
   // Someone is capturing this stream: the eager path runs inside their graph.
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return false;
   int64_t bytes = 0;

@@ -20,10 +20,11 @@
 // overhead" mode), whose warm-up sends a thread's allocations into their own pool: a recording
 // made then would keep memory that they hand out again. Never recorded: a call made while its
 // stream is being captured by someone else (a user's torch.cuda.graph, or torch.compile's
-// capture: the eager path then runs inside their graph), and a call whose own inputs and results
+// capture: the eager path then runs inside their graph), a call whose own inputs and results
 // exceed kGraphMaxBytes (its copies would cost more than the launches saved, and its recorded
-// buffers would stay reserved). At most kMaxGraphs graphs stay recorded per process, the least
-// recently used going first; setting "off" drops them all. A key whose eager run failed (e.g.
+// buffers would stay reserved), and one of more than kGraphMaxSteps steps. At most kMaxGraphs
+// graphs stay recorded per process, the least recently used going first; setting "off" drops
+// them all. A key whose eager run failed (e.g.
 // out of memory for the copies) is never tried again; a capture that fails turns recording off
 // for the process, with a warning. Recordings are captured on a stream of their own, with the
 // cuBLAS workspaces cleared before and after, so that each graph owns the workspace its GEMMs
@@ -45,6 +46,9 @@ namespace cuda {
 enum class GraphMode : int { kAuto = 0, kAlways = 1, kOff = 2 };
 
 constexpr int64_t kGraphMinSteps = 4;
+// A graph has several nodes per layer and step; beyond this many steps its recording and
+// instantiation would cost seconds, and one launch per step matters little next to them.
+constexpr int64_t kGraphMaxSteps = 10000;
 constexpr int64_t kGraphMaxBytes = int64_t(256) << 20;
 constexpr size_t kMaxGraphs = 8;
 
