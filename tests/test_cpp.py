@@ -361,3 +361,31 @@ def test_direct_forward_checks_truncate_and_devices_before_choosing_a_path():
     with pytest.raises(RuntimeError, match=r"w1 is on meta but x0 is on cpu"):
         torch.ops.fbfast.rollout_forward.default(p.x0, None, [p.w1.to("meta"), p.w2], [p.b1, p.b2], 5, 1, 0, "relu",
                                                  0.0)
+
+
+# The tile backward recomputes every hidden layer's activation (and act'(z)) from Y instead of
+# reading what the forward computed; its kernels are written so that both give the same bits
+# (csrc/cpu/vec_math.h: one exp, never inlined, behind every activation that needs one). The
+# oracle: the same backward reading the forward's own kept values (rollout_backward_hidden) must
+# give the same gradients bit for bit, for every activation, dtype and instruction set.
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "base"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "tanh", "sigmoid", "silu", "gelu",
+                                        "gelu_tanh", "mish"])
+@pytest.mark.parametrize("layers,Du", [(2, 3), (3, 64)], ids=["L2", "L3-wide-input"])
+def test_tile_backward_recomputes_the_forwards_activations_bitwise(isa, dtype, activation, layers, Du):
+    param = {"leaky_relu": 0.2, "elu": 0.7}.get(activation, 0.0)
+    p = make_problem(9, Du, 5, 24, 7, delay=2, truncate=3, dtype=dtype, layers=layers, requires_grad=False)
+    w, b = list(p.weights), list(p.biases)
+    mask = [True] * (2 + 2 * layers)
+    with cpu_variant("tile", isa):
+        y, kept = torch.ops.fbfast.rollout_forward_hidden.default(p.x0, p.u, w, b, 7, 2, activation, param)
+        assert all(k.numel() for k in kept)  # every hidden layer kept: nothing left to recompute there
+        assert torch.equal(y, torch.ops.fbfast.rollout_forward.default(p.x0, p.u, w, b, 7, 2, 3, activation, param))
+        gy = torch.randn_like(y)
+        recomputed = torch.ops.fbfast.rollout_backward.default(gy, y, p.x0, p.u, w, b, 2, 3, activation, param, mask)
+        read = torch.ops.fbfast.rollout_backward_hidden.default(gy, y, kept, p.x0, p.u, w, b, 2, 3, activation,
+                                                                param, mask)
+    for a, e in zip([read[0], read[1], *read[2], *read[3]], [recomputed[0], recomputed[1], *recomputed[2],
+                                                               *recomputed[3]]):
+        assert torch.equal(a, e), f"max difference {(a - e).abs().max().item():.3e}"
