@@ -571,7 +571,8 @@ def test_emulated_global_accumulators_with_masks(emulator, mask):
 
 # (name, Net keywords, num_sms, smem): version 1's network with u and truncation; a deeper GELU
 # network (z kept per layer) with 48-row tiles, the last one partial, over persistent blocks;
-# two lags, F < O and a residual skip; an ensemble with a shared x0; one layer; bfloat16.
+# two lags, F < O and a residual skip; an ensemble with a shared x0; one layer; a delta model
+# (one lag, residual: the forward reads x_t in place from its ring slot); bfloat16.
 TENSOR_CORES = [
     ("v1-relu-u-K3", dict(B=32, Du=16, widths=(32, 16), T=6, delay=2, truncate=3), 2, 48 << 10),
     ("gelu-L3-R48-partial", dict(B=70, Du=0, widths=(16, 32, 16), T=5, delay=1, activation="gelu"), 2, 96 << 10),
@@ -580,6 +581,8 @@ TENSOR_CORES = [
     ("E2-shared-x0-tanh", dict(B=16, Du=0, widths=(32, 16), T=5, delay=2, ensemble=2, shared_x0=True,
                                activation="tanh"), 2, 48 << 10),
     ("L1-u", dict(B=16, Du=16, widths=(16,), T=5, delay=1), 1, 48 << 10),
+    ("delta-model-residual-x-in-place", dict(B=16, Du=16, widths=(32, 16), T=6, delay=1, residual=True,
+                                             activation="silu"), 1, 48 << 10),
     ("v1-bf16", dict(B=32, Du=16, widths=(32, 16), T=6, delay=2, dtype=torch.bfloat16), 2, 48 << 10),
 ]
 
