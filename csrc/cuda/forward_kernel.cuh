@@ -29,6 +29,14 @@
 namespace fbfast {
 namespace cuda {
 
+// Whether step t's x_t is read in place from the ring: version 1's feedback, and one lag (it is
+// D) of another structure (F < O or a residual skip: a delta model) in a network of two or more
+// layers, whose value of step t - D sits whole in slot t % D: no gather and no barrier for it.
+// Not in a one-layer network, whose single GEMM writes y_t[:F] into that slot while reading x_t.
+// A function of the parameters, re-read where used: the 4-row kernels have no register to keep
+// it across the time loop.
+__device__ __forceinline__ bool reads_x_in_place(const Dims& d) { return d.m == 1 && (d.plain() || d.layers > 1); }
+
 template <Act kAct, int kRB>
 __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const RolloutParams p) {
   // 128-byte aligned: the tensor-core loads need 32 (dynamic shared memory guarantees 16).
@@ -55,10 +63,6 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Roll
     load_vector(smem + layer.b, element_at(p.b[l], e * out, p.dtype), p.dtype, d.width[l]);
   }
 
-  // One lag (it is D) of another structure (F < O or a residual skip: a delta model): x_t is the
-  // ring slot of step t - D, read in place like version 1's, without a gather and its barrier.
-  // Not in a one-layer network, whose single GEMM writes y_t[:F] into that slot while reading x_t.
-  const bool direct = !plain && d.m == 1 && d.layers > 1;
   const int fed = static_cast<int>(k < T ? k : T);  // steps that read x0 (version 1's feedback)
   const int slots = static_cast<int>(lay.slots);
   const int ring_slot = R * lay.ring_pad;
@@ -86,7 +90,7 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Roll
         stage_rows(u_stage, [&](int64_t tt) { return StepRows{p.u, tt * p.u_rows.step + member_offset(p.u_rows)}; },
                    p.dtype, t, count, row0, R, B, d.du, lay.du_pad);
       }
-      const bool gather = !plain && !direct;
+      const bool gather = !reads_x_in_place(d);
       if (gather) gather_lags(x_buf, ring, d, lay, slot);
       if (stage_u || gather) __syncthreads();
       // Version 1: y_t is fed back only when a step t + k exists; its slot is free: x_t's own slot
@@ -96,8 +100,9 @@ __global__ void __launch_bounds__(kMaxThreads) rollout_forward_kernel(const Roll
       const int64_t y_first = t * p.y_rows.step + member_offset(p.y_rows) + row0 * d.o;
 
       const float* u_t = u_stage + s * u_step;
-      // Direct: the one lag D's value is slot t % D, pitch ring_pad = x_pad (both round_up4(F)).
-      const float* x_t = plain || direct ? ring + slot * ring_slot : x_buf;
+      // In place, another structure's one lag D has its value at slot t % D, pitch ring_pad =
+      // x_pad (both round_up4(F)).
+      const float* x_t = reads_x_in_place(d) ? ring + slot * ring_slot : x_buf;
       for (int l = 0; l <= last; ++l) {
         // Layer l > 0 reads layer l - 1's output from the other act buffer.
         const TileGemm gemm = layer_gemm(d, lay, smem, l, u_t, x_t, smem + lay.act[(l + 1) & 1], lay.act_pad);
