@@ -39,7 +39,7 @@ namespace {
 // see path_from_env in rollout_cuda.cpp).
 GraphMode mode_from_env() {
   const char* env = std::getenv("FBFAST_CUDA_GRAPHS");
-  return parse_graph_mode(env ? env : "").value_or(GraphMode::kOff);
+  return env ? parse_graph_mode(env).value_or(GraphMode::kOff) : GraphMode::kOff;
 }
 std::atomic<int> g_mode{static_cast<int>(mode_from_env())};
 
@@ -233,7 +233,7 @@ bool record(Entry& entry, const std::vector<at::Tensor>& in, const std::vector<a
 }  // namespace
 
 std::optional<GraphMode> parse_graph_mode(const std::string& name) {
-  if (name.empty() || name == "auto") return GraphMode::kAuto;
+  if (name == "auto") return GraphMode::kAuto;
   if (name == "always") return GraphMode::kAlways;
   if (name == "off") return GraphMode::kOff;
   return std::nullopt;
