@@ -301,9 +301,11 @@ void general_forward(const at::Tensor& x0, const at::Tensor& u, const gemm_path:
     at::Tensor y_out = out[0];
     gemm_path::forward(kForwardOp, in[0], in[1], with_parameters(net, in, 2), y_out, nullptr);
   };
-  if (!run_graphed(general_key(0, net, delay, truncate, nullptr), y.size(0), general_inputs({x0, u}, net), {y},
-                   body))
-    gemm_path::forward(kForwardOp, x0, u, net, y, nullptr);
+  // With graphs off (the default), no key or input list is built.
+  if (graph_mode() != GraphMode::kOff &&
+      run_graphed(general_key(0, net, delay, truncate, nullptr), y.size(0), general_inputs({x0, u}, net), {y}, body))
+    return;
+  gemm_path::forward(kForwardOp, x0, u, net, y, nullptr);
 }
 
 // The general path's backward into g (the wanted gradients, zero-filled), likewise.
@@ -320,12 +322,15 @@ void general_backward(const at::Tensor& grad_y, const at::Tensor& y, const at::T
     gemm_path::backward(kBackwardOp, in[0], in[1], in[2], in[3], with_parameters(net, in, 4), delay, truncate, own,
                         {}, kChunkBytes);
   };
-  std::vector<at::Tensor> out{g.x0, g.u};
-  out.insert(out.end(), g.w.begin(), g.w.end());
-  out.insert(out.end(), g.b.begin(), g.b.end());
-  if (!run_graphed(general_key(1, net, delay, truncate, &output_mask), y.size(0),
-                   general_inputs({grad_y, y, x0, u}, net), out, body))
-    gemm_path::backward(kBackwardOp, grad_y, y, x0, u, net, delay, truncate, g, {}, kChunkBytes);
+  if (graph_mode() != GraphMode::kOff) {
+    std::vector<at::Tensor> out{g.x0, g.u};
+    out.insert(out.end(), g.w.begin(), g.w.end());
+    out.insert(out.end(), g.b.begin(), g.b.end());
+    if (run_graphed(general_key(1, net, delay, truncate, &output_mask), y.size(0),
+                    general_inputs({grad_y, y, x0, u}, net), out, body))
+      return;
+  }
+  gemm_path::backward(kBackwardOp, grad_y, y, x0, u, net, delay, truncate, g, {}, kChunkBytes);
 }
 
 // An ensemble (docs/spec.md §1.3) on the general path runs its members one after another: member

@@ -315,11 +315,12 @@ inline int64_t plan_rows(const Dims& d, bool backward, Act act, int num_sms, int
 // Tensor cores for a call (both directions decide alike, so that the backward recomputes every
 // z with the forward's arithmetic): wanted, widths that allow them, and tiles of whole 16-row
 // groups in the forward's plan and the backward's.
-inline bool tensor_cores_fit(const Dims& d, Act act, int num_sms, int64_t limit, bool want) {
+// backward_grads_global: the backward plan's SmemLayout::grads_global.
+inline bool tensor_cores_fit(const Dims& d, Act act, int num_sms, int64_t limit, bool want,
+                             bool backward_grads_global) {
   if (!want || !tensor_core_widths(d)) return false;
-  const bool grads_global = make_layout(d, act, 1, 1, true, false).total > limit;
   for (const bool backward : {false, true}) {
-    const int64_t rows = plan_rows(d, backward, act, num_sms, limit, backward && grads_global, true);
+    const int64_t rows = plan_rows(d, backward, act, num_sms, limit, backward && backward_grads_global, true);
     if (rows < kTcTile || rows % kTcTile) return false;
   }
   return true;
@@ -332,8 +333,9 @@ inline Plan plan_rollout(const Dims& d, bool backward, Act act, int num_sms, int
   const int64_t limit = smem_limit_bytes / int64_t(sizeof(float));
   // The backward's weight-gradient accumulators go to global memory only where they must: with
   // them in shared memory not even a one-row tile fits.
-  const bool grads_global = backward && make_layout(d, act, 1, 1, true, false).total > limit;
-  const bool tc = tensor_cores_fit(d, act, num_sms, limit, tensor_cores);
+  const bool global_backward = make_layout(d, act, 1, 1, true, false).total > limit;
+  const bool grads_global = backward && global_backward;
+  const bool tc = tensor_cores_fit(d, act, num_sms, limit, tensor_cores, global_backward);
   auto fits = [&](int rows, int chunk) {
     return make_layout(d, act, rows, chunk, backward, grads_global, tc).total <= limit;
   };
